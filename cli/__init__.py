@@ -1,0 +1,1 @@
+"""The thin typer app over the library."""

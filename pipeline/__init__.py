@@ -1,0 +1,1 @@
+"""Stage two and the encoders: everything that computes."""
