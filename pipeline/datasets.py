@@ -1,0 +1,252 @@
+"""Data sets as named splits of rows: an image side and/or a text side, linked by groups.
+
+Every row has a stable id and a group. A caption's group is its image's id; an image's group
+in a classification set is its class name, and so is a prompt's. Pairing, retrieval
+positives and class labels all follow from equal groups, so later stages need only the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from featcache.cache.errors import FeatcacheError
+
+PAIRS, CLASSES = "pairs", "classes"
+
+
+class BadImage(FeatcacheError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass
+class ImageSide:
+    ids: list[str]
+    groups: list[str]
+    load: Callable[[int], "object"]  # row -> RGB PIL image on white; raises BadImage
+    raw: Callable[[int], bytes]  # row -> the bytes that define it, for the content digest
+    sources: list[str] = field(default_factory=list)  # file per row, where there is one
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TextSide:
+    ids: list[str]
+    groups: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Split:
+    dataset: str
+    name: str
+    kind: str  # PAIRS | CLASSES
+    images: ImageSide | None
+    texts: TextSide | None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+    def side(self, modality: str) -> ImageSide | TextSide:
+        side = self.images if modality == "image" else self.texts
+        if side is None:
+            raise FeatcacheError(f"data set {self.dataset!r} split {self.name!r} has no {modality} side")
+        return side
+
+    def digest(self, modality: str) -> str:
+        """sha256 over the rows of one side: ids, groups and content."""
+        side = self.side(modality)
+        h = hashlib.sha256()
+        for i in range(len(side)):
+            h.update(side.ids[i].encode() + b"\0" + side.groups[i].encode() + b"\0")
+            if isinstance(side, TextSide):
+                h.update(side.texts[i].encode() + b"\0")
+            else:
+                h.update(hashlib.sha256(side.raw(i)).digest())
+        return h.hexdigest()
+
+    def limited(self, limit: int | None) -> "Split":
+        """The first ``limit`` images (and the captions of those images) for quick runs."""
+        if not limit or self.images is None or limit >= len(self.images):
+            return self
+        im = self.images
+        keep = set(im.ids[:limit])
+        images = ImageSide(im.ids[:limit], im.groups[:limit], im.load, im.raw, im.sources[:limit])
+        texts = self.texts
+        if texts is not None and self.kind == PAIRS:
+            rows = [i for i, g in enumerate(texts.groups) if g in keep]
+            texts = TextSide([texts.ids[i] for i in rows], [texts.groups[i] for i in rows],
+                             [texts.texts[i] for i in rows])
+        return Split(self.dataset, self.name, self.kind, images, texts, self.classnames, self.templates)
+
+
+# -- decoding -------------------------------------------------------------------------------
+_ENTITY = re.compile(rb'<!ENTITY\s+(\w+)\s+"([^"&<%]*)"\s*>')
+_DOCTYPE = re.compile(rb"<!DOCTYPE[^\[>]*(\[.*?\])?\s*>", re.S)
+
+
+def _expand_svg_entities(data: bytes) -> bytes:
+    """Inline the plain string entities that Illustrator writes (``&ns_svg;``), in one pass.
+
+    cairosvg rightly refuses entity declarations; expanding only literal strings, once,
+    keeps that protection (no external or nested entities) while reading such files.
+    """
+    doctype = _DOCTYPE.search(data)
+    if not doctype:
+        return data
+    entities = dict(_ENTITY.findall(doctype.group(0)))
+    body = data[: doctype.start()] + data[doctype.end():]
+    return re.sub(rb"&(\w+);", lambda m: entities.get(m.group(1), m.group(0)), body)
+
+
+def decode_image(data: bytes, source: str):
+    """Decode PNG/JPEG/SVG bytes to RGB, compositing transparency on white."""
+    from PIL import Image
+
+    try:
+        if source.lower().endswith(".svg"):
+            import cairosvg
+
+            data = cairosvg.svg2png(bytestring=_expand_svg_entities(data), output_width=512)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as err:  # PIL and cairosvg raise many types for bad files
+        raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {err}",
+                       "fix or remove the file, or pass --skip-bad to record it as a missing row")
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def file_images(paths: list[Path], ids: list[str], groups: list[str]) -> ImageSide:
+    def raw(i: int) -> bytes:
+        try:
+            return paths[i].read_bytes()
+        except OSError as err:
+            raise BadImage(f"cannot read image {paths[i]}: {err.strerror}")
+
+    return ImageSide(ids, groups, lambda i: decode_image(raw(i), str(paths[i])), raw,
+                     [str(p) for p in paths])
+
+
+def prompt_side(classnames: list[str], templates: list[str]) -> TextSide:
+    ids, groups, texts = [], [], []
+    for c in classnames:
+        for t, template in enumerate(templates):
+            ids.append(f"{c}/{t}")
+            groups.append(c)
+            texts.append(template.format(c))
+    return TextSide(ids, groups, texts)
+
+
+def hash_unit(key: str, salt: str = "") -> float:
+    """A deterministic number in [0, 1) for a row key; the basis of every hash split."""
+    digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_split(key: str, salt: str = "", test: float = 0.2, val: float = 0.1) -> str:
+    u = hash_unit(key, salt)
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+# -- registry -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    kind: str
+    build: Callable[[dict], dict[str, Split]]  # options -> splits
+    description: str
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> None:
+    DATASETS[entry.name] = entry
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``tuxpaint:salt=1``)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FeatcacheError(f"bad data set option {item!r} in {spec!r}", "write name:key=value")
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def canonical_name(spec: str) -> str:
+    """The name a spec's caches are stored under: options are part of it."""
+    name, options = parse_spec(spec)
+    if Path(name).suffix in (".csv", ".jsonl", ".json") or Path(name).is_dir():
+        name = Path(name).resolve().stem
+    return name + "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+
+
+def load_dataset(spec: str) -> dict[str, Split]:
+    """Every split of a data set spec: a registered name, ``a+b``, or a path for users' data."""
+    from featcache.pipeline import builtin_data, user_data  # noqa: F401  (they register)
+
+    if "+" in spec and not Path(spec).exists():
+        return combine([load_dataset(part) for part in spec.split("+")], canonical_name(spec))
+    name, options = parse_spec(spec)
+    if name in DATASETS:
+        splits = DATASETS[name].build(options)
+    elif Path(name).exists():
+        splits = user_data.load_path(Path(name), options)
+    else:
+        raise FeatcacheError(
+            f"unknown data set {name!r}",
+            f"known: {', '.join(sorted(DATASETS))}; or a path to a .csv/.jsonl of image,caption rows, "
+            "a COCO or Karpathy .json, or an image folder with class subfolders",
+        )
+    cname = canonical_name(spec)
+    for split in splits.values():
+        split.dataset = cname
+    return splits
+
+
+def combine(parts: list[dict[str, Split]], name: str) -> dict[str, Split]:
+    """Pair data sets side by side: each split is the union of the parts' splits."""
+    kinds = {s.kind for p in parts for s in p.values()}
+    if kinds != {PAIRS}:
+        raise FeatcacheError("only image-caption pair data sets can be combined with '+'")
+    out = {}
+    for split_name in sorted(set.intersection(*(set(p) for p in parts))):
+        splits = [p[split_name] for p in parts]
+        sides = [s.images for s in splits]
+        offsets = [0]
+        for s in sides:
+            offsets.append(offsets[-1] + len(s))
+
+        def locate(i: int, offsets=offsets, sides=sides):
+            k = max(j for j in range(len(sides)) if offsets[j] <= i)
+            return sides[k], i - offsets[k]
+
+        images = ImageSide(
+            [f"{s.dataset}/{i}" for s in splits for i in s.images.ids],
+            [f"{s.dataset}/{g}" for s in splits for g in s.images.groups],
+            lambda i, locate=locate: (lambda side, j: side.load(j))(*locate(i)),
+            lambda i, locate=locate: (lambda side, j: side.raw(j))(*locate(i)),
+            [src for s in sides for src in s.sources],
+        )
+        texts = TextSide(
+            [f"{s.dataset}/{i}" for s in splits for i in s.texts.ids],
+            [f"{s.dataset}/{g}" for s in splits for g in s.texts.groups],
+            [t for s in splits for t in s.texts.texts],
+        )
+        out[split_name] = Split(name, split_name, PAIRS, images, texts)
+    return out

@@ -1,0 +1,223 @@
+"""Stage one: run a frozen encoder once over a data set and store every layer's pooled features."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.paths import default_cache_dir
+from featcache.cache.store import FeatureStore, StoreSpec, store_path
+from featcache.pipeline.datasets import BadImage, ImageSide, Split, load_dataset
+from featcache.pipeline.encoders import Encoder, load_encoder
+from featcache.pipeline.layerspec import resolve_layers
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class ExtractConfig:
+    model: str = "dinov2"
+    layers: str = "all"
+    dataset: str = "tuxpaint"
+    splits: list[str] | None = None  # None: every split of the data set
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    batch_size: int = 32
+    device: str = "auto"
+    limit: int | None = None  # first N images of each split (and their captions)
+    pooling: str | None = None  # None: the encoder's default
+    image_size: int | None = None  # None: the registry default (224 for DINOv2); -1: pretrained
+    dtype: str = "float16"
+    skip_bad: bool = False
+    overwrite: bool = False
+    num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
+    block_rows: int | None = None  # None: chunks of at least 1 MiB
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    split: str
+    rows: int
+    layers: list[str]
+    bytes: int
+    seconds: float
+    computed_rows: int
+    missing_rows: int
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.computed_rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+def library_versions() -> dict:
+    import timm
+    import transformers
+    import zarr
+
+    return {
+        "featcache": _featcache_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _featcache_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("featcache")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def split_label(split: str, limit: int | None) -> str:
+    """A limited run is its own store: it must never be mistaken for the full split."""
+    return split if not limit else f"{split}-first{limit}"
+
+
+def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> FeatureStore:
+    side = split.side(encoder.modality)
+    spec = StoreSpec(split.dataset, split_label(split.name, cfg.limit), encoder.name, pooling,
+                     encoder.preprocessing.get("image_size"))
+    identity = {
+        "encoder": encoder.identity(pooling),
+        "dataset": {"name": split.dataset, "split": split.name, "side": encoder.modality,
+                    "kind": split.kind, "rows": len(side), "sha256": split.digest(encoder.modality),
+                    "limit": cfg.limit},
+        "dtype": cfg.dtype,
+    }
+    extra = {"classnames": split.classnames, "templates": split.templates} if split.classnames else {}
+    store = FeatureStore.create_or_open(
+        store_path(cfg.cache_dir, spec), identity=identity, versions=library_versions(),
+        ids=side.ids, groups=side.groups, texts=getattr(side, "texts", None),
+        width=encoder.pooled_width(pooling), dtype=cfg.dtype, block_rows=cfg.block_rows,
+        overwrite=cfg.overwrite,
+    )
+    if extra and "classes" not in store.attrs:
+        store.group.attrs["classes"] = extra
+    return store
+
+
+class _ImageRows(torch.utils.data.Dataset):
+    """Decodes and preprocesses rows, in DataLoader workers on a GPU machine."""
+
+    def __init__(self, side: ImageSide, encoder: Encoder):
+        self.side, self.encoder = side, encoder
+
+    def __len__(self) -> int:
+        return len(self.side)
+
+    def __getitem__(self, row: int):
+        try:
+            return row, self.encoder.prepare_images([self.side.load(row)])[0], None
+        except BadImage as err:
+            return row, None, err.message
+
+
+def _collate(items):
+    rows = [r for r, _, _ in items]
+    good = [x for _, x, _ in items if x is not None]
+    errors = {r: e for r, _, e in items if e is not None}
+    return rows, (torch.stack(good) if good else None), errors
+
+
+def _batches(store: FeatureStore, blocks: list[int], batch_size: int) -> list[list[int]]:
+    """Batches never straddle a block, so a resumed block sees exactly the same batches."""
+    out = []
+    for b in blocks:
+        sl = store.block_slice(b)
+        out += [list(range(s, min(sl.stop, s + batch_size))) for s in range(sl.start, sl.stop, batch_size)]
+    return out
+
+
+def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: list[str], pooling: str,
+                  progress=None) -> ExtractResult:
+    start = time.perf_counter()
+    store = open_store_for(cfg, encoder, split, pooling)
+    store.ensure_layers(layers)
+    blocks = store.pending_blocks(layers)
+    side = split.side(encoder.modality)
+    batches = _batches(store, blocks, cfg.batch_size)
+    task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}", total=sum(map(len, batches))) \
+        if progress is not None else None
+
+    if encoder.modality == "image":
+        workers = cfg.num_workers if cfg.num_workers is not None else (4 if encoder.device.type == "cuda" else 0)
+        loader = torch.utils.data.DataLoader(
+            _ImageRows(side, encoder), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
+            pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+        )
+    else:
+        loader = ((rows, encoder.prepare_texts([side.texts[r] for r in rows]), {}) for rows in batches)
+
+    pending: dict[int, dict] = {}
+    missing_total = computed = 0
+    for rows, inputs, errors in loader:
+        if errors and not cfg.skip_bad:
+            raise FeatcacheError(next(iter(errors.values())).split(" (")[0],
+                                 "fix or remove the file, or pass --skip-bad to record it as a missing row; "
+                                 "finished blocks are kept")
+        block = rows[0] // store.block_rows
+        sl = store.block_slice(block)
+        buf = pending.setdefault(block, {
+            "features": {n: np.full((sl.stop - sl.start, store.width), np.nan, dtype=cfg.dtype) for n in layers},
+            "missing": np.zeros(sl.stop - sl.start, dtype=bool), "filled": 0})
+        good_rows = [r for r in rows if r not in errors]
+        if inputs is not None:
+            out = encoder.forward(inputs, layers, pooling)
+            local = np.asarray(good_rows) - sl.start
+            for name, values in out.items():
+                values = values.cpu().numpy()
+                if cfg.dtype == "float16" and np.abs(values).max(initial=0) > FP16_MAX:
+                    raise FeatcacheError(f"layer {name} of {encoder.name} exceeds the float16 range",
+                                         "extract with --dtype float32")
+                buf["features"][name][local] = values.astype(cfg.dtype)
+        for r in errors:
+            buf["missing"][r - sl.start] = True
+        buf["filled"] += len(rows)
+        missing_total += len(errors)
+        computed += len(rows)
+        if buf["filled"] == sl.stop - sl.start:
+            todo = [n for n in layers if not store.done_blocks(n)[block]]
+            store.write_block(block, {n: buf["features"][n] for n in todo}, buf["missing"])
+            del pending[block]
+        if task is not None:
+            progress.update(task, advance=len(rows))
+    store.mark_complete()
+    return ExtractResult(str(store.path), split.name, store.rows, layers, store.nbytes_on_disk(),
+                         time.perf_counter() - start, computed, int(store.missing.sum()))
+
+
+def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
+    """Extract every requested split; finished blocks of earlier runs are kept, not recomputed."""
+    if cfg.batch_size < 1:
+        raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
+    if cfg.dtype not in ("float16", "float32"):
+        raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
+    splits = load_dataset(cfg.dataset)
+    names = cfg.splits or list(splits)
+    unknown = [s for s in names if s not in splits]
+    if unknown:
+        raise FeatcacheError(f"data set {cfg.dataset!r} has no split {unknown[0]!r}",
+                             f"splits: {', '.join(splits)}")
+    encoder = load_encoder(cfg.model, cfg.device, cfg.image_size)
+    pooling = cfg.pooling or encoder.entry.default_pooling
+    encoder.check_pooling(pooling)
+    layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)
+    return [extract_split(cfg, encoder, splits[s].limited(cfg.limit), layers, pooling, progress) for s in names]
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    d = asdict(cfg)
+    d["cache_dir"] = str(cfg.cache_dir)
+    return d
