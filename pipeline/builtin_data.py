@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -25,8 +26,10 @@ from featcache.pipeline.datasets import (
     register_dataset,
 )
 
-TUXPAINT_ROOT = Path("/usr/share/tuxpaint/stamps")
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+# Debian's locations; the environment may point elsewhere (another distribution, a copy).
+TUXPAINT_ROOT = Path(os.environ.get("FEATCACHE_TUXPAINT_DIR", "/usr/share/tuxpaint/stamps"))
+FASHION_ROOT = Path(os.environ.get("FEATCACHE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 APT = "apt-get install -y --no-install-recommends"
 
 

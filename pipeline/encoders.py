@@ -384,3 +384,8 @@ def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encode
             "mean": list(mean), "std": list(std), "background": "white"}
     n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     return Encoder(entry, model, modules, config.hidden_size, n_prefix, prep, torch.device("cpu"))
+
+
+def prepare_offline(names: tuple[str, ...] = ("dinov2-s", "minilm")) -> dict[str, str]:
+    """Resolve (and for DINOv2 convert once) the offline weights; returns name -> local path."""
+    return {name: REGISTRY[name].source() for name in names}

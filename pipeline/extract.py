@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from featcache.pipeline.encoders import Encoder, load_encoder
 from featcache.pipeline.layerspec import resolve_layers
 
 FP16_MAX = 65504.0
+# Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model.
+_BATCH_DELAY_S = float(os.environ.get("FEATCACHE_SLOW_BATCH_S", "0"))
 
 
 @dataclass
@@ -193,6 +196,8 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
             del pending[block]
         if task is not None:
             progress.update(task, advance=len(rows))
+        if _BATCH_DELAY_S:
+            time.sleep(_BATCH_DELAY_S)
     store.mark_complete()
     return ExtractResult(str(store.path), split.name, store.rows, layers, store.nbytes_on_disk(),
                          time.perf_counter() - start, computed, int(store.missing.sum()))
