@@ -1,0 +1,70 @@
+"""The contrastive loss and the STRUCTURE regularizer, as ../shared/method.md states them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of pairs (u_i, v_i); inputs are L2-normalised here."""
+    u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
+    logits = u @ v.T / temperature
+    target = torch.arange(len(u), device=u.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) summed over each row and averaged over rows."""
+    return (a * (torch.log(a + EPS) - torch.log(b + EPS))).sum(-1).mean()
+
+
+def _walk(features: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = F.normalize(features.float(), dim=-1)
+    x = x - x.mean(0, keepdim=True)
+    return torch.softmax(x @ x.T / temperature, dim=-1)
+
+
+def structure_regularizer(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    temperature: float,
+    levels: int = 1,
+    weighting: str = "none",
+    divergence: str = "reference",
+) -> torch.Tensor:
+    """R_S between frozen inputs ``x`` (B, d_in) and head outputs ``z`` (B, d_out), in float32.
+
+    ``divergence="reference"`` is the released code's 1/2 [KL(M||Q) + KL(M||P)];
+    ``"js"`` the textbook 1/2 [KL(P||M) + KL(Q||M)]. ``weighting`` is "none" (w_l = 1) or
+    "inverse" (w_l = 1/l).
+    """
+    if levels < 1:
+        raise ValueError("levels must be >= 1")
+    if weighting not in ("none", "inverse"):
+        raise ValueError(f"weighting must be 'none' or 'inverse', got {weighting!r}")
+    if divergence not in ("reference", "js"):
+        raise ValueError(f"divergence must be 'reference' or 'js', got {divergence!r}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        p, q = _walk(x.detach(), temperature), _walk(z, temperature)
+        p_l, q_l = p, q
+        total = z.new_zeros((), dtype=torch.float32)
+        for level in range(1, levels + 1):
+            if level > 1:
+                p_l, q_l = p_l @ p, q_l @ q
+            m = (p_l + q_l) / 2
+            if divergence == "reference":
+                d = (_kl_rows(m, q_l) + _kl_rows(m, p_l)) / 2
+            else:
+                d = (_kl_rows(p_l, m) + _kl_rows(q_l, m)) / 2
+            total = total + (1.0 / level if weighting == "inverse" else 1.0) * d
+        return total / levels
+
+
+def lambda_at(step: int, lam: float, warmup_steps: int) -> float:
+    """lambda(t): linear ramp from 0 to ``lam`` over the first ``warmup_steps`` optimiser steps."""
+    if warmup_steps <= 0:
+        return lam
+    return lam * min(1.0, step / warmup_steps)

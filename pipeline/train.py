@@ -1,0 +1,271 @@
+"""Stage two: train alignment heads on cached features with CLIP + STRUCTURE losses.
+
+The trainer reads cached arrays only (never an encoder), uses exactly the configured
+learning rate, and restores the weights of the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.paths import default_cache_dir, default_runs_dir
+from featcache.pipeline.cached import PairedFeatures, Side, open_pairs, subsample
+from featcache.pipeline.heads import AlignmentModel
+from featcache.pipeline.layers import ScoreTable, score_table
+from featcache.pipeline.losses import clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.runs import RunWriter
+
+LOSSES = ("clip", "clip+structure")
+
+
+@dataclass
+class SelectConfig:
+    """Layer selection defaults of the method page."""
+
+    metric: str = "mutual_knn"  # or "cka"
+    n: int = 5000  # random training pairs scored (fewer if fewer exist)
+    k: int | None = None  # None: Rice rule
+    calibrate: int = 0  # shuffled pairings subtracted (0: raw score)
+    seed: int = 0  # fixed, so every training seed selects the same layers
+
+
+@dataclass
+class AlignConfig:
+    image_model: str = "dinov2"
+    text_model: str = "minilm"
+    image_pooling: str | None = None
+    text_pooling: str | None = None
+    image_size: int | None = None
+    dataset: str = "tuxpaint"
+    train_split: str = "train"
+    val_split: str = "val"
+    layers: str = "auto"  # auto | last | IMG,TXT (layer names or block indices)
+    loss: str = "clip+structure"
+    levels: int = 1
+    weighting: str = "none"
+    divergence: str = "reference"
+    lam: float = 10.0
+    lam_warmup_steps: int = 1000
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    head: str = "linear"
+    d_out: int = 512
+    pairs: int | None = None  # subsample training pairs (data-scaling studies)
+    seed: int = 0
+    epochs: int = 1000
+    patience: int = 200
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    checkpoint_on: str = "val_clip"  # or "val_total"
+    device: str = "cpu"
+    select: SelectConfig = field(default_factory=SelectConfig)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    runs_dir: Path = field(default_factory=default_runs_dir)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cache_dir"], d["runs_dir"] = str(self.cache_dir), str(self.runs_dir)
+        d["betas"] = list(self.betas)
+        return d
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise FeatcacheError(f"unknown loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
+        if self.checkpoint_on not in ("val_clip", "val_total"):
+            raise FeatcacheError(f"unknown checkpoint rule {self.checkpoint_on!r}", "use val_clip or val_total")
+        for name in ("levels", "epochs", "batch_size", "d_out"):
+            if getattr(self, name) < 1:
+                raise FeatcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.pairs is not None and self.pairs < 2:
+            raise FeatcacheError(f"--pairs must be at least 2, got {self.pairs}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise FeatcacheError(f"--lr must be a positive number, got {self.lr}")
+        if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):
+            raise FeatcacheError("weighting must be none|inverse and divergence reference|js")
+
+
+@dataclass
+class CachedData:
+    """Everything a run reads from the cache, loaded once and shared by the cells of a sweep."""
+
+    train: PairedFeatures
+    val: PairedFeatures
+    _memo: dict = field(default_factory=dict)
+
+    def features(self, split: str, modality: str, layer: str) -> np.ndarray:
+        key = (split, modality, layer)
+        if key not in self._memo:
+            pf = self.train if split == "train" else self.val
+            self._memo[key] = pf.image(layer) if modality == "image" else pf.text(layer)
+        return self._memo[key]
+
+
+def load_cached(cfg: AlignConfig) -> CachedData:
+    image = Side(cfg.image_model, cfg.image_pooling, cfg.image_size)
+    text = Side(cfg.text_model, cfg.text_pooling)
+    return CachedData(open_pairs(cfg.cache_dir, cfg.dataset, cfg.train_split, image, text),
+                      open_pairs(cfg.cache_dir, cfg.dataset, cfg.val_split, image, text))
+
+
+def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
+    """Score every complete (image layer, text layer) pair on up to ``select.n`` training pairs."""
+    key = ("table", repr(select))
+    if key in data._memo:
+        return data._memo[key]
+    train = data.train
+    rows = subsample(len(train), select.n, select.seed)
+    img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
+    txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
+    data._memo[key] = score_table(img, txt, select.metric, select.k, select.calibrate, select.seed)
+    return data._memo[key]
+
+
+def resolve_pair(spec: str, data: CachedData, select: SelectConfig) -> tuple[str, str, ScoreTable | None]:
+    """The (image layer, text layer) to train on, and the score table when one was computed."""
+    if spec in ("auto", "last"):
+        table = select_layers(data, select)
+        return (*(table.best() if spec == "auto" else table.last()), table)
+    parts = spec.split(",")
+    if len(parts) != 2:
+        raise FeatcacheError(f"bad --layers {spec!r}", "use auto, last, or IMG,TXT such as block.09,block.05 or 9,-1")
+    names = []
+    for part, store in zip(parts, (data.train.images, data.train.texts)):
+        part = part.strip()
+        blocks = [n for n in store.layers if n.startswith("block.")]
+        if part in store.layers:
+            names.append(part)
+            continue
+        try:
+            names.append(blocks[int(part)])
+        except (ValueError, IndexError):
+            raise FeatcacheError(f"layer {part!r} is not cached in {store.path}",
+                                 f"cached: {', '.join(store.layers)}; indices {-len(blocks)}..{len(blocks) - 1}")
+    return names[0], names[1], None
+
+
+def _losses(model, cfg: AlignConfig, xi, xt, lam: float):
+    zi, zt = model(xi, xt)
+    clip = clip_loss(zi, zt, model.temperature)
+    if cfg.loss == "clip":
+        return clip, clip, torch.zeros(())
+    reg = (structure_regularizer(xi, zi, cfg.temperature, cfg.levels, cfg.weighting, cfg.divergence)
+           + structure_regularizer(xt, zt, cfg.temperature, cfg.levels, cfg.weighting, cfg.divergence)) / 2
+    return clip + lam * reg, clip, reg
+
+
+@torch.no_grad()
+def _evaluate(model, cfg, xi, xt) -> dict:
+    """Validation losses over batches of the training batch size, weighted by batch length."""
+    totals = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+    n = len(xi)
+    for s in range(0, n, cfg.batch_size):
+        bi, bt = xi[s:s + cfg.batch_size], xt[s:s + cfg.batch_size]
+        if len(bi) < 2:
+            continue
+        total, clip, reg = _losses(model, cfg, bi, bt, cfg.lam)
+        for key, v in (("total", total), ("clip", clip), ("structure", reg)):
+            totals[key] += float(v) * len(bi)
+    return {k: v / n for k, v in totals.items()}
+
+
+def train(cfg: AlignConfig, data: CachedData | None = None, progress=None, quiet: bool = False) -> Path:
+    """Train one run and write its record; returns the run directory."""
+    cfg.validate()
+    data = data or load_cached(cfg)
+    image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = subsample(len(data.train), cfg.pairs, cfg.seed)
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    xi = as_t(data.features("train", "image", image_layer)[rows])
+    xt = as_t(data.features("train", "text", text_layer)[rows])
+    vi = as_t(data.features("val", "image", image_layer))
+    vt = as_t(data.features("val", "text", text_layer))
+
+    model = AlignmentModel(cfg.head, xi.shape[1], xt.shape[1], cfg.d_out, cfg.temperature,
+                           cfg.learn_temperature).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    batch = min(cfg.batch_size, len(rows))
+    steps_per_epoch = max(1, len(rows) // batch)
+    total_steps = steps_per_epoch * cfg.epochs
+    # Cosine decay once over the whole budget; the configured lr is the peak, never overridden.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+    config = cfg.to_dict() | {
+        "image_layer": image_layer, "text_layer": text_layer, "train_pairs": int(len(rows)),
+        "val_pairs": int(len(vi)), "cache": {"train": data.train.identities(), "val": data.val.identities()},
+    }
+    writer = RunWriter(cfg.runs_dir, config)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best = {"epoch": -1, "score": float("inf")}
+    best_state = copy.deepcopy(model.state_dict())
+    step, start = 0, time.perf_counter()
+    task = progress.add_task(f"align {image_layer}/{text_layer} seed {cfg.seed}", total=cfg.epochs) if progress else None
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.randperm(len(rows), generator=gen).to(device)
+            sums = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+            for b in range(steps_per_epoch):  # the tail that does not fill a batch is dropped this epoch
+                idx = order[b * batch:(b + 1) * batch]
+                lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps)
+                total, clip, reg = _losses(model, cfg, xi[idx], xt[idx], lam)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                for key, v in (("total", total), ("clip", clip), ("structure", reg)):
+                    sums[key] += float(v.detach()) / steps_per_epoch
+            model.eval()
+            val = _evaluate(model, cfg, vi, vt)
+            score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
+            improved = score < best["score"]
+            if improved:
+                best = {"epoch": epoch, "score": score}
+                best_state = copy.deepcopy(model.state_dict())
+            writer.log({"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0],
+                        "lambda": lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
+                        **{f"train_{k}": v for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()}})
+            if task is not None:
+                progress.update(task, advance=1)
+            if epoch - best["epoch"] >= cfg.patience:
+                break
+    except BaseException:
+        writer.abort()
+        raise
+    model.load_state_dict(best_state)
+    summary = {
+        "run_id": writer.run_id, "image_layer": image_layer, "text_layer": text_layer,
+        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
+        "epochs_run": epoch + 1, "steps": step, "seconds": time.perf_counter() - start,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": int(len(rows)),
+    }
+    extra = {"layer_scores.json": table.to_dict()} if table is not None else None
+    return writer.finish(summary, model.state_dict(), extra)
+
+
+def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[int],
+          pairs: list[int | None] | None = None, progress=None) -> list[Path]:
+    """Train one run per grid cell; the cache is read once and shared by every cell."""
+    data = load_cached(base)
+    runs = []
+    for n in pairs or [base.pairs]:
+        for layer in layers:
+            for loss in losses:
+                for seed in seeds:
+                    runs.append(train(replace(base, layers=layer, loss=loss, seed=seed, pairs=n), data, progress))
+    return runs
