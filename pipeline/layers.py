@@ -74,8 +74,8 @@ class ScoreTable:
     seed: int
 
     def best(self) -> tuple[str, str]:
-        s = np.asarray(self.scores)
-        i, j = np.unravel_index(int(np.argmax(s)), s.shape)
+        s = np.asarray(self.scores, dtype=float)
+        i, j = np.unravel_index(int(np.nanargmax(s)), s.shape)
         return self.image_layers[i], self.text_layers[j]
 
     def last(self) -> tuple[str, str]:
@@ -103,16 +103,23 @@ def score_table(
     the part of a score that grows with depth and width by itself.
     """
     n = len(next(iter(image_feats.values())))
+    # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
+    # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
+    constant = {name for feats in (image_feats, text_feats) for name, x in feats.items()
+                if float(np.ptp(np.asarray(x, dtype=np.float32), axis=0).max(initial=0)) < 1e-6}
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
     img_names, txt_names = list(image_feats), list(text_feats)
     scores = np.zeros((len(img_names), len(txt_names)))
     if metric == "mutual_knn":
         k = k or rice_k(n)
-        ni = {name: knn(x, k) for name, x in image_feats.items()}
-        nt = {name: knn(x, k) for name, x in text_feats.items()}
+        ni = {name: knn(x, k) for name, x in image_feats.items() if name not in constant}
+        nt = {name: knn(x, k) for name, x in text_feats.items() if name not in constant}
         for i, a in enumerate(img_names):
             for j, b in enumerate(txt_names):
+                if a in constant or b in constant:
+                    scores[i, j] = np.nan
+                    continue
                 s = overlap(ni[a], nt[b])
                 if perms:
                     # pairing s with p[s]: the text neighbours of p[s], mapped back to image rows
@@ -122,6 +129,9 @@ def score_table(
         k = None
         for i, a in enumerate(img_names):
             for j, b in enumerate(txt_names):
+                if a in constant or b in constant:
+                    scores[i, j] = np.nan
+                    continue
                 s = linear_cka(image_feats[a], text_feats[b])
                 if perms:
                     s -= np.mean([linear_cka(image_feats[a], text_feats[b][p]) for p in perms])

@@ -30,12 +30,11 @@ def save_tiny_vit(path: Path, seed: int = 0) -> Path:
 
 def save_tiny_bert(path: Path, seed: int = 0) -> Path:
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
@@ -62,7 +61,7 @@ def make_pairs(root: Path, n: int = 24, bad: int | None = None, seed: int = 0) -
         img.save(file)
         if bad is not None and i == bad:
             file.write_bytes(file.read_bytes()[:40])  # truncated: undecodable
-        split = "test" if i % 4 == 3 else "train"
+        split = {5: "test", 4: "val"}.get(i % 6, "train")
         rows.append({"image": file.name, "caption": f"a {name} {shape}.", "split": split})
     out = root / "pairs.jsonl"
     out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -39,7 +39,7 @@ def _store_arrays(path: Path) -> dict[str, bytes]:
 
 def test_stored_values_equal_direct_forward(tiny_vit, pairs, cache_dir):
     results = extract(_cfg(tiny_vit, pairs, cache_dir, block_rows=8))
-    assert {r.split for r in results} == {"train", "test"}
+    assert {r.split for r in results} == {"train", "val", "test"}
     enc = load_encoder(f"hf:{tiny_vit}", "cpu")
     split = load_dataset(str(pairs))["train"]
     store = FeatureStore.open(next(r.path for r in results if r.split == "train"))
@@ -97,11 +97,11 @@ def test_other_weights_are_refused_and_store_kept(tmp_path, pairs, cache_dir):
 
 
 def test_corrupt_image_stops_with_file_named_and_keeps_finished_blocks(tiny_vit, tmp_path, cache_dir):
-    pairs = make_pairs(tmp_path / "bad", n=24, bad=16)  # row 16 is in the train split's 3rd block
+    pairs = make_pairs(tmp_path / "bad", n=24, bad=12)  # img012 is in the train split's 3rd block
     out = runner.invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
                               "--cache-dir", str(cache_dir), "--block-rows", "4", "--batch-size", "2"])
     assert out.exit_code == 2
-    assert "img016.png" in out.output and "--skip-bad" in out.output and "Traceback" not in out.output
+    assert "img012.png" in out.output and "--skip-bad" in out.output and "Traceback" not in out.output
     store = FeatureStore.open(next(find_stores(cache_dir)))
     done = store.done_blocks("block.02")
     assert done[:2].all() and not done.all()
@@ -110,7 +110,7 @@ def test_corrupt_image_stops_with_file_named_and_keeps_finished_blocks(tiny_vit,
                              "--cache-dir", str(cache_dir), "--block-rows", "4", "--batch-size", "2", "--skip-bad"])
     assert ok.exit_code == 0, ok.output
     store = FeatureStore.open(store.path)
-    row = store.ids.index("img016.png")
+    row = store.ids.index("img012.png")
     assert store.missing[row] and store.missing.sum() == 1
     assert np.isnan(store.read("block.02")[row]).all()
     assert np.isfinite(np.delete(store.read("block.02"), row, axis=0)).all()

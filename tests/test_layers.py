@@ -1,0 +1,61 @@
+"""Layer selection metrics against brute-force numpy."""
+
+import numpy as np
+import pytest
+
+from featcache.pipeline.layers import knn, linear_cka, mutual_knn, rice_k, score_table
+
+
+def brute_mutual_knn(a, b, k):
+    def neighbours(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return [set(np.argsort(-row)[:k]) for row in s]
+
+    na, nb = neighbours(a), neighbours(b)
+    return float(np.mean([len(x & y) / k for x, y in zip(na, nb)]))
+
+
+@pytest.mark.parametrize("seed,k", [(0, 3), (1, 10), (2, 25)])
+def test_mutual_knn_equals_brute_force(seed, k):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(120, 16))
+    b = a @ rng.normal(size=(16, 12)) + 0.5 * rng.normal(size=(120, 12))  # partly shared structure
+    got = mutual_knn(a.astype(np.float32), b.astype(np.float32), k)
+    assert got == pytest.approx(brute_mutual_knn(a, b, k), abs=1e-9)
+    assert 0.0 < got < 1.0
+
+
+def test_identical_spaces_score_one_and_self_is_excluded():
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    assert mutual_knn(x, x, 5) == 1.0
+    assert not (knn(x, 5) == np.arange(50)[:, None]).any()
+
+
+def test_rice_rule():
+    assert rice_k(5000) == 35
+    assert rice_k(1000) == 20
+
+
+def test_all_pairs_table_equals_per_pair_calls():
+    rng = np.random.default_rng(3)
+    img = {f"block.{i:02d}": rng.normal(size=(80, 10)).astype(np.float32) for i in range(3)}
+    txt = {f"block.{i:02d}": rng.normal(size=(80, 7)).astype(np.float32) for i in range(2)}
+    table = score_table(img, txt, k=6)
+    for i, a in enumerate(img):
+        for j, b in enumerate(txt):
+            assert table.scores[i][j] == pytest.approx(mutual_knn(img[a], txt[b], 6), abs=1e-12)
+    cka = score_table(img, txt, metric="cka")
+    assert cka.scores[1][0] == pytest.approx(linear_cka(img["block.01"], txt["block.00"]))
+
+
+def test_calibrated_score_removes_chance_level():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(200, 8)).astype(np.float32)
+    raw = score_table({"a": a}, {"b": a.copy()}, k=10)
+    cal = score_table({"a": a}, {"b": a.copy()}, k=10, calibrate=5)
+    noise = score_table({"a": a}, {"b": rng.normal(size=(200, 8)).astype(np.float32)}, k=10, calibrate=5)
+    assert raw.scores[0][0] == 1.0
+    assert cal.scores[0][0] == pytest.approx(1.0 - 10 / 199, abs=0.03)  # minus chance overlap k/(n-1)
+    assert abs(noise.scores[0][0]) < 0.03

@@ -1,0 +1,134 @@
+"""Stage two on caches of tiny random encoders (fast); the real run is in test_real_pipeline."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_pairs, save_tiny_bert, save_tiny_vit
+from featcache.cli.main import app
+from featcache.pipeline.heads import ResidualMLPHead
+from featcache.pipeline.runs import find_run, list_runs, load_heads, read_json
+from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.train import AlignConfig, _evaluate, load_cached, sweep, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-cache")
+    pairs = make_pairs(root / "data", n=72)
+    vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
+    for model in (vit, bert):
+        extract(ExtractConfig(model=f"hf:{model}", dataset=str(pairs), cache_dir=root / "cache", batch_size=16))
+    return {"pairs": pairs, "vit": f"hf:{vit}", "bert": f"hf:{bert}", "cache": root / "cache"}
+
+
+def _cfg(tiny_cache, tmp_path, **kw):
+    base = dict(image_model=tiny_cache["vit"], text_model=tiny_cache["bert"], dataset=str(tiny_cache["pairs"]),
+                cache_dir=tiny_cache["cache"], runs_dir=tmp_path / "runs", epochs=15, patience=5, batch_size=16,
+                lam_warmup_steps=10)
+    base.update(kw)
+    return AlignConfig(**base)
+
+
+def test_same_seed_same_results(tiny_cache, tmp_path):
+    a = train(_cfg(tiny_cache, tmp_path, seed=3))
+    b = train(_cfg(tiny_cache, tmp_path, seed=3))
+    c = train(_cfg(tiny_cache, tmp_path, seed=4))
+    metrics = lambda r: (r / "metrics.jsonl").read_text()
+    assert metrics(a) == metrics(b)
+    assert (a / "heads.safetensors").read_bytes() == (b / "heads.safetensors").read_bytes()
+    assert metrics(a) != metrics(c)
+
+
+def test_run_record_and_best_weights_restored(tiny_cache, tmp_path):
+    cfg = _cfg(tiny_cache, tmp_path, epochs=40, patience=40, lr=3e-2)
+    run = train(cfg)
+    config, summary = read_json(run / "config.json"), read_json(run / "summary.json")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert config["lr"] == 3e-2 and config["cache"]["train"]["image"]["encoder"]["weights_sha256"]
+    assert (run / "layer_scores.json").exists()  # layers=auto records the table it chose from
+    # the configured lr is the peak of a single cosine decay: never replaced by anything else
+    assert rows[0]["lr"] <= 3e-2 and all(r1["lr"] >= r2["lr"] for r1, r2 in zip(rows, rows[1:]))
+    best = min(rows, key=lambda r: r["val_clip"])
+    assert summary["best_epoch"] == best["epoch"]
+    model, _ = load_heads(run)
+    data = load_cached(cfg)
+    vi = torch.from_numpy(data.features("val", "image", summary["image_layer"]))
+    vt = torch.from_numpy(data.features("val", "text", summary["text_layer"]))
+    assert _evaluate(model, cfg, vi, vt)["clip"] == pytest.approx(best["val_clip"], rel=1e-5)
+
+
+def test_pairs_subsample_is_reproducible(tiny_cache, tmp_path):
+    a = train(_cfg(tiny_cache, tmp_path, pairs=20, seed=1))
+    b = train(_cfg(tiny_cache, tmp_path, pairs=20, seed=1))
+    assert read_json(a / "summary.json")["train_pairs"] == 20
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+
+
+def test_mlp_gate_and_branch_train():
+    torch.manual_seed(0)
+    head = ResidualMLPHead(8, 4)
+    w2, gate = head.w2.weight.detach().clone(), head.gate.detach().clone()
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    for _ in range(5):
+        loss = ((head(x) - torch.tanh(y * 3)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(head.w2.weight, w2) and head.w2.weight.abs().sum() > 0
+    assert head.gate.item() != gate.item()
+
+
+def test_sweep_grid_from_cache_only(tiny_cache, tmp_path, monkeypatch):
+    import featcache.pipeline.encoders as encoders
+
+    def no_encoders(*a, **k):
+        raise AssertionError("a sweep must not load an encoder")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_encoders)
+    runs = sweep(_cfg(tiny_cache, tmp_path, epochs=3), ["last", "auto"], ["clip", "clip+structure"], [0, 1])
+    assert len(runs) == 8 == len(list_runs(tmp_path / "runs"))
+    cells = {(read_json(r / "config.json")["layers"], read_json(r / "config.json")["loss"],
+              read_json(r / "config.json")["seed"]) for r in runs}
+    assert len(cells) == 8
+    assert find_run(tmp_path / "runs", "latest") in runs
+
+
+def test_cli_align_layers_and_runs(tiny_cache, tmp_path):
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"])]
+    out = runner.invoke(app, ["layers", *common, "--out", str(tmp_path / "h.png")])
+    assert out.exit_code == 0, out.output
+    assert "best pair" in out.output and (tmp_path / "h.png").stat().st_size > 1000
+    out = runner.invoke(app, ["align", *common, "--runs-dir", str(tmp_path / "runs"), "--epochs", "3",
+                              "--head", "mlp", "--loss", "clip+structure", "--levels", "2", "--layers", "-1,-1"])
+    assert out.exit_code == 0, out.output
+    cfg = read_json(find_run(tmp_path / "runs") / "config.json")
+    assert cfg["head"] == "mlp" and cfg["levels"] == 2 and cfg["image_layer"] == "block.02"
+    out = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 0 and "mlp" in out.output
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--image-model", "dinov2-s", "--dataset", "tuxpaint"], "featcache extract --model dinov2-s"),
+    (["--loss", "triplet"], "unknown loss"),
+    (["--layers", "99,0"], "not cached"),
+    (["--head", "transformer"], "unknown head"),
+])
+def test_cli_align_errors(tiny_cache, tmp_path, argv, needle):
+    base = {"--image-model": tiny_cache["vit"], "--text-model": tiny_cache["bert"],
+            "--dataset": str(tiny_cache["pairs"]), "--cache-dir": str(tiny_cache["cache"]),
+            "--runs-dir": str(tmp_path / "runs"), "--epochs": "2"}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    out = runner.invoke(app, ["align", *[x for kv in base.items() for x in kv]])
+    assert out.exit_code == 2, out.output
+    assert needle in out.output and "Traceback" not in out.output
+    assert not list((tmp_path / "runs").glob(".partial-*"))  # nothing half-written is left
