@@ -97,7 +97,7 @@ def extract(
     cache_dir: Optional[Path] = CacheDir,
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of each split."),
+    limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per split (smallest id hashes)."),
     pooling: Optional[str] = typer.Option(None, help="cls | mean | cls+mean (vision); mean | cls (text)."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution; -1 for the model's pretrained one."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
@@ -357,6 +357,76 @@ def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="
         console.print(f"no runs under {runs_dir_or_default(runs_dir)}")
         return
     _print_runs(found[-last:])
+
+
+def _print_eval(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['task']} on {result['dataset']}/{result['split']} (run {result['run_id']}, "
+                        f"layers {' x '.join(result['layers'])}, positives: {result['positive_rule']})")
+    table.add_column("model")
+    rows = [("run", result["metrics"])]
+    if "baseline" in result:
+        rows.append((result["baseline"]["method"] + " (no training)", result["baseline"]["metrics"]))
+    columns = []
+    for _, m in rows[:1]:
+        for key, value in m.items():
+            columns += [f"{key} {k}" for k in value] if isinstance(value, dict) else [key]
+    for c in columns:
+        table.add_column(c.replace("image_to_text", "i→t").replace("text_to_image", "t→i"), justify="right")
+
+    def get(m, c):
+        parts = c.split(" ")
+        v = m[parts[0]][parts[1]] if len(parts) == 2 else m[c]
+        return f"{100 * v:.1f}"
+
+    for name, m in rows:
+        table.add_row(name, *[get(m, c) for c in columns])
+    console.print(table)
+    console.print(f"result: {result['path']}", highlight=False, soft_wrap=True)
+
+
+@eval_app.command("retrieval")
+@friendly
+def eval_retrieval_cmd(
+    run: str = typer.Option("latest", help="Run id, prefix, path or 'latest'."),
+    dataset: Optional[str] = typer.Option(None, help="Pair data set [default: the run's]."),
+    split: str = typer.Option("test"),
+    positives: str = typer.Option("image", help="image (own captions) | caption (also identical captions)."),
+    baseline: bool = typer.Option(True, help="Also score the untrained Procrustes/least-squares reference."),
+    cache_dir: Optional[Path] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
+    from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
+
+    _print_eval(eval_retrieval(RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives,
+                                               baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
+                                               runs_dir=runs_dir_or_default(runs_dir))))
+
+
+@eval_app.command("classify")
+@friendly
+def eval_classify_cmd(
+    dataset: str = typer.Option("fashion-mnist", help="Classification set: fashion-mnist, mnist, "
+                                                      "tuxpaint-categories or an image folder."),
+    run: str = typer.Option("latest"),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use the store extracted with this --limit."),
+    templates: Optional[Path] = typer.Option(None, help="Prompt templates file (JSON list or lines, with {})."),
+    classnames: Optional[Path] = typer.Option(None, help="Class names file (JSON list or lines)."),
+    extract: bool = typer.Option(False, "--extract", help="Extract missing caches first."),
+    baseline: bool = typer.Option(True),
+    cache_dir: Optional[Path] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Zero-shot classification: top-1, top-5 and mean per-class recall."""
+    from featcache.pipeline.evaluate import ClassifyConfig, eval_classify
+
+    _print_eval(eval_classify(ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
+                                             classnames=classnames, extract=extract, baseline=baseline,
+                                             cache_dir=cache_dir_or_default(cache_dir),
+                                             runs_dir=runs_dir_or_default(runs_dir))))
 
 
 @app.command()

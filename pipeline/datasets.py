@@ -74,17 +74,24 @@ class Split:
         return h.hexdigest()
 
     def limited(self, limit: int | None) -> "Split":
-        """The first ``limit`` images (and the captions of those images) for quick runs."""
+        """A fixed subset of ``limit`` images (with their captions) for quick runs.
+
+        The rows with the smallest hash of their id, kept in their original order: the same
+        subset on every machine, and not biased by a file sorted by class (as MNIST 5k is).
+        """
         if not limit or self.images is None or limit >= len(self.images):
             return self
         im = self.images
-        keep = set(im.ids[:limit])
-        images = ImageSide(im.ids[:limit], im.groups[:limit], im.load, im.raw, im.sources[:limit])
+        rows = sorted(sorted(range(len(im)), key=lambda i: hash_unit(im.ids[i], "limit"))[:limit])
+        images = ImageSide([im.ids[i] for i in rows], [im.groups[i] for i in rows],
+                           lambda i: im.load(rows[i]), lambda i: im.raw(rows[i]),
+                           [im.sources[i] for i in rows] if im.sources else [])
+        keep = set(images.ids)
         texts = self.texts
         if texts is not None and self.kind == PAIRS:
-            rows = [i for i, g in enumerate(texts.groups) if g in keep]
-            texts = TextSide([texts.ids[i] for i in rows], [texts.groups[i] for i in rows],
-                             [texts.texts[i] for i in rows])
+            idx = [i for i, g in enumerate(texts.groups) if g in keep]
+            texts = TextSide([texts.ids[i] for i in idx], [texts.groups[i] for i in idx],
+                             [texts.texts[i] for i in idx])
         return Split(self.dataset, self.name, self.kind, images, texts, self.classnames, self.templates)
 
 
@@ -193,7 +200,13 @@ def canonical_name(spec: str) -> str:
     name, options = parse_spec(spec)
     if Path(name).suffix in (".csv", ".jsonl", ".json") or Path(name).is_dir():
         name = Path(name).resolve().stem
-    return name + "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    def short(value: str) -> str:  # a file option is named by its stem and content hash
+        path = Path(value)
+        if path.is_file():
+            return f"{path.stem}.{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
+        return value
+
+    return name + "".join(f"-{k}{short(v)}" for k, v in sorted(options.items()))
 
 
 def load_dataset(spec: str) -> dict[str, Split]:

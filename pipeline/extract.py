@@ -32,7 +32,7 @@ class ExtractConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     batch_size: int = 32
     device: str = "auto"
-    limit: int | None = None  # first N images of each split (and their captions)
+    limit: int | None = None  # a fixed hash-chosen subset of N images per split (and their captions)
     pooling: str | None = None  # None: the encoder's default
     image_size: int | None = None  # None: the registry default (224 for DINOv2); -1: pretrained
     dtype: str = "float16"
@@ -85,7 +85,7 @@ def _featcache_version() -> str:
 
 def split_label(split: str, limit: int | None) -> str:
     """A limited run is its own store: it must never be mistaken for the full split."""
-    return split if not limit else f"{split}-first{limit}"
+    return split if not limit else f"{split}-sample{limit}"
 
 
 def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> FeatureStore:

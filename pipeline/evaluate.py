@@ -1,0 +1,207 @@
+"""Evaluate a run on cached features: retrieval and zero-shot classification.
+
+Each evaluation writes one JSON result into the run directory (``eval/<task>-<dataset>-<split>.json``)
+recording the data set, split, task, metrics, positive rule, k values and cache identities.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.paths import default_cache_dir, default_runs_dir
+from featcache.cache.store import FeatureStore
+from featcache.pipeline.cached import Side, open_pairs, open_store
+from featcache.pipeline.datasets import canonical_name
+from featcache.pipeline.extract import split_label
+from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_recall, zero_shot
+from featcache.pipeline.runs import find_run, load_heads, write_json
+
+POSITIVE_RULES = ("image", "caption")
+
+
+@dataclass
+class RetrievalConfig:
+    run: str = "latest"
+    dataset: str | None = None  # None: the run's data set
+    split: str = "test"
+    positives: str = "image"  # "image": a caption is correct for its own image; "caption": also identical captions
+    ks: tuple[int, ...] = (1, 5, 10)
+    baseline: bool = True  # also score the untrained Procrustes / least-squares reference
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    runs_dir: Path = field(default_factory=default_runs_dir)
+
+
+@dataclass
+class ClassifyConfig:
+    dataset: str = "fashion-mnist"
+    run: str = "latest"
+    split: str = "test"
+    limit: int | None = None  # read the store extracted with this --limit
+    templates: Path | None = None
+    classnames: Path | None = None
+    extract: bool = False  # extract missing caches instead of failing
+    baseline: bool = True
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    runs_dir: Path = field(default_factory=default_runs_dir)
+
+
+def _sides(cfg: dict) -> tuple[Side, Side]:
+    return (Side(cfg["image_model"], cfg.get("image_pooling"), cfg.get("image_size")),
+            Side(cfg["text_model"], cfg.get("text_pooling")))
+
+
+@torch.no_grad()
+def _embed(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    return normalise(head(torch.from_numpy(np.ascontiguousarray(x))).numpy())
+
+
+def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
+    """An untrained reference map from image to text features, fit on the run's training pairs.
+
+    Orthogonal Procrustes when the widths match, least squares otherwise.
+    """
+    image, text = _sides(run_cfg)
+    train = open_pairs(cache_dir, run_cfg["dataset"], run_cfg["train_split"], image, text)
+    x, y = normalise(train.image(run_cfg["image_layer"])), normalise(train.text(run_cfg["text_layer"]))
+    if x.shape[1] == y.shape[1]:
+        u, _, vt = np.linalg.svd(x.T @ y)
+        return (u @ vt).astype(np.float32), "procrustes"
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return w.astype(np.float32), "least-squares"
+
+
+def _identity(store: FeatureStore) -> dict:
+    ident = store.identity
+    return {"path": str(store.path), "encoder": ident["encoder"]["name"],
+            "weights_sha256": ident["encoder"]["weights_sha256"], "pooling": ident["encoder"]["pooling"],
+            "dataset_sha256": ident["dataset"]["sha256"], "rows": store.rows}
+
+
+def _write_result(run_dir: Path, result: dict) -> Path:
+    name = f"{result['task']}-{canonical_name(result['dataset'])}-{result['split']}.json"
+    path = run_dir / "eval" / name.replace("/", "_")
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, result)
+    return path
+
+
+def retrieval_sets(images: FeatureStore, texts: FeatureStore, rule: str):
+    """Image gallery rows (each image once), caption rows, and positives both ways."""
+    if rule not in POSITIVE_RULES:
+        raise FeatcacheError(f"unknown positive rule {rule!r}", f"choose one of: {', '.join(POSITIVE_RULES)}")
+    missing = images.missing
+    image_ids = [i for n, i in enumerate(images.ids) if not missing[n]]
+    image_rows = np.asarray([n for n in range(images.rows) if not missing[n]], dtype=np.int64)
+    col = {image_id: c for c, image_id in enumerate(image_ids)}
+    caption_rows = np.asarray([j for j, g in enumerate(texts.groups) if g in col], dtype=np.int64)
+    if not len(caption_rows):
+        raise FeatcacheError(f"{texts.path}: no caption belongs to an image of {images.path}")
+    groups = [texts.groups[j] for j in caption_rows]
+    words = texts.texts or [""] * texts.rows
+    strings = [words[j].strip().lower() for j in caption_rows]
+    i2t: list[set[int]] = [set() for _ in image_ids]
+    t2i: list[set[int]] = [set() for _ in caption_rows]
+    for c, g in enumerate(groups):
+        i2t[col[g]].add(c)
+        t2i[c].add(col[g])
+    if rule == "caption":  # identical captions are interchangeable: "A flower." x 6
+        by_text: dict[str, set[int]] = {}
+        for c, s in enumerate(strings):
+            by_text.setdefault(s, set()).add(col[groups[c]])
+        for c, s in enumerate(strings):
+            t2i[c] |= by_text[s]
+            for img in by_text[s]:
+                i2t[img].add(c)
+    return image_rows, caption_rows, i2t, t2i
+
+
+def eval_retrieval(cfg: RetrievalConfig) -> dict:
+    run_dir = find_run(cfg.runs_dir, cfg.run)
+    model, run_cfg = load_heads(run_dir)
+    dataset = cfg.dataset or run_cfg["dataset"]
+    image, text = _sides(run_cfg)
+    images = open_store(cfg.cache_dir, dataset, cfg.split, image)
+    texts = open_store(cfg.cache_dir, dataset, cfg.split, text)
+    image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
+    xi = images.read(run_cfg["image_layer"])[image_rows]
+    xt = texts.read(run_cfg["text_layer"])[caption_rows]
+
+    def score(ei, et) -> dict:
+        return {"image_to_text": {f"R@{k}": v for k, v in retrieval_recall(ei, et, i2t, cfg.ks).items()},
+                "text_to_image": {f"R@{k}": v for k, v in retrieval_recall(et, ei, t2i, cfg.ks).items()}}
+
+    result = {
+        "task": "retrieval", "dataset": dataset, "split": cfg.split, "positive_rule": cfg.positives,
+        "ks": list(cfg.ks), "run_id": run_dir.name, "layers": [run_cfg["image_layer"], run_cfg["text_layer"]],
+        "images": len(image_rows), "captions": len(caption_rows),
+        "metrics": score(_embed(model.image_head, xi), _embed(model.text_head, xt)),
+        "cache": {"image": _identity(images), "text": _identity(texts)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if cfg.baseline:
+        w, method = fit_reference(run_cfg, cfg.cache_dir)
+        result["baseline"] = {"method": method, "metrics": score(normalise(normalise(xi) @ w), normalise(xt))}
+    result["path"] = str(_write_result(run_dir, result))
+    return result
+
+
+def _classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str, layers: tuple[str, str]):
+    image, text = _sides(run_cfg)
+    label = split_label(cfg.split, cfg.limit)
+    try:
+        return open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
+    except FeatcacheError:
+        if not cfg.extract:
+            limit = f" --limit {cfg.limit}" if cfg.limit else ""
+            cmds = [f"featcache extract --model {s.model} --dataset {dataset} --split {cfg.split}{limit} --layers all"
+                    for s in (image, text)]
+            raise FeatcacheError(f"{dataset}/{label} is not cached for this run's encoders",
+                                 "run: " + " && ".join(cmds) + ", or pass --extract") from None
+    from featcache.pipeline.extract import ExtractConfig, extract
+
+    for side in (image, text):
+        extract(ExtractConfig(model=side.model, pooling=side.pooling, image_size=side.image_size, dataset=dataset,
+                              splits=[cfg.split], limit=cfg.limit, layers="all", cache_dir=cfg.cache_dir))
+    return open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
+
+
+def classify_spec(cfg: ClassifyConfig) -> str:
+    """The data set spec with user templates / class names as options (they change the prompts)."""
+    options = [f"{k}={v}" for k, v in (("templates", cfg.templates), ("classnames", cfg.classnames)) if v]
+    return cfg.dataset + (":" + ",".join(options) if options else "")
+
+
+def eval_classify(cfg: ClassifyConfig) -> dict:
+    run_dir = find_run(cfg.runs_dir, cfg.run)
+    model, run_cfg = load_heads(run_dir)
+    dataset = classify_spec(cfg)
+    layers = (run_cfg["image_layer"], run_cfg["text_layer"])
+    images, prompts = _classification_stores(cfg, run_cfg, dataset, layers)
+    classes = images.attrs.get("classes", {}).get("classnames") or sorted(set(prompts.groups))
+    index = {c: i for i, c in enumerate(classes)}
+    keep = ~images.missing
+    labels = np.asarray([index[g] for g in images.groups])[keep]
+    prompt_class = np.asarray([index[g] for g in prompts.groups])
+    xi = images.read(layers[0])[keep]
+    xt = prompts.read(layers[1])
+    result = {
+        "task": "classify", "dataset": dataset, "split": split_label(cfg.split, cfg.limit), "classes": len(classes),
+        "images": int(keep.sum()), "templates": len(prompts.ids) // max(1, len(classes)), "run_id": run_dir.name,
+        "layers": list(layers), "positive_rule": "class", "ks": [1, 5] if len(classes) >= 5 else [1],
+        "metrics": zero_shot(_embed(model.image_head, xi), labels,
+                             class_embeddings(_embed(model.text_head, xt), prompt_class, len(classes))),
+        "cache": {"image": _identity(images), "text": _identity(prompts)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if cfg.baseline:
+        w, method = fit_reference(run_cfg, cfg.cache_dir)
+        ref = zero_shot(normalise(normalise(xi) @ w), labels, class_embeddings(normalise(xt), prompt_class, len(classes)))
+        result["baseline"] = {"method": method, "metrics": ref}
+    result["path"] = str(_write_result(run_dir, result))
+    return result
