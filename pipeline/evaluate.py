@@ -84,7 +84,8 @@ def _identity(store: FeatureStore) -> dict:
 
 
 def _write_result(run_dir: Path, result: dict) -> Path:
-    name = f"{result['task']}-{canonical_name(result['dataset'])}-{result['split']}.json"
+    rule = "-caption-positives" if result.get("positive_rule") == "caption" else ""
+    name = f"{result['task']}-{canonical_name(result['dataset'])}-{result['split']}{rule}.json"
     path = run_dir / "eval" / name.replace("/", "_")
     path.parent.mkdir(exist_ok=True)
     write_json(path, result)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.datasets import CLASSES, PAIRS, Split, TextSide, file_images, hash_split, prompt_side
+from featcache.pipeline.datasets import CLASSES, PAIRS, Split, TextSide, file_images, hash_split, prompt_side, read_list
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".svg"}
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -87,7 +87,7 @@ def image_folder(path: Path, options: dict) -> dict[str, Split]:
     """<root>/<class>/<image> (one split, "test"), or <root>/<split>/<class>/<image>."""
     templates = DEFAULT_TEMPLATES
     if options.get("templates"):
-        templates = json.loads(Path(options["templates"]).read_text())
+        templates = read_list(Path(options["templates"]), "templates")
     split_dirs = [d for d in sorted(path.iterdir()) if d.is_dir() and d.name in ("train", "val", "test")]
     roots = {d.name: d for d in split_dirs} or {"test": path}
     classnames = sorted({c.name for r in roots.values() for c in r.iterdir() if c.is_dir()})

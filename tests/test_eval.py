@@ -1,0 +1,85 @@
+"""Evaluation and reports on caches of tiny random encoders."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_pairs, save_tiny_bert, save_tiny_vit
+from featcache.cli.main import app
+from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.runs import find_run, read_json
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    pairs = make_pairs(root / "data", n=60)
+    vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
+    for model in (vit, bert):
+        extract(ExtractConfig(model=f"hf:{model}", dataset=str(pairs), cache_dir=root / "cache", batch_size=16))
+    folder = root / "shapes"
+    for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (30 + i, 30), colour).save(folder / cls / f"{i}.png")
+    common = ["--cache-dir", str(root / "cache"), "--runs-dir", str(root / "runs")]
+    models = ["--image-model", f"hf:{vit}", "--text-model", f"hf:{bert}", "--dataset", str(pairs)]
+    out = runner.invoke(app, ["sweep", *models, *common, "--epochs", "3", "--layers", "last;auto",
+                              "--loss", "clip,clip+structure", "--seeds", "0,1,2"])
+    assert out.exit_code == 0, out.output
+    return {"root": root, "common": common, "folder": folder, "pairs": pairs}
+
+
+def test_eval_retrieval_writes_one_result(env):
+    out = runner.invoke(app, ["eval", "retrieval", *env["common"]])
+    assert out.exit_code == 0, out.output
+    run = find_run(env["root"] / "runs")
+    res = read_json(run / "eval" / f"retrieval-{env['pairs'].stem}-test.json")
+    assert res["dataset"] == str(env["pairs"]) and res["split"] == "test" and res["positive_rule"] == "image"
+    assert res["ks"] == [1, 5, 10] and res["cache"]["image"]["weights_sha256"]
+    for direction in ("image_to_text", "text_to_image"):
+        r = res["metrics"][direction]
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
+    assert res["baseline"]["method"] == "procrustes"  # both tiny encoders are 32 wide
+    out = runner.invoke(app, ["eval", "retrieval", *env["common"], "--positives", "caption"])
+    assert out.exit_code == 0
+    assert (run / "eval" / f"retrieval-{env['pairs'].stem}-test-caption-positives.json").exists()
+
+
+def test_eval_classify_image_folder_with_extract(env, tmp_path):
+    argv = ["eval", "classify", "--dataset", str(env["folder"]), *env["common"]]
+    out = runner.invoke(app, argv)
+    assert out.exit_code == 2 and "featcache extract --model hf:" in out.output and "--extract" in out.output
+    out = runner.invoke(app, argv + ["--extract"])
+    assert out.exit_code == 0, out.output
+    res = read_json(find_run(env["root"] / "runs") / "eval" / "classify-shapes-test.json")
+    assert res["classes"] == 2 and res["images"] == 8 and "top5" not in res["metrics"]
+    templates = tmp_path / "t.txt"
+    templates.write_text("a {} thing.\nsomething {}.\n")
+    out = runner.invoke(app, argv + ["--extract", "--templates", str(templates)])
+    assert out.exit_code == 0, out.output
+    files = [p.name for p in (find_run(env["root"] / "runs") / "eval").glob("classify-shapes*")]
+    assert len(files) == 2  # user templates are another prompt set, stored apart
+
+
+def test_report_mean_std_and_outputs(env, tmp_path):
+    runner.invoke(app, ["eval", "retrieval", *env["common"]])
+    for run in sorted((env["root"] / "runs").iterdir()):
+        runner.invoke(app, ["eval", "retrieval", *env["common"], "--run", run.name])
+    out = runner.invoke(app, ["report", "--runs-dir", str(env["root"] / "runs"), "--group-by", "layers,loss",
+                              "--out", str(tmp_path / "rep")])
+    assert out.exit_code == 0, out.output
+    assert "±" in out.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("\n") == 2 + 4  # header, rule, 2 layers x 2 losses
+    assert "| 3 |" in md  # three seeds per cell
+    csv = (tmp_path / "rep" / "report.csv").read_text().splitlines()
+    assert csv[0].startswith("layers,loss,n,") and len(csv) == 5
+    assert (tmp_path / "rep" / "report-bars.png").stat().st_size > 1000
+    bad = runner.invoke(app, ["report", "--runs-dir", str(env["root"] / "runs"), "--group-by", "colour"])
+    assert bad.exit_code == 2 and "unknown group key" in bad.output
