@@ -1,0 +1,207 @@
+"""featcache benchmarks: every ratio is measured side by side in one run.
+
+    .venv/bin/python benchmarks/run.py [--only NAME ...] [--quick] [--out bench-out/benchmarks.json]
+
+Each benchmark prints its figures and ratio; all results go to one JSON file.
+Numbers belong in docs/benchmarks.md together with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_extraction(quick: bool) -> dict:
+    """Extraction (decode, forward, pool, float16 zarr writes) against the bare forward pass."""
+    from featcache.cache.store import FeatureStore
+    from featcache.pipeline.datasets import load_dataset
+    from featcache.pipeline.encoders import load_encoder
+    from featcache.pipeline.extract import ExtractConfig, _batches, extract
+
+    n = 64 if quick else 256
+    batch = 32
+    enc = load_encoder("dinov2", "cpu")
+    split = load_dataset("tuxpaint")["train"].limited(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ExtractConfig(model="dinov2", dataset="tuxpaint", splits=["train"], limit=n, batch_size=batch,
+                            cache_dir=Path(tmp), device="cpu")
+        images = [split.images.load(i) for i in range(n)]  # warm the file cache for both sides
+        enc.forward(enc.prepare_images(images[:batch]), ["block.11"], "cls")  # warm-up
+        t_extract = timed(lambda: (shutil.rmtree(Path(tmp) / "tuxpaint", ignore_errors=True), extract(cfg)))
+        store = FeatureStore.open(next(Path(tmp).rglob("*.zarr")))
+        batches = _batches(store, list(range(store.n_blocks)), batch)
+
+        def bare_with_decode():
+            with torch.inference_mode():
+                for rows in batches:
+                    enc.model(pixel_values=enc.prepare_images([split.images.load(r) for r in rows]))
+
+        prepared = [enc.prepare_images([images[r] for r in rows]) for rows in batches]
+
+        def bare_model_only():
+            with torch.inference_mode():
+                for x in prepared:
+                    enc.model(pixel_values=x)
+
+        t_bare_decode = timed(bare_with_decode)
+        t_bare = timed(bare_model_only)
+        layers = len(store.layers)
+        on_disk = store.nbytes_on_disk() / n
+        fp32 = layers * store.width * 4
+    out = {
+        "rows": n, "batch": batch, "layers": layers, "extract_s": t_extract,
+        "bare_forward_with_decode_s": t_bare_decode, "bare_forward_model_only_s": t_bare,
+        "ratio_vs_forward_with_decode": t_extract / t_bare_decode, "ratio_vs_model_only": t_extract / t_bare,
+        "rows_per_s": n / t_extract, "bytes_per_row": on_disk, "fp32_bytes_per_row": fp32,
+        "bytes_ratio_vs_fp32": on_disk / fp32,
+    }
+    print(f"extraction: {n} tuxpaint images, DINOv2-S/14 224px, all {layers} layers, batch {batch}")
+    print(f"  extract {t_extract:.2f}s | bare forward incl. decode {t_bare_decode:.2f}s | model only {t_bare:.2f}s")
+    print(f"  ratio vs bare forward incl. decode {out['ratio_vs_forward_with_decode']:.3f}; "
+          f"vs model only {out['ratio_vs_model_only']:.3f}; {out['rows_per_s']:.1f} rows/s")
+    print(f"  on disk {on_disk:.0f} B/row vs fp32 {fp32} B/row: ratio {out['bytes_ratio_vs_fp32']:.3f}")
+    return out
+
+
+def bench_layer_table(quick: bool) -> dict:
+    """All-pairs mutual-kNN table (one kNN search per layer) against per-pair recomputation."""
+    from featcache.pipeline.layers import mutual_knn, rice_k, score_table
+
+    n = 1000 if quick else 5000
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(n, 64)).astype(np.float32)
+    img = {f"block.{i:02d}": base @ rng.normal(size=(64, 384)).astype(np.float32) + rng.normal(size=(n, 384)).astype(np.float32)
+           for i in range(13)}
+    txt = {f"block.{i:02d}": base @ rng.normal(size=(64, 384)).astype(np.float32) + rng.normal(size=(n, 384)).astype(np.float32)
+           for i in range(7)}
+    k = rice_k(n)
+    t_table = timed(lambda: score_table(img, txt, k=k))
+    t_pairs = timed(lambda: [mutual_knn(a, b, k) for a in img.values() for b in txt.values()])
+    out = {"rows": n, "k": k, "image_layers": 13, "text_layers": 7, "table_s": t_table, "per_pair_s": t_pairs,
+           "speedup": t_pairs / t_table}
+    print(f"layer table: 13 x 7 layers, {n} rows, k={k}: table {t_table:.2f}s, per pair {t_pairs:.2f}s, "
+          f"speedup {out['speedup']:.1f}x")
+    return out
+
+
+def bench_train_step(quick: bool) -> dict:
+    """One optimiser step with clip+structure against clip alone, at batch 4,096."""
+    from featcache.pipeline.heads import AlignmentModel
+    from featcache.pipeline.losses import clip_loss, structure_regularizer
+
+    b = 1024 if quick else 4096
+    torch.manual_seed(0)
+    xi, xt = torch.randn(b, 384), torch.randn(b, 384)
+    model = AlignmentModel("linear", 384, 384, 512, 0.05, False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(structure: bool):
+        zi, zt = model(xi, xt)
+        loss = clip_loss(zi, zt, 0.05)
+        if structure:
+            loss = loss + 10 * (structure_regularizer(xi, zi, 0.05) + structure_regularizer(xt, zt, 0.05)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(True)
+    t_clip = timed(lambda: step(False), repeat=3)
+    t_struct = timed(lambda: step(True), repeat=3)
+    out = {"batch": b, "clip_step_s": t_clip, "clip_structure_step_s": t_struct, "ratio": t_struct / t_clip}
+    print(f"train step at batch {b}: clip {t_clip * 1000:.0f} ms, clip+structure {t_struct * 1000:.0f} ms, "
+          f"ratio {out['ratio']:.2f}")
+    return out
+
+
+def bench_sweep(quick: bool) -> dict:
+    """The 12-cell grid (layers x loss x 3 seeds) from the cache, against one run."""
+    from featcache.pipeline.cached import Side
+    from featcache.pipeline.train import AlignConfig, load_cached, sweep, train
+
+    epochs = 30 if quick else 200
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = AlignConfig(runs_dir=Path(tmp), epochs=epochs, patience=epochs)
+        try:
+            load_cached(cfg)
+        except Exception as err:
+            print(f"sweep: skipped ({err}); extract dinov2 and minilm on tuxpaint first")
+            return {"skipped": str(err)}
+        t_one = timed(lambda: train(cfg))
+        t_grid = timed(lambda: sweep(cfg, ["last", "auto"], ["clip", "clip+structure"], [0, 1, 2]))
+    out = {"epochs": epochs, "one_run_s": t_one, "grid_12_s": t_grid, "ratio": t_grid / t_one}
+    print(f"sweep: 12 cells x {epochs} epochs on tuxpaint: one run {t_one:.1f}s, grid {t_grid:.1f}s, "
+          f"ratio {out['ratio']:.1f} (12 would be no sharing)")
+    return out
+
+
+def bench_retrieval(quick: bool) -> dict:
+    """faiss retrieval recall at gallery 10k, 100k, 1M against a full-matrix sort."""
+    from featcache.pipeline.metrics import retrieval_recall, retrieval_recall_full
+
+    sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    q_n = 500
+    rng = np.random.default_rng(0)
+    results = []
+    for n in sizes:
+        gallery = rng.normal(size=(n, 512)).astype(np.float32)
+        gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+        src = rng.integers(0, n, size=q_n)
+        query = gallery[src] + 0.05 * rng.normal(size=(q_n, 512)).astype(np.float32)
+        positives = [{int(s)} for s in src]
+        t_fast = timed(lambda: retrieval_recall(query, gallery, positives))
+        t_full = timed(lambda: retrieval_recall_full(query, gallery, positives))
+        results.append({"gallery": n, "queries": q_n, "faiss_s": t_fast, "full_sort_s": t_full,
+                        "speedup": t_full / t_fast})
+        print(f"retrieval: gallery {n:>9,}, {q_n} queries, d=512: faiss {t_fast:.2f}s, full sort {t_full:.2f}s, "
+              f"speedup {t_full / t_fast:.1f}x")
+        del gallery
+    return {"results": results}
+
+
+BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
+           "sweep": bench_sweep, "retrieval": bench_retrieval}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=list(BENCHES))
+    ap.add_argument("--quick", action="store_true", help="Smaller sizes, for a smoke run.")
+    ap.add_argument("--out", type=Path, default=Path("bench-out/benchmarks.json"))
+    args = ap.parse_args()
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(f"machine: {machine}")
+    results = {"machine": machine, "quick": args.quick, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for name in args.only or BENCHES:
+        results[name] = BENCHES[name](args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
