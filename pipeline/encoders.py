@@ -348,6 +348,9 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
 
 def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encoder:
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # featcache draws its own progress
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:

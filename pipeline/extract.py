@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +209,9 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
         raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
     if cfg.dtype not in ("float16", "float32"):
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
+    if "+" in cfg.dataset and not Path(cfg.dataset).exists():
+        # a+b is read as the union of a's and b's stores: each part is cached once, on its own
+        return [r for part in cfg.dataset.split("+") for r in extract(replace(cfg, dataset=part), progress)]
     splits = load_dataset(cfg.dataset)
     names = cfg.splits or list(splits)
     unknown = [s for s in names if s not in splits]

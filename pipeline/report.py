@@ -66,8 +66,8 @@ class Report:
         m, s = scale * np.mean(values), scale * np.std(values, ddof=1) if len(values) > 1 else 0.0
         return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
-    def header(self) -> list[str]:
-        return [*self.group_by, "n", *self.metrics]
+    def header(self, short: bool = True) -> list[str]:
+        return [*self.group_by, "n", *(short_metric(m) if short else m for m in self.metrics)]
 
     def table_rows(self) -> list[list[str]]:
         return [[str(g[k]) for k in self.group_by] + [str(g["n"])] + [self.cell(g, m) for m in self.metrics]
@@ -146,6 +146,15 @@ def write_outputs(report: Report, out_dir: Path, plot_metric: str | None = None)
         written.append(metric_lines(series, out_dir / "report-scaling.png", "training pairs", f"{metric} (%)",
                                     f"{metric} against training pairs"))
     return written
+
+
+def short_metric(name: str) -> str:
+    """'retrieval/tuxpaint/test-sample120 i2t R@1' -> 'tuxpaint i2t R@1' for narrow tables."""
+    head, _, tail = name.partition(" ")
+    parts = head.split("/")
+    dataset = parts[1] if len(parts) > 1 else head
+    extra = "/" + parts[3] if len(parts) > 3 else ""
+    return f"{dataset}{extra} {tail}".strip()
 
 
 def _natural(name: str):
