@@ -274,11 +274,8 @@ class FeatureStore:
         for name in features:
             self.group[f"done/{name}"][block] = True
 
-    def mark_complete(self) -> None:
-        self.group.attrs["complete_layers"] = [
-            name for name in self.layers if self.done_blocks(name).all()
-        ]
-        self.attrs = dict(self.group.attrs)
+    def block_done(self, layer: str, block: int) -> bool:
+        return bool(self.group[f"done/{layer}"][block])
 
     # -- reading ---------------------------------------------------------------------------
     def is_complete(self, layer: str | None = None) -> bool:

@@ -105,6 +105,9 @@ def extract(
     overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),
     num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU, 4 on CUDA]."),
     block_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: do blocks b with b mod N == I, then help others "
+                                                   "(for Slurm arrays; torchrun sets this itself)."),
+    steal: bool = typer.Option(True, help="After its own blocks, take unfinished blocks of other shards."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract import ExtractConfig
@@ -114,9 +117,11 @@ def extract(
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
                         overwrite=overwrite, num_workers=num_workers,
-                        block_rows=block_rows)
+                        block_rows=block_rows, shard=shard, steal=steal)
     with progress_bar() as progress:
         results = run_extract(cfg, progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     from rich.table import Table
 
     table = Table(title=f"featcache extract: {model} on {dataset}")
@@ -495,6 +500,28 @@ def demo(
     for path in result["written"]:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     console.print(f"total {result['times']['total_s']:.0f} s", highlight=False)
+
+
+@app.command()
+@friendly
+def study(
+    out: Path = typer.Option(Path("results/study"), help="Folder for study.json, study.md and runs."),
+    salts: str = typer.Option(",1,2", help="Split salts ('' is the default split), comma-separated."),
+    seeds: str = typer.Option("0,1,2"),
+    epochs: int = typer.Option(300, min=1),
+    patience: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(128, min=2),
+    checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
+    n_boot: int = typer.Option(2000, min=100),
+    cache_dir: Optional[Path] = CacheDir,
+):
+    """Splits x seeds on Tux Paint with paired bootstrap intervals (see docs/results.md)."""
+    from featcache.pipeline.study import StudyConfig, run_study, to_markdown
+
+    cfg = StudyConfig(out=out, salts=tuple(v.strip() for v in salts.split(",")), seeds=tuple(_csv(seeds, int)),
+                      epochs=epochs, patience=patience, batch_size=batch_size, checkpoint_on=checkpoint_on,
+                      n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir))
+    console.print(to_markdown(run_study(cfg, progress_bar)), highlight=False)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, open_pairs, open_store
 from featcache.pipeline.datasets import canonical_name
 from featcache.pipeline.extract import split_label
-from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_recall, zero_shot
+from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
 
 POSITIVE_RULES = ("image", "caption")
@@ -133,18 +133,26 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     xi = images.read(run_cfg["image_layer"])[image_rows]
     xt = texts.read(run_cfg["text_layer"])[caption_rows]
 
-    def score(ei, et) -> dict:
-        return {"image_to_text": {f"R@{k}": v for k, v in retrieval_recall(ei, et, i2t, cfg.ks).items()},
-                "text_to_image": {f"R@{k}": v for k, v in retrieval_recall(et, ei, t2i, cfg.ks).items()}}
+    ranks = {}
+
+    def score(ei, et, keep_ranks=False) -> dict:
+        r_i2t = retrieval_ranks(ei, et, i2t, max(cfg.ks))
+        r_t2i = retrieval_ranks(et, ei, t2i, max(cfg.ks))
+        if keep_ranks:  # per-query ranks, for paired bootstrap comparisons between runs
+            ranks.update(image_to_text=r_i2t.tolist(), text_to_image=r_t2i.tolist())
+        return {"image_to_text": {f"R@{k}": float((r_i2t < k).mean()) for k in cfg.ks},
+                "text_to_image": {f"R@{k}": float((r_t2i < k).mean()) for k in cfg.ks}}
 
     result = {
         "task": "retrieval", "dataset": dataset, "split": cfg.split, "positive_rule": cfg.positives,
         "ks": list(cfg.ks), "run_id": run_dir.name, "layers": [run_cfg["image_layer"], run_cfg["text_layer"]],
         "images": len(image_rows), "captions": len(caption_rows),
-        "metrics": score(_embed(model.image_head, xi), _embed(model.text_head, xt)),
+        "metrics": score(_embed(model.image_head, xi), _embed(model.text_head, xt), keep_ranks=True),
         "cache": {"image": _identity(images), "text": _identity(texts)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    result["first_correct_rank"] = ranks  # max(ks) where no correct item is in the top max(ks)
+    result["image_ids"] = [images.ids[r] for r in image_rows]
     if cfg.baseline:
         w, method = fit_reference(run_cfg, cfg.cache_dir)
         result["baseline"] = {"method": method, "metrics": score(normalise(normalise(xi) @ w), normalise(xt))}

@@ -17,6 +17,7 @@ from featcache.cache.store import FeatureStore, StoreSpec, store_path
 from featcache.pipeline.datasets import BadImage, ImageSide, Split, load_dataset
 from featcache.pipeline.encoders import Encoder, load_encoder
 from featcache.pipeline.layerspec import resolve_layers
+from featcache.pipeline.workers import Worker, barrier, file_lock, from_environment, init_distributed, parse_shard
 
 FP16_MAX = 65504.0
 # Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model.
@@ -40,6 +41,8 @@ class ExtractConfig:
     overwrite: bool = False
     num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
     block_rows: int | None = None  # None: chunks of at least 1 MiB
+    shard: str | None = None  # "I/N": this process does blocks b with b mod N == I (then steals)
+    steal: bool = True  # after its own blocks, take unfinished blocks of other shards/ranks
 
 
 @dataclass
@@ -88,10 +91,14 @@ def split_label(split: str, limit: int | None) -> str:
     return split if not limit else f"{split}-sample{limit}"
 
 
+def store_spec(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> StoreSpec:
+    return StoreSpec(split.dataset, split_label(split.name, cfg.limit), encoder.name, pooling,
+                     encoder.preprocessing.get("image_size"))
+
+
 def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> FeatureStore:
     side = split.side(encoder.modality)
-    spec = StoreSpec(split.dataset, split_label(split.name, cfg.limit), encoder.name, pooling,
-                     encoder.preprocessing.get("image_size"))
+    spec = store_spec(cfg, encoder, split, pooling)
     identity = {
         "encoder": encoder.identity(pooling),
         "dataset": {"name": split.dataset, "split": split.name, "side": encoder.modality,
@@ -143,17 +150,10 @@ def _batches(store: FeatureStore, blocks: list[int], batch_size: int) -> list[li
     return out
 
 
-def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: list[str], pooling: str,
-                  progress=None) -> ExtractResult:
-    start = time.perf_counter()
-    store = open_store_for(cfg, encoder, split, pooling)
-    store.ensure_layers(layers)
-    blocks = store.pending_blocks(layers)
-    side = split.side(encoder.modality)
+def _compute_blocks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
+                    pooling: str, blocks: list[int], progress, task) -> int:
+    """Compute and write whole blocks; returns the number of rows computed."""
     batches = _batches(store, blocks, cfg.batch_size)
-    task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}", total=sum(map(len, batches))) \
-        if progress is not None else None
-
     if encoder.modality == "image":
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if encoder.device.type == "cuda" else 0)
         loader = torch.utils.data.DataLoader(
@@ -164,7 +164,7 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
         loader = ((rows, encoder.prepare_texts([side.texts[r] for r in rows]), {}) for rows in batches)
 
     pending: dict[int, dict] = {}
-    missing_total = computed = 0
+    computed = 0
     for rows, inputs, errors in loader:
         if errors and not cfg.skip_bad:
             raise FeatcacheError(next(iter(errors.values())).split(" (")[0],
@@ -188,17 +188,40 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
         for r in errors:
             buf["missing"][r - sl.start] = True
         buf["filled"] += len(rows)
-        missing_total += len(errors)
         computed += len(rows)
         if buf["filled"] == sl.stop - sl.start:
-            todo = [n for n in layers if not store.done_blocks(n)[block]]
+            todo = [n for n in layers if not store.block_done(n, block)]
             store.write_block(block, {n: buf["features"][n] for n in todo}, buf["missing"])
             del pending[block]
         if task is not None:
             progress.update(task, advance=len(rows))
         if _BATCH_DELAY_S:
             time.sleep(_BATCH_DELAY_S)
-    store.mark_complete()
+    return computed
+
+
+def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: list[str], pooling: str,
+                  progress=None, worker: Worker | None = None) -> ExtractResult:
+    worker = worker or Worker()
+    start = time.perf_counter()
+    path = store_path(cfg.cache_dir, store_spec(cfg, encoder, split, pooling))
+    side = split.side(encoder.modality)
+    with file_lock(path.parent / f".{path.name}.shard-{worker.label}.lock", blocking=False,
+                   what=f"{path} (shard {worker.index}/{worker.count})"):
+        # Creating the skeleton and adding layer arrays is metadata: one process at a time.
+        with file_lock(path.parent / f".{path.name}.meta.lock", blocking=True, what=str(path)):
+            store = open_store_for(cfg, encoder, split, pooling)
+            store.ensure_layers(layers)
+        pending = store.pending_blocks(layers)
+        own = worker.own(pending)
+        task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}",
+                                 total=sum(store.block_slice(b).stop - store.block_slice(b).start for b in own)) \
+            if progress is not None else None
+        computed = _compute_blocks(cfg, encoder, side, store, layers, pooling, own, progress, task)
+        if worker.count > 1 and cfg.steal:
+            for block in worker.steal_order(pending):
+                if any(not store.block_done(n, block) for n in layers):
+                    computed += _compute_blocks(cfg, encoder, side, store, layers, pooling, [block], None, None)
     return ExtractResult(str(store.path), split.name, store.rows, layers, store.nbytes_on_disk(),
                          time.perf_counter() - start, computed, int(store.missing.sum()))
 
@@ -218,11 +241,19 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     if unknown:
         raise FeatcacheError(f"data set {cfg.dataset!r} has no split {unknown[0]!r}",
                              f"splits: {', '.join(splits)}")
-    encoder = load_encoder(cfg.model, cfg.device, cfg.image_size)
+    worker = parse_shard(cfg.shard) or from_environment()
+    device = cfg.device
+    if worker.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{worker.local_rank}"
+    encoder = load_encoder(cfg.model, device, cfg.image_size)
     pooling = cfg.pooling or encoder.entry.default_pooling
     encoder.check_pooling(pooling)
     layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)
-    return [extract_split(cfg, encoder, splits[s].limited(cfg.limit), layers, pooling, progress) for s in names]
+    init_distributed(worker, encoder.device.type)
+    results = [extract_split(cfg, encoder, splits[s].limited(cfg.limit), layers, pooling,
+                             progress if worker.index == 0 else None, worker) for s in names]
+    barrier(worker)  # every rank's blocks are written before anyone reports the store complete
+    return [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]
 
 
 def config_dict(cfg: ExtractConfig) -> dict:

@@ -13,20 +13,22 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _hits(top: np.ndarray, positives: Sequence[set[int]], offset: int, ks: Sequence[int]) -> np.ndarray:
-    """hits[q, i] = 1 when query q has a correct item among its top ks[i]."""
-    out = np.zeros((len(top), len(ks)), dtype=bool)
+def _first_ranks(top: np.ndarray, positives: Sequence[set[int]], offset: int) -> np.ndarray:
+    """Rank (0-based) of each query's first correct item in ``top``; len(row) when none is there."""
+    out = np.full(len(top), top.shape[1], dtype=np.int64)
     for q, row in enumerate(top):
         pos = positives[offset + q]
-        rank = next((r for r, item in enumerate(row) if item in pos), None)
-        if rank is not None:
-            out[q] = [rank < k for k in ks]
+        out[q] = next((r for r, item in enumerate(row) if item in pos), top.shape[1])
     return out
 
 
-def retrieval_recall(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]],
-                     ks: Sequence[int] = (1, 5, 10), batch: int = 8192) -> dict[int, float]:
-    """Recall@K: the share of queries with at least one correct gallery row in their top K.
+def _recall(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    return {int(k): float((ranks < k).mean()) for k in ks}
+
+
+def retrieval_ranks(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]], kmax: int = 10,
+                    batch: int = 8192) -> np.ndarray:
+    """Each query's first correct rank among its top ``kmax`` (``kmax`` when none is there).
 
     Exact inner-product search with faiss over L2-normalised rows, in query batches, so a
     million-row gallery never needs a full query x gallery matrix in memory.
@@ -34,14 +36,20 @@ def retrieval_recall(query: np.ndarray, gallery: np.ndarray, positives: Sequence
     if len(query) != len(positives):
         raise ValueError("positives needs one set per query row")
     query, gallery = normalise(query), normalise(gallery)
-    kmax = min(max(ks), len(gallery))
+    kmax = min(kmax, len(gallery))
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
-    hits = np.zeros((len(query), len(ks)), dtype=bool)
+    ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), batch):
         _, top = index.search(query[s:s + batch], kmax)
-        hits[s:s + batch] = _hits(top, positives, s, ks)
-    return {int(k): float(hits[:, i].mean()) for i, k in enumerate(ks)}
+        ranks[s:s + batch] = _first_ranks(top, positives, s)
+    return ranks
+
+
+def retrieval_recall(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]],
+                     ks: Sequence[int] = (1, 5, 10), batch: int = 8192) -> dict[int, float]:
+    """Recall@K: the share of queries with at least one correct gallery row in their top K."""
+    return _recall(retrieval_ranks(query, gallery, positives, max(ks), batch), ks)
 
 
 def retrieval_recall_full(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]],
@@ -49,8 +57,7 @@ def retrieval_recall_full(query: np.ndarray, gallery: np.ndarray, positives: Seq
     """The same metric from the full similarity matrix and a full sort: the reference path."""
     sims = normalise(query) @ normalise(gallery).T
     top = np.argsort(-sims, axis=1, kind="stable")[:, : max(ks)]
-    hits = _hits(top, positives, 0, ks)
-    return {int(k): float(hits[:, i].mean()) for i, k in enumerate(ks)}
+    return _recall(_first_ranks(top, positives, 0), ks)
 
 
 def zero_shot(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray) -> dict[str, float]:

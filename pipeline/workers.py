@@ -1,0 +1,96 @@
+"""Who does which blocks: one process, ``--shard I/N``, or ranks under torchrun.
+
+Blocks are dealt round-robin (block b belongs to worker b mod N). A worker that finishes its
+own blocks then takes unfinished blocks of the others from the far end of the list, so a slow
+worker does not hold up the job (see docs/scale.md). Blocks are independent, complete chunk
+writes, so a block done twice is only wasted time.
+
+Each (store, worker) pair holds an exclusive file lock while it writes: a second extraction
+of the same shard into the same store is refused with a message instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.cache.errors import FeatcacheError
+
+
+@dataclass(frozen=True)
+class Worker:
+    index: int = 0
+    count: int = 1
+    distributed: bool = False  # ranks of a torch.distributed job
+    local_rank: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def own(self, blocks: list[int]) -> list[int]:
+        return [b for b in blocks if b % self.count == self.index]
+
+    def steal_order(self, blocks: list[int]) -> list[int]:
+        """Other workers' blocks, from the far end, for when this worker's own are done."""
+        return [b for b in reversed(blocks) if b % self.count != self.index]
+
+
+def parse_shard(spec: str | None) -> Worker | None:
+    if not spec:
+        return None
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise FeatcacheError(f"bad --shard {spec!r}", "write I/N with 0 <= I < N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise FeatcacheError(f"bad --shard {spec!r}", "write I/N with 0 <= I < N, e.g. 0/4")
+    return Worker(i, n)
+
+
+def from_environment() -> Worker:
+    """The torchrun rank when launched by torchrun (WORLD_SIZE > 1), else a single worker."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Worker()
+    return Worker(int(os.environ["RANK"]), world, True, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(worker: Worker, device_type: str) -> None:
+    import torch.distributed as dist
+
+    if worker.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def barrier(worker: Worker) -> None:
+    import torch.distributed as dist
+
+    if worker.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def file_lock(path: Path, blocking: bool, what: str):
+    """An exclusive flock on ``path``; non-blocking locks that are taken raise a clear error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, flags)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FeatcacheError(f"{what} is already being written by {holder}",
+                                 "wait for it to finish, or split the work with --shard I/N or torchrun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,89 @@
+"""Shards, torchrun ranks and concurrent writers produce the same store as one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_pairs
+from featcache.cache.store import FeatureStore, find_stores
+from featcache.cli.main import app
+from featcache.pipeline.workers import file_lock
+from test_extract import _store_arrays
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    return make_pairs(root / "data", n=60)
+
+
+def _argv(model, pairs, cache, *extra):
+    return ["extract", "--model", f"hf:{model}", "--dataset", str(pairs), "--split", "train",
+            "--cache-dir", str(cache), "--block-rows", "4", "--batch-size", "2", *extra]
+
+
+def _single(tiny_vit, data, tmp_path):
+    out = runner.invoke(app, _argv(tiny_vit, data, tmp_path / "single"))
+    assert out.exit_code == 0, out.output
+    return _store_arrays(next(find_stores(tmp_path / "single")))
+
+
+def test_shards_complete_one_store_bitwise(tiny_vit, data, tmp_path):
+    reference = _single(tiny_vit, data, tmp_path)
+    cache = tmp_path / "sharded"
+    out = runner.invoke(app, _argv(tiny_vit, data, cache, "--shard", "0/2", "--no-steal"))
+    assert out.exit_code == 0, out.output
+    store = FeatureStore.open(next(find_stores(cache)))
+    done = store.done_blocks("block.02")
+    assert done[::2].all() and not done[1::2].any()  # shard 0 did exactly its blocks
+    out = runner.invoke(app, _argv(tiny_vit, data, cache, "--shard", "1/2"))
+    assert out.exit_code == 0, out.output
+    assert _store_arrays(store.path) == reference
+
+
+def test_a_shard_that_finishes_early_takes_the_rest(tiny_vit, data, tmp_path):
+    reference = _single(tiny_vit, data, tmp_path)
+    cache = tmp_path / "steal"
+    assert runner.invoke(app, _argv(tiny_vit, data, cache, "--shard", "1/3")).exit_code == 0
+    assert _store_arrays(next(find_stores(cache))) == reference
+
+
+@pytest.mark.parametrize("spec", ["2/2", "x", "1/0", "-1/3"])
+def test_bad_shard_spec(tiny_vit, data, tmp_path, spec):
+    out = runner.invoke(app, _argv(tiny_vit, data, tmp_path / "c", "--shard", spec))
+    assert out.exit_code == 2 and "bad --shard" in out.output
+
+
+def test_second_writer_of_the_same_shard_is_refused(tiny_vit, data, tmp_path):
+    cache = tmp_path / "locked"
+    assert runner.invoke(app, _argv(tiny_vit, data, cache, "--layers", "last")).exit_code == 0
+    path = next(find_stores(cache))
+    before = _store_arrays(path)
+    with file_lock(path.parent / f".{path.name}.shard-0-of-1.lock", blocking=False, what="test"):
+        out = runner.invoke(app, _argv(tiny_vit, data, cache, "--layers", "all"))
+    assert out.exit_code == 2 and "already being written" in out.output and "Traceback" not in out.output
+    after = FeatureStore.open(path)
+    assert _store_arrays(path)["block.02"] == before["block.02"]  # nothing of the finished layer changed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_gloo_bitwise_equal(tiny_vit, data, tmp_path):
+    reference = _single(tiny_vit, data, tmp_path)
+    cache = tmp_path / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "featcache.cli.main", *_argv(tiny_vit, data, cache)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _store_arrays(next(find_stores(cache))) == reference
