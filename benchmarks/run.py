@@ -23,6 +23,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+MODEL, DEVICE = "dinov2", "cpu"  # set from --model/--device
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -43,28 +44,33 @@ def bench_extraction(quick: bool) -> dict:
 
     n = 64 if quick else 256
     batch = 32
-    enc = load_encoder("dinov2", "cpu")
+    enc = load_encoder(MODEL, DEVICE)
     split = load_dataset("tuxpaint")["train"].limited(n)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ExtractConfig(model="dinov2", dataset="tuxpaint", splits=["train"], limit=n, batch_size=batch,
-                            cache_dir=Path(tmp), device="cpu")
+        cfg = ExtractConfig(model=MODEL, dataset="tuxpaint", splits=["train"], limit=n, batch_size=batch,
+                            cache_dir=Path(tmp), device=DEVICE)
         images = [split.images.load(i) for i in range(n)]  # warm the file cache for both sides
         enc.forward(enc.prepare_images(images[:batch]), ["block.11"], "cls")  # warm-up
         t_extract = timed(lambda: (shutil.rmtree(Path(tmp) / "tuxpaint", ignore_errors=True), extract(cfg)))
         store = FeatureStore.open(next(Path(tmp).rglob("*.zarr")))
         batches = _batches(store, list(range(store.n_blocks)), batch)
 
+        def forward(x):
+            with torch.inference_mode(), enc._autocast():
+                x = x.to(enc.device)
+                enc.model(x) if enc.entry.backend == "timm" else enc.model(pixel_values=x)
+            if enc.device.type == "cuda":
+                torch.cuda.synchronize()
+
         def bare_with_decode():
-            with torch.inference_mode():
-                for rows in batches:
-                    enc.model(pixel_values=enc.prepare_images([split.images.load(r) for r in rows]))
+            for rows in batches:
+                forward(enc.prepare_images([split.images.load(r) for r in rows]))
 
         prepared = [enc.prepare_images([images[r] for r in rows]) for rows in batches]
 
         def bare_model_only():
-            with torch.inference_mode():
-                for x in prepared:
-                    enc.model(pixel_values=x)
+            for x in prepared:
+                forward(x)
 
         t_bare_decode = timed(bare_with_decode)
         t_bare = timed(bare_model_only)
@@ -78,7 +84,7 @@ def bench_extraction(quick: bool) -> dict:
         "rows_per_s": n / t_extract, "bytes_per_row": on_disk, "fp32_bytes_per_row": fp32,
         "bytes_ratio_vs_fp32": on_disk / fp32,
     }
-    print(f"extraction: {n} tuxpaint images, DINOv2-S/14 224px, all {layers} layers, batch {batch}")
+    print(f"extraction: {n} tuxpaint images, {MODEL} on {DEVICE}, 224px, all {layers} layers, batch {batch}")
     print(f"  extract {t_extract:.2f}s | bare forward incl. decode {t_bare_decode:.2f}s | model only {t_bare:.2f}s")
     print(f"  ratio vs bare forward incl. decode {out['ratio_vs_forward_with_decode']:.3f}; "
           f"vs model only {out['ratio_vs_model_only']:.3f}; {out['rows_per_s']:.1f} rows/s")
@@ -181,8 +187,39 @@ def bench_retrieval(quick: bool) -> dict:
     return {"results": results}
 
 
+def bench_scaling(quick: bool) -> dict:
+    """Extraction throughput: 1 process against torchrun --nproc_per_node 2 (gloo) on the same rows."""
+    import socket
+    import subprocess
+    import sys
+
+    n = 64 if quick else 192
+    out = {"rows": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["-m", "featcache.cli.main", "extract", "--model", "dinov2", "--split", "train", "--limit", str(n),
+                "--block-rows", "32", "--batch-size", "16"]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        runs = {
+            "one_process": [sys.executable, *base, "--cache-dir", f"{tmp}/one"],
+            "torchrun_2": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), *base, "--cache-dir", f"{tmp}/two"],
+        }
+        for name, cmd in runs.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            out[f"{name}_s"] = time.perf_counter() - t
+    out["speedup"] = out["one_process_s"] / out["torchrun_2_s"]
+    print(f"scaling: {n} tuxpaint images, whole command incl. start-up: 1 process {out['one_process_s']:.1f}s, "
+          f"torchrun 2 processes {out['torchrun_2_s']:.1f}s, throughput ratio {out['speedup']:.2f}")
+    return out
+
+
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
-           "sweep": bench_sweep, "retrieval": bench_retrieval}
+           "sweep": bench_sweep, "retrieval": bench_retrieval,
+           "scaling": bench_scaling}
 
 
 def main() -> None:
@@ -190,7 +227,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=list(BENCHES))
     ap.add_argument("--quick", action="store_true", help="Smaller sizes, for a smoke run.")
     ap.add_argument("--out", type=Path, default=Path("bench-out/benchmarks.json"))
+    ap.add_argument("--model", default="dinov2", help="Encoder of the extraction benchmark.")
+    ap.add_argument("--device", default="cpu", help="Device of the extraction benchmark.")
     args = ap.parse_args()
+    global MODEL, DEVICE
+    MODEL, DEVICE = args.model, args.device
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
