@@ -226,7 +226,8 @@ def layers(
     for i, img in enumerate(table.image_layers):
         cells = []
         for j, txt in enumerate(table.text_layers):
-            cell = f"{table.scores[i][j]:.3f}"
+            score = table.scores[i][j]
+            cell = f"{score:.3f}" if score == score else "const"  # NaN: a layer constant over rows
             if (img, txt) == best:
                 cell = f"[bold reverse]{cell}[/]"
             if (img, txt) == last:

@@ -118,8 +118,8 @@ def run_demo(cfg: DemoConfig, console, progress_factory) -> dict:
     console.rule("5. comparison (mean ± std over seeds, %)")
     rows = run_rows(runs_dir, include_baseline=False)
     report = build_report(rows, ["layers", "loss"], demo_metrics(rows))
-    written = write_outputs(report, cfg.out)
-    first = next(m for m in report.metrics if "R@1" in m)
+    first = next(m for m in report.metrics if "R@1" in m and f"/{cfg.train_dataset}/" in m)
+    written = write_outputs(report, cfg.out, first)
     labels, means, stds = layer_pair_rows(rows, first)
     written.append(metric_bars(labels, means, stds, cfg.out / "report-layer-pairs.png", f"{first} (%)",
                                f"{first} per trained layer pair"))

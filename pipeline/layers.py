@@ -105,19 +105,22 @@ def score_table(
     n = len(next(iter(image_feats.values())))
     # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
     # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
-    constant = {name for feats in (image_feats, text_feats) for name, x in feats.items()
+    def constant(feats: dict) -> set:
+        return {name for name, x in feats.items()
                 if float(np.ptp(np.asarray(x, dtype=np.float32), axis=0).max(initial=0)) < 1e-6}
+
+    const_img, const_txt = constant(image_feats), constant(text_feats)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
     img_names, txt_names = list(image_feats), list(text_feats)
     scores = np.zeros((len(img_names), len(txt_names)))
     if metric == "mutual_knn":
         k = k or rice_k(n)
-        ni = {name: knn(x, k) for name, x in image_feats.items() if name not in constant}
-        nt = {name: knn(x, k) for name, x in text_feats.items() if name not in constant}
+        ni = {name: knn(x, k) for name, x in image_feats.items() if name not in const_img}
+        nt = {name: knn(x, k) for name, x in text_feats.items() if name not in const_txt}
         for i, a in enumerate(img_names):
             for j, b in enumerate(txt_names):
-                if a in constant or b in constant:
+                if a in const_img or b in const_txt:
                     scores[i, j] = np.nan
                     continue
                 s = overlap(ni[a], nt[b])
@@ -129,7 +132,7 @@ def score_table(
         k = None
         for i, a in enumerate(img_names):
             for j, b in enumerate(txt_names):
-                if a in constant or b in constant:
+                if a in const_img or b in const_txt:
                     scores[i, j] = np.nan
                     continue
                 s = linear_cka(image_feats[a], text_feats[b])

@@ -30,8 +30,8 @@ def layer_heatmap(table, out: Path, title: str = "") -> Path:
     li, lt = table.last()
     ax.add_patch(plt.Rectangle((table.text_layers.index(bt) - 0.5, table.image_layers.index(bi) - 0.5), 1, 1,
                                fill=False, edgecolor="red", linewidth=2, label="best"))
-    ax.plot(table.text_layers.index(lt), table.image_layers.index(li), "wo", markersize=8, markerfacecolor="none",
-            label="last")
+    ax.plot(table.text_layers.index(lt), table.image_layers.index(li), "o", color="magenta", markersize=9,
+            markerfacecolor="none", markeredgewidth=2, label="last")
     ax.legend(loc="upper left", fontsize=7, framealpha=0.6)
     metric = table.metric + (" (calibrated)" if table.calibrated else "") + (f", k={table.k}" if table.k else "")
     ax.set_title(title or f"{metric}, n={table.n}", fontsize=9)

@@ -105,6 +105,10 @@ def test_corrupt_image_stops_with_file_named_and_keeps_finished_blocks(tiny_vit,
     store = FeatureStore.open(next(find_stores(cache_dir)))
     done = store.done_blocks("block.02")
     assert done[:2].all() and not done.all()
+    rows, values = store.read_finished("block.02")  # a reader racing a writer sees finished blocks only
+    assert rows.tolist() == list(range(4 * int(done.sum()))) and np.isfinite(values).all()
+    with pytest.raises(FeatcacheError, match="incomplete"):
+        store.read("block.02")
     # --skip-bad records the row as missing, not zero-filled
     ok = runner.invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
                              "--cache-dir", str(cache_dir), "--block-rows", "4", "--batch-size", "2", "--skip-bad"])

@@ -59,3 +59,12 @@ def test_calibrated_score_removes_chance_level():
     assert raw.scores[0][0] == 1.0
     assert cal.scores[0][0] == pytest.approx(1.0 - 10 / 199, abs=0.03)  # minus chance overlap k/(n-1)
     assert abs(noise.scores[0][0]) < 0.03
+
+
+def test_constant_layers_score_nan_per_modality():
+    rng = np.random.default_rng(5)
+    img = {"embed": np.ones((40, 4), np.float32), "block.00": rng.normal(size=(40, 4)).astype(np.float32)}
+    txt = {"embed": rng.normal(size=(40, 4)).astype(np.float32)}  # same name, not constant
+    table = score_table(img, txt, k=5)
+    assert np.isnan(table.scores[0][0]) and np.isfinite(table.scores[1][0])
+    assert table.best() == ("block.00", "embed")
