@@ -315,6 +315,7 @@ def sweep(
     levels: int = typer.Option(1, min=1),
     lam: float = typer.Option(10.0),
     checkpoint_on: str = typer.Option("val_clip"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     cache_dir: Optional[Path] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
@@ -325,7 +326,7 @@ def sweep(
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
-                        checkpoint_on=checkpoint_on)
+                        checkpoint_on=checkpoint_on, device=device)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     start = time.perf_counter()
     with progress_bar() as progress:
