@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import time
@@ -217,11 +218,18 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
         task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}",
                                  total=sum(store.block_slice(b).stop - store.block_slice(b).start for b in own)) \
             if progress is not None else None
-        computed = _compute_blocks(cfg, encoder, side, store, layers, pooling, own, progress, task)
-        if worker.count > 1 and cfg.steal:
-            for block in worker.steal_order(pending):
-                if any(not store.block_done(n, block) for n in layers):
-                    computed += _compute_blocks(cfg, encoder, side, store, layers, pooling, [block], None, None)
+        try:
+            computed = _compute_blocks(cfg, encoder, side, store, layers, pooling, own, progress, task)
+            if worker.count > 1 and cfg.steal:
+                for block in worker.steal_order(pending):
+                    if any(not store.block_done(n, block) for n in layers):
+                        computed += _compute_blocks(cfg, encoder, side, store, layers, pooling, [block], None, None)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FeatcacheError(f"no space left on the device of {path} ({err.strerror})",
+                                     "free some space and run the same command again; finished blocks are kept "
+                                     "and the run resumes where it stopped") from None
+            raise
     return ExtractResult(str(store.path), split.name, store.rows, layers, store.nbytes_on_disk(),
                          time.perf_counter() - start, computed, int(store.missing.sum()))
 

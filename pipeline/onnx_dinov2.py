@@ -136,7 +136,7 @@ def load_dinov2_state(state: dict, config: dict | None = None):
         if key not in expected:
             for old, new in _V5_NAMES.items():
                 key = key.replace(old, new)
-        tensors[key] = torch.as_tensor(np.asarray(value))
+        tensors[key] = torch.from_numpy(np.array(value))  # a writable copy
     if set(tensors) != expected:
         raise FeatcacheError(
             "converted DINOv2 tensors do not match Dinov2Model: "

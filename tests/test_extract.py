@@ -32,7 +32,7 @@ def _cfg(model, pairs, cache_dir, **kw):
 
 def _store_arrays(path: Path) -> dict[str, bytes]:
     s = FeatureStore.open(path)
-    out = {name: s.read(name, dtype=np.float16).tobytes() for name in s.layers}
+    out = {name: s.read(name, dtype=np.dtype(s.attrs["dtype"])).tobytes() for name in s.layers}
     out["missing"] = s.missing.tobytes()
     return out
 

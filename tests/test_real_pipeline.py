@@ -54,3 +54,11 @@ def test_extract_layers_align_eval_as_written(tmp_path):
     r = res["metrics"]["image_to_text"]
     # far above chance (10/|test| is about 7% at R@10) on real features
     assert r["R@10"] > 0.25 and res["metrics"]["text_to_image"]["R@10"] > 0.25
+
+    # zero-shot on real caches of both classification sets (fixed subsets, extracted on demand)
+    for dataset in ("fashion-mnist", "mnist"):
+        featcache("eval", "classify", "--dataset", dataset, "--limit", "40", "--extract", env=env)
+        res = json.loads((run / "eval" / f"classify-{dataset}-test-sample40.json").read_text())
+        assert res["classes"] == 10 and res["images"] == 40 and res["templates"] >= 5
+        assert 0 <= res["metrics"]["top1"] <= res["metrics"]["top5"] <= 1
+

@@ -87,3 +87,66 @@ def test_torchrun_two_ranks_gloo_bitwise_equal(tiny_vit, data, tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert _store_arrays(next(find_stores(cache))) == reference
+
+
+def test_sigkill_under_torchrun_then_rerun_is_bitwise_equal(tiny_vit, tmp_path):
+    import signal
+    import time
+
+    pairs = make_pairs(tmp_path / "many", n=120)
+    reference = _single(tiny_vit, pairs, tmp_path)
+    cache = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FEATCACHE_SLOW_BATCH_S="0.05")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "featcache.cli.main", *_argv(tiny_vit, pairs, cache)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline, finished = time.time() + 180, 0
+    while time.time() < deadline:
+        stores = list(find_stores(cache))
+        if stores:
+            try:
+                done = FeatureStore.open(stores[0]).done_blocks("block.02")
+                finished = int(done.sum())
+                if 4 <= finished < len(done) - 4:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
+    proc.wait()
+    partial = FeatureStore.open(next(find_stores(cache)))
+    assert 0 < int(partial.done_blocks("block.02").sum()) < partial.n_blocks
+    out = runner.invoke(app, _argv(tiny_vit, pairs, cache))  # the locks died with the ranks
+    assert out.exit_code == 0, out.output
+    assert _store_arrays(partial.path) == reference
+
+
+def test_disk_full_stops_cleanly_and_resumes(tiny_vit, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.fail("mounting a small tmpfs failed: the disk-full test needs root (CI runs as root)")
+    try:
+        pairs = make_pairs(tmp_path / "many", n=150)
+        filler = mount / "filler"
+        filler.write_bytes(b"\0" * 900_000)
+        argv = _argv(tiny_vit, pairs, mount / "cache", "--dtype", "float32")
+        out = runner.invoke(app, argv)
+        assert out.exit_code == 2, out.output
+        assert "no space left" in out.output and "Traceback" not in out.output
+        store = FeatureStore.open(next(find_stores(mount / "cache")))
+        assert not store.is_complete()
+        filler.unlink()  # space is freed
+        out = runner.invoke(app, argv)
+        assert out.exit_code == 0, out.output
+        reference32 = _single_dtype(tiny_vit, pairs, tmp_path)
+        assert _store_arrays(store.path) == reference32
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def _single_dtype(tiny_vit, data, tmp_path):
+    out = runner.invoke(app, _argv(tiny_vit, data, tmp_path / "single32", "--dtype", "float32"))
+    assert out.exit_code == 0, out.output
+    return _store_arrays(next(find_stores(tmp_path / "single32")))
