@@ -13,10 +13,12 @@ def default_home() -> Path:
     return Path(base).expanduser() / "featcache"
 
 
-def default_cache_dir() -> Path:
-    """Root of the feature stores; every command that reads caches shares it."""
+def default_cache_dir():
+    """Root of the feature stores; every command that reads caches shares it (a path or fsspec URL)."""
+    from featcache.cache.location import as_location
+
     env = os.environ.get("FEATCACHE_CACHE_DIR")
-    return Path(env).expanduser() if env else default_home() / "features"
+    return as_location(env) if env else default_home() / "features"
 
 
 def default_runs_dir() -> Path:

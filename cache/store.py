@@ -18,7 +18,6 @@ are disjoint chunks, so several processes can fill one store side by side.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,9 @@ from typing import Iterator
 import numpy as np
 import zarr
 
+from featcache.cache import location as loc
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.location import Location
 
 FORMAT_VERSION = 1
 _MIN_CHUNK_BYTES = 1 << 20
@@ -51,14 +52,10 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-def store_path(cache_dir: Path | str, spec: StoreSpec) -> Path:
-    return (
-        Path(cache_dir)
-        / _safe(spec.dataset)
-        / _safe(spec.split)
-        / _safe(spec.encoder)
-        / f"{_safe(spec.variant)}.zarr"
-    )
+def store_path(cache_dir: Location, spec: StoreSpec) -> Location:
+    """``<cache-dir>/<dataset>/<split>/<encoder>/<variant>.zarr``; cache_dir may be an fsspec URL."""
+    root = loc.as_location(cache_dir)
+    return loc.join(root, _safe(spec.dataset), _safe(spec.split), _safe(spec.encoder), f"{_safe(spec.variant)}.zarr")
 
 
 def default_block_rows(width: int, itemsize: int = 2) -> int:
@@ -81,16 +78,16 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 class FeatureStore:
     """Read and write access to one store. Open with :meth:`open` or :meth:`create_or_open`."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: Location, group: zarr.Group):
+        self.path = loc.as_location(path)
         self.group = group
         self.attrs = dict(group.attrs)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str) -> "FeatureStore":
-        path = Path(path)
-        if not (path / "zarr.json").exists():
+    def open(cls, path: Location) -> "FeatureStore":
+        path = loc.as_location(path)
+        if not loc.has_group(path):
             raise FeatcacheError(f"no feature store at {path}")
         group = zarr.open_group(str(path), mode="r+")
         if not group.attrs.get("created"):
@@ -103,7 +100,7 @@ class FeatureStore:
     @classmethod
     def create_or_open(
         cls,
-        path: Path | str,
+        path: Location,
         *,
         identity: dict,
         versions: dict,
@@ -120,15 +117,15 @@ class FeatureStore:
         A store with another identity is never reused or mixed: it is an error unless
         ``overwrite`` asks to replace it.
         """
-        path = Path(path)
+        path = loc.as_location(path)
         block_rows = block_rows or default_block_rows(width, np.dtype(dtype).itemsize)
-        if (path / "zarr.json").exists():
+        if loc.has_group(path):
             group = zarr.open_group(str(path), mode="r+")
             attrs = dict(group.attrs)
             if not attrs.get("created"):
-                shutil.rmtree(path)  # a creation that was killed holds no finished block
+                loc.remove(path)  # a creation that was killed holds no finished block
             elif overwrite:
-                shutil.rmtree(path)
+                loc.remove(path)
             else:
                 diffs = _identity_diff(attrs.get("identity", {}), identity)
                 if attrs.get("block_rows") != block_rows:
@@ -142,7 +139,7 @@ class FeatureStore:
                         "pass --overwrite to rebuild it, or use another --cache-dir",
                     )
                 return cls(path, group)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        loc.make_parent(path)
         group = zarr.open_group(str(path), mode="w")
         n = len(ids)
         chunk = max(1, min(block_rows, n))
@@ -310,7 +307,7 @@ class FeatureStore:
         return idx, data
 
     def nbytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return loc.size(self.path)
 
     def summary(self) -> dict:
         return {
@@ -324,11 +321,8 @@ class FeatureStore:
         }
 
 
-def find_stores(cache_dir: Path | str) -> Iterator[Path]:
-    root = Path(cache_dir)
-    if not root.exists():
-        return iter(())
-    return iter(sorted(p for p in root.rglob("*.zarr") if (p / "zarr.json").exists()))
+def find_stores(cache_dir: Location) -> Iterator[Location]:
+    return iter(loc.find_groups(loc.as_location(cache_dir)))
 
 
 def dump_identity(identity: dict) -> str:

@@ -33,8 +33,11 @@ CacheDir = typer.Option(None, "--cache-dir", help="Feature store root [env FEATC
 RunsDir = typer.Option(None, "--runs-dir", help="Run records root [env FEATCACHE_RUNS_DIR, default ./runs].")
 
 
-def cache_dir_or_default(path: Optional[Path]) -> Path:
-    return path if path is not None else default_cache_dir()
+def cache_dir_or_default(path: Optional[str]):
+    """A local path or an fsspec URL (s3://, gs://, file://, memory://)."""
+    from featcache.cache.location import as_location
+
+    return as_location(path) if path is not None else default_cache_dir()
 
 
 def runs_dir_or_default(path: Optional[Path]) -> Path:
@@ -94,7 +97,7 @@ def extract(
     layers: str = typer.Option("all", help="all | last | last:N | comma list of indices and names."),
     dataset: str = typer.Option("tuxpaint", help="Data set name, a+b, or a path to your own data."),
     split: Optional[list[str]] = typer.Option(None, help="Split(s) to extract [default: all]."),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per split (smallest id hashes)."),
@@ -137,7 +140,7 @@ def extract(
 
 @app.command("ls")
 @friendly
-def list_stores(cache_dir: Optional[Path] = CacheDir):
+def list_stores(cache_dir: Optional[str] = CacheDir):
     """List feature stores with their identity, size and completeness."""
     from rich.table import Table
 
@@ -156,8 +159,9 @@ def list_stores(cache_dir: Optional[Path] = CacheDir):
             continue
         ident = s.identity
         done = sum(s.is_complete(name) for name in s.layers)
-        table.add_row(ident["dataset"]["name"], path.parent.parent.name, ident["encoder"]["name"],
-                      path.stem, str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
+        parts = str(path).rstrip("/").split("/")
+        table.add_row(ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
+                      parts[-1].removesuffix(".zarr"), str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
                       "yes" if s.is_complete() else "no", human_bytes(s.nbytes_on_disk()),
                       ident["encoder"]["weights_sha256"][:12])
         n += 1
@@ -166,7 +170,7 @@ def list_stores(cache_dir: Optional[Path] = CacheDir):
 
 @app.command()
 @friendly
-def export(store: Path = typer.Argument(..., help="Path of a .zarr feature store (see featcache ls)."),
+def export(store: str = typer.Argument(..., help="Path or URL of a .zarr feature store (see featcache ls)."),
            out: Path = typer.Argument(..., help="HDF5 file to write.")):
     """Write a feature store to HDF5 with h5py."""
     from featcache.cache.export import export_hdf5
@@ -203,7 +207,7 @@ def layers(
     calibrate: int = typer.Option(0, min=0, help="Subtract the mean score over this many shuffled pairings."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Heatmap PNG [default: <cache-dir>/layer-scores/...png]."),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
     from rich.table import Table
@@ -238,7 +242,9 @@ def layers(
     console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
                   f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
     stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")
-    png = out or root / "layer-scores" / f"{stem}.png"
+    from featcache.cache.location import is_url
+
+    png = out or (Path("layer-scores") if is_url(root) else root / "layer-scores") / f"{stem}.png"
     layer_heatmap(table, png)
     write_json(png.with_suffix(".json"), table.to_dict())
     console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
@@ -269,7 +275,7 @@ def align(
     lr: float = typer.Option(1e-3),
     checkpoint_on: str = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Train alignment heads on the cached features and write a run record."""
@@ -316,7 +322,7 @@ def sweep(
     lam: float = typer.Option(10.0),
     checkpoint_on: str = typer.Option("val_clip"),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Train one run per grid cell from the cache alone (no encoder is loaded)."""
@@ -401,7 +407,7 @@ def eval_retrieval_cmd(
     split: str = typer.Option("test"),
     positives: str = typer.Option("image", help="image (own captions) | caption (also identical captions)."),
     baseline: bool = typer.Option(True, help="Also score the untrained Procrustes/least-squares reference."),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
@@ -424,7 +430,7 @@ def eval_classify_cmd(
     classnames: Optional[Path] = typer.Option(None, help="Class names file (JSON list or lines)."),
     extract: bool = typer.Option(False, "--extract", help="Extract missing caches first."),
     baseline: bool = typer.Option(True),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
@@ -483,7 +489,7 @@ def demo(
     out: Path = typer.Option(Path("results"), help="Folder for the table, plots and runs."),
     quick: bool = typer.Option(False, help="A few-minute smoke version (small subsets, one seed)."),
     device: str = typer.Option("auto"),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
     from rich.table import Table
@@ -515,7 +521,7 @@ def study(
     batch_size: int = typer.Option(128, min=2),
     checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
     n_boot: int = typer.Option(2000, min=100),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds on Tux Paint with paired bootstrap intervals (see docs/results.md)."""
     from featcache.pipeline.study import StudyConfig, run_study, to_markdown

@@ -78,18 +78,22 @@ def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> tuple[tuple[str, Path, str], 
     return tuple(stamps)
 
 
-def _tuxpaint(options: dict) -> dict[str, Split]:
-    salt = _salt(options)
+def hash_split_pairs(dataset: str, items, salt: str) -> dict[str, Split]:
+    """(id, image file, caption) items -> train/val/test pair splits drawn by hashing each id."""
     by_split: dict[str, list] = {"train": [], "val": [], "test": []}
-    for stamp in tuxpaint_stamps():
-        by_split[hash_split(stamp[0], salt)].append(stamp)
+    for item in items:
+        by_split[hash_split(item[0], salt)].append(item)
     splits = {}
-    for name, stamps in by_split.items():
-        ids = [s[0] for s in stamps]
-        images = file_images([s[1] for s in stamps], ids, ids)
-        texts = TextSide([f"{i}#en" for i in ids], ids, [s[2] for s in stamps])
-        splits[name] = Split("tuxpaint", name, PAIRS, images, texts)
+    for name, chosen in by_split.items():
+        ids = [i[0] for i in chosen]
+        images = file_images([i[1] for i in chosen], ids, ids)
+        texts = TextSide([f"{i}#en" for i in ids], ids, [i[2] for i in chosen])
+        splits[name] = Split(dataset, name, PAIRS, images, texts)
     return splits
+
+
+def _tuxpaint(options: dict) -> dict[str, Split]:
+    return hash_split_pairs("tuxpaint", tuxpaint_stamps(), _salt(options))
 
 
 def _tuxpaint_categories(options: dict) -> dict[str, Split]:
@@ -195,16 +199,7 @@ def openmoji_icons() -> list[tuple[str, Path, str]]:
 
 
 def _openmoji(options: dict) -> dict[str, Split]:
-    salt = _salt(options)
-    by_split: dict[str, list] = {"train": [], "val": [], "test": []}
-    for icon in openmoji_icons():
-        by_split[hash_split(icon[0], salt)].append(icon)
-    splits = {}
-    for name, icons in by_split.items():
-        ids = [i[0] for i in icons]
-        images = file_images([i[1] for i in icons], ids, ids)
-        splits[name] = Split("openmoji", name, PAIRS, images, TextSide([f"{i}#en" for i in ids], ids, [i[2] for i in icons]))
-    return splits
+    return hash_split_pairs("openmoji", openmoji_icons(), _salt(options))
 
 
 register_dataset(DatasetEntry("openmoji", PAIRS, _openmoji, "OpenMoji icons named by their Unicode emoji name"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.location import has_group
 from featcache.cache.store import FeatureStore, StoreSpec, store_path
 from featcache.pipeline.datasets import canonical_name
 from featcache.pipeline.encoders import resolve_entry
@@ -35,7 +36,7 @@ class ConcatStore:
 
     def __init__(self, parts: list[FeatureStore], names: list[str]):
         self.parts, self.names = parts, names
-        self.path = Path("+".join(str(p.path) for p in parts))
+        self.path = "+".join(str(p.path) for p in parts)
         self.attrs = {"parts": [str(p.path) for p in parts]}
         self.rows = sum(p.rows for p in parts)
         self.width = parts[0].width
@@ -86,7 +87,7 @@ def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> Feature
         return ConcatStore([open_store(cache_dir, part, split, side) for part in parts],
                            [canonical_name(part) for part in parts])
     path = store_path(cache_dir, side.spec(dataset, split))
-    if not (path / "zarr.json").exists():
+    if not has_group(path):
         raise FeatcacheError(
             f"no cached features of {side.model} for {dataset}/{split} under {cache_dir}",
             f"run: featcache extract --model {side.model} --layers all --dataset {dataset}"

@@ -18,7 +18,7 @@ from featcache.cache.store import FeatureStore, StoreSpec, store_path
 from featcache.pipeline.datasets import BadImage, ImageSide, Split, load_dataset
 from featcache.pipeline.encoders import Encoder, load_encoder
 from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.workers import Worker, barrier, file_lock, from_environment, init_distributed, parse_shard
+from featcache.pipeline.workers import Worker, barrier, from_environment, init_distributed, parse_shard, store_lock
 
 FP16_MAX = 65504.0
 # Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model.
@@ -207,10 +207,9 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
     start = time.perf_counter()
     path = store_path(cfg.cache_dir, store_spec(cfg, encoder, split, pooling))
     side = split.side(encoder.modality)
-    with file_lock(path.parent / f".{path.name}.shard-{worker.label}.lock", blocking=False,
-                   what=f"{path} (shard {worker.index}/{worker.count})"):
+    with store_lock(path, f"shard-{worker.label}", blocking=False, what=f"{path} (shard {worker.index}/{worker.count})"):
         # Creating the skeleton and adding layer arrays is metadata: one process at a time.
-        with file_lock(path.parent / f".{path.name}.meta.lock", blocking=True, what=str(path)):
+        with store_lock(path, "meta", blocking=True, what=str(path)):
             store = open_store_for(cfg, encoder, split, pooling)
             store.ensure_layers(layers)
         pending = store.pending_blocks(layers)

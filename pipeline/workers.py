@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,19 @@ def barrier(worker: Worker) -> None:
 
     if worker.distributed and dist.is_initialized():
         dist.barrier()
+
+
+def store_lock(store: "Path | str", role: str, blocking: bool, what: str):
+    """The lock file ``.<store>.<role>.lock`` beside a local store.
+
+    Object stores (fsspec URLs) have no file locks: there, workers must use disjoint shards.
+    """
+    from featcache.cache.location import is_url
+
+    if is_url(store):
+        return nullcontext()
+    store = Path(store)
+    return file_lock(store.parent / f".{store.name}.{role}.lock", blocking, what)
 
 
 @contextmanager
