@@ -15,7 +15,6 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +143,6 @@ def bench_train_step(quick: bool) -> dict:
 
 def bench_sweep(quick: bool) -> dict:
     """The 12-cell grid (layers x loss x 3 seeds) from the cache, against one run."""
-    from featcache.pipeline.cached import Side
     from featcache.pipeline.train import AlignConfig, load_cached, sweep, train
 
     epochs = 30 if quick else 200
@@ -183,7 +181,6 @@ def bench_retrieval(quick: bool) -> dict:
                         "speedup": t_full / t_fast})
         print(f"retrieval: gallery {n:>9,}, {q_n} queries, d=512: faiss {t_fast:.2f}s, full sort {t_full:.2f}s, "
               f"speedup {t_full / t_fast:.1f}x")
-        del gallery
     return {"results": results}
 
 

@@ -6,7 +6,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
 
 runner = CliRunner()

@@ -1,8 +1,5 @@
 """Evaluation and reports on caches of tiny random encoders."""
 
-import json
-
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner

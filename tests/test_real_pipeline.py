@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import requires_real
 
 

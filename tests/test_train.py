@@ -1,9 +1,6 @@
 """Stage two on caches of tiny random encoders (fast); the real run is in test_real_pipeline."""
 
 import json
-from dataclasses import replace
-
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner

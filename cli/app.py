@@ -1,0 +1,97 @@
+"""What every command shares: the typer apps, consoles, common options and error handling."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.paths import default_cache_dir, default_runs_dir
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cache every layer of frozen encoders once; align and evaluate on the cache.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate an aligned run on cached features.")
+app.add_typer(eval_app, name="eval")
+# Wide tables even when piped to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True)
+
+CacheDir = typer.Option(None, "--cache-dir", help="Feature store root [env FEATCACHE_CACHE_DIR].")
+RunsDir = typer.Option(None, "--runs-dir", help="Run records root [env FEATCACHE_RUNS_DIR, default ./runs].")
+
+
+def cache_dir_or_default(path: Optional[str]):
+    """A local path or an fsspec URL (s3://, gs://, file://, memory://)."""
+    from featcache.cache.location import as_location
+
+    return as_location(path) if path is not None else default_cache_dir()
+
+
+def runs_dir_or_default(path: Optional[Path]) -> Path:
+    return path if path is not None else default_runs_dir()
+
+
+def friendly(fn):
+    """Turn user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatcacheError as err:
+            hint = f" ({err.hint})" if err.hint else ""
+            err_console.print(f"[bold red]error:[/] {err.message}{hint}", markup=True, highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished blocks are kept; run the same command to resume")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def progress_bar():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class Rate(TextColumn):
+        def __init__(self):
+            super().__init__("")
+
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            from rich.text import Text
+
+            return Text(f"{speed:,.1f} rows/s" if speed else "")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                    disable=not err_console.is_terminal and os.environ.get("FEATCACHE_PROGRESS") != "1")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def parse_list(value: str, cast=str) -> list:
+    """'a,b,c' (or 'a;b;c') as a list, each item cast."""
+    try:
+        return [cast(v.strip()) for v in value.split(";" if ";" in value else ",") if v.strip()]
+    except ValueError:
+        raise FeatcacheError(f"bad list {value!r}", "write comma-separated values")
+
+

