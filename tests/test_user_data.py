@@ -8,7 +8,8 @@ from PIL import Image
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.datasets import load_dataset
-from featcache.pipeline.encoders import load_encoder, resolve_entry
+from featcache.pipeline.encoders import load_encoder
+from featcache.pipeline.registry import resolve_entry
 
 
 @pytest.fixture()
