@@ -80,3 +80,26 @@ def test_report_mean_std_and_outputs(env, tmp_path):
     assert (tmp_path / "rep" / "report-bars.png").stat().st_size > 1000
     bad = runner.invoke(app, ["report", "--runs-dir", str(env["root"] / "runs"), "--group-by", "colour"])
     assert bad.exit_code == 2 and "unknown group key" in bad.output
+
+
+def test_combined_pair_sets_read_each_part_cache(tmp_path):
+    a = make_pairs(tmp_path / "a", n=30, seed=1)
+    b = make_pairs(tmp_path / "b", n=30, seed=2)
+    b = b.rename(b.with_name("other.jsonl"))
+    vit, bert = save_tiny_vit(tmp_path / "vit"), save_tiny_bert(tmp_path / "bert")
+    spec = f"{a}+{b}"
+    common = ["--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    for model in (vit, bert):
+        out = runner.invoke(app, ["extract", "--model", f"hf:{model}", "--dataset", spec, "--cache-dir",
+                                  str(tmp_path / "cache")])
+        assert out.exit_code == 0, out.output
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {"pairs", "other"}  # each part cached apart
+    out = runner.invoke(app, ["align", "--image-model", f"hf:{vit}", "--text-model", f"hf:{bert}", "--dataset", spec,
+                              "--epochs", "2", *common])
+    assert out.exit_code == 0, out.output
+    run = find_run(tmp_path / "runs")
+    assert read_json(run / "summary.json")["train_pairs"] == 2 * 20  # 20 train pairs in each part
+    out = runner.invoke(app, ["eval", "retrieval", *common])
+    assert out.exit_code == 0, out.output
+    res = read_json(next((run / "eval").glob("retrieval-*.json")))
+    assert res["images"] == 10 and res["captions"] == 10
