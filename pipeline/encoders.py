@@ -222,6 +222,9 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
         raise network_error(entry, err) from None
     except OSError as err:  # hub unreachable or offline mode
         raise network_error(entry, err) from None
+    if not all(hasattr(model, a) for a in ("blocks", "norm_pre", "norm", "embed_dim", "num_prefix_tokens")):
+        raise FeatcacheError(f"{entry.name}: unsupported architecture {type(model).__name__}",
+                             "featcache hooks timm vision transformers (.blocks, .norm_pre, .norm)")
     cfg = model.pretrained_cfg
     if size is None or size == -1:
         size = cfg["input_size"][-1]
