@@ -225,7 +225,7 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
     if not all(hasattr(model, a) for a in ("blocks", "norm_pre", "norm", "embed_dim", "num_prefix_tokens")):
         raise FeatcacheError(f"{entry.name}: unsupported architecture {type(model).__name__}",
                              "featcache hooks timm vision transformers (.blocks, .norm_pre, .norm)")
-    cfg = model.pretrained_cfg
+    cfg = getattr(model, "pretrained_cfg", None) or {"input_size": (3, 224, 224)}
     if size is None or size == -1:
         size = cfg["input_size"][-1]
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1,))[0]
