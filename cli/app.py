@@ -95,3 +95,26 @@ def parse_list(value: str, cast=str) -> list:
         raise FeatcacheError(f"bad list {value!r}", "write comma-separated values")
 
 
+def score_table_view(table, where: str):
+    """A layer score table as a rich table: the best pair in reverse video, the last underlined."""
+    from rich.table import Table
+
+    best, last = table.best(), table.last()
+    metric = table.metric + (" (calibrated)" if table.calibrated else "")
+    view = Table(title=f"{metric} on {table.n} {where} pairs" + (f", k={table.k}" if table.k else "")
+                       + "   [bold reverse]best[/]  [underline]last[/]")
+    view.add_column("image \\ text")
+    for name in table.text_layers:
+        view.add_column(name, justify="right")
+    for i, img in enumerate(table.image_layers):
+        cells = []
+        for j, txt in enumerate(table.text_layers):
+            score = table.scores[i][j]
+            cell = f"{score:.3f}" if score == score else "const"  # NaN: a layer constant over rows
+            if (img, txt) == best:
+                cell = f"[bold reverse]{cell}[/]"
+            if (img, txt) == last:
+                cell = f"[underline]{cell}[/]"
+            cells.append(cell)
+        view.add_row(img, *cells)
+    return view

@@ -9,7 +9,7 @@ import typer
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, eval_app, friendly,
-                               parse_list, progress_bar, runs_dir_or_default)
+                               parse_list, progress_bar, runs_dir_or_default, score_table_view)
 
 
 def _print_eval(result: dict) -> None:
@@ -137,7 +137,8 @@ def demo(
     from featcache.pipeline.demo import DemoConfig, quick as quick_config, run_demo
 
     cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
-    result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar)
+    result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar,
+                      lambda table: console.print(score_table_view(table, "tuxpaint/train")))
     rep = result["report"]
     table = Table(title="featcache demo: mean ± std over seeds (%)")
     for col in rep.header():

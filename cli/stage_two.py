@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, friendly, parse_list,
-                               progress_bar, runs_dir_or_default)
+                               progress_bar, runs_dir_or_default, score_table_view)
 
 
 def _align_config(image_model, text_model, dataset, cache_dir, runs_dir, **kw):
@@ -41,8 +41,6 @@ def layers(
     cache_dir: Optional[str] = CacheDir,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
-    from rich.table import Table
-
     from featcache.pipeline.plots import layer_heatmap
     from featcache.pipeline.runs import write_json
     from featcache.pipeline.train import CachedData, SelectConfig, select_layers
@@ -53,23 +51,7 @@ def layers(
     data = CachedData(pairs, pairs)
     table = select_layers(data, SelectConfig(metric=metric, n=n, k=k, calibrate=calibrate, seed=seed))
     best, last = table.best(), table.last()
-    view = Table(title=f"{metric}{' (calibrated)' if calibrate else ''} on {table.n} {dataset}/{split} pairs"
-                       + (f", k={table.k}" if table.k else "") + "   [bold]best[/]  [underline]last[/]")
-    view.add_column("image \\ text")
-    for name in table.text_layers:
-        view.add_column(name, justify="right")
-    for i, img in enumerate(table.image_layers):
-        cells = []
-        for j, txt in enumerate(table.text_layers):
-            score = table.scores[i][j]
-            cell = f"{score:.3f}" if score == score else "const"  # NaN: a layer constant over rows
-            if (img, txt) == best:
-                cell = f"[bold reverse]{cell}[/]"
-            if (img, txt) == last:
-                cell = f"[underline]{cell}[/]"
-            cells.append(cell)
-        view.add_row(img, *cells)
-    console.print(view)
+    console.print(score_table_view(table, f"{dataset}/{split}"))
     console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
                   f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
     stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")

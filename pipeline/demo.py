@@ -64,7 +64,8 @@ def quick(cfg: DemoConfig) -> DemoConfig:
                    classify_sets=(("fashion-mnist", 100), ("mnist", 100)), seeds=(0,), epochs=60, patience=20)
 
 
-def run_demo(cfg: DemoConfig, console, progress_factory) -> dict:
+def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> dict:
+    """Run the main job; ``show_scores(table)`` renders the layer table (the CLI passes a rich view)."""
     start = time.perf_counter()
     times = {}
     runs_dir = cfg.out / "runs"
@@ -94,6 +95,8 @@ def run_demo(cfg: DemoConfig, console, progress_factory) -> dict:
     table = select_layers(data, base.select)
     layer_heatmap(table, cfg.out / "layers.png", f"mutual kNN, {cfg.train_dataset} train, n={table.n}, k={table.k}")
     write_json(cfg.out / "layers.json", table.to_dict())
+    if show_scores is not None:
+        show_scores(table)
     console.print(f"  best pair {table.best()} ({table.score(*table.best()):.3f}); "
                   f"last pair {table.last()} ({table.score(*table.last()):.3f})", highlight=False)
 
