@@ -112,33 +112,25 @@ def score_table(
     const_img, const_txt = constant(image_feats), constant(text_feats)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
-    img_names, txt_names = list(image_feats), list(text_feats)
-    scores = np.zeros((len(img_names), len(txt_names)))
     if metric == "mutual_knn":
         k = k or rice_k(n)
         ni = {name: knn(x, k) for name, x in image_feats.items() if name not in const_img}
         nt = {name: knn(x, k) for name, x in text_feats.items() if name not in const_txt}
-        for i, a in enumerate(img_names):
-            for j, b in enumerate(txt_names):
-                if a in const_img or b in const_txt:
-                    scores[i, j] = np.nan
-                    continue
-                s = overlap(ni[a], nt[b])
-                if perms:
-                    # pairing s with p[s]: the text neighbours of p[s], mapped back to image rows
-                    s -= np.mean([overlap(ni[a], np.argsort(p)[nt[b][p]]) for p in perms])
-                scores[i, j] = s
+        inverse = [np.argsort(p) for p in perms]
+
+        def pair_score(a: str, b: str) -> float:
+            s = overlap(ni[a], nt[b])
+            # pairing s with p[s]: the text neighbours of p[s], mapped back to image rows
+            return s - np.mean([overlap(ni[a], inv[nt[b][p]]) for p, inv in zip(perms, inverse)]) if perms else s
     elif metric == "cka":
         k = None
-        for i, a in enumerate(img_names):
-            for j, b in enumerate(txt_names):
-                if a in const_img or b in const_txt:
-                    scores[i, j] = np.nan
-                    continue
-                s = linear_cka(image_feats[a], text_feats[b])
-                if perms:
-                    s -= np.mean([linear_cka(image_feats[a], text_feats[b][p]) for p in perms])
-                scores[i, j] = s
+
+        def pair_score(a: str, b: str) -> float:
+            s = linear_cka(image_feats[a], text_feats[b])
+            return s - np.mean([linear_cka(image_feats[a], text_feats[b][p]) for p in perms]) if perms else s
     else:
         raise ValueError(f"unknown metric {metric!r}: use mutual_knn or cka")
+    img_names, txt_names = list(image_feats), list(text_feats)
+    scores = np.array([[np.nan if a in const_img or b in const_txt else pair_score(a, b) for b in txt_names]
+                       for a in img_names], dtype=float)
     return ScoreTable(img_names, txt_names, scores.tolist(), metric, n, k, bool(perms), seed)
