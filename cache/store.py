@@ -17,7 +17,6 @@ are disjoint chunks, so several processes can fill one store side by side.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -308,21 +307,6 @@ class FeatureStore:
     def nbytes_on_disk(self) -> int:
         return loc.size(self.path)
 
-    def summary(self) -> dict:
-        return {
-            "path": str(self.path),
-            "rows": self.rows,
-            "width": self.width,
-            "layers": self.layers,
-            "complete": self.is_complete(),
-            "bytes": self.nbytes_on_disk(),
-            "identity": self.identity,
-        }
-
 
 def find_stores(cache_dir: Location) -> Iterator[Location]:
     return iter(loc.find_groups(loc.as_location(cache_dir)))
-
-
-def dump_identity(identity: dict) -> str:
-    return json.dumps(identity, sort_keys=True)

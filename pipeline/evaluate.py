@@ -160,7 +160,7 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     return result
 
 
-def _classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str, layers: tuple[str, str]):
+def _classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str):
     image, text = _sides(run_cfg)
     label = split_label(cfg.split, cfg.limit)
     try:
@@ -191,7 +191,7 @@ def eval_classify(cfg: ClassifyConfig) -> dict:
     model, run_cfg = load_heads(run_dir)
     dataset = classify_spec(cfg)
     layers = (run_cfg["image_layer"], run_cfg["text_layer"])
-    images, prompts = _classification_stores(cfg, run_cfg, dataset, layers)
+    images, prompts = _classification_stores(cfg, run_cfg, dataset)
     classes = images.attrs.get("classes", {}).get("classnames") or sorted(set(prompts.groups))
     index = {c: i for i, c in enumerate(classes)}
     keep = ~images.missing

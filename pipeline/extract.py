@@ -6,7 +6,7 @@ import errno
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +260,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     results = [extract_split(cfg, encoder, splits[s].limited(cfg.limit), layers, pooling,
                              progress if worker.index == 0 else None, worker) for s in names]
     barrier(worker)  # every rank's blocks are written before anyone reports the store complete
+    if worker.count == 1:
+        return results
+    # other workers flagged missing rows in their blocks too: count them from the store
     return [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    d = asdict(cfg)
-    d["cache_dir"] = str(cfg.cache_dir)
-    return d

@@ -13,7 +13,7 @@ Selection uses the validation split only (layers on train pairs, checkpoints on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,3 @@ def run_study(cfg: StudyConfig, progress_factory=None) -> dict:
     write_json(cfg.out / "study.json", summary)
     (cfg.out / "study.md").write_text(to_markdown(summary))
     return summary
-
-
-def study_config(**kw) -> StudyConfig:
-    return replace(StudyConfig(), **kw)
