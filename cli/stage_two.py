@@ -23,6 +23,16 @@ def _align_config(image_model, text_model, dataset, cache_dir, runs_dir, **kw):
 ImageModel = typer.Option("dinov2", "--image-model", help="Image encoder whose cache to read.")
 TextModel = typer.Option("minilm", "--text-model", help="Text encoder whose cache to read.")
 Dataset = typer.Option("tuxpaint", "--dataset", help="Pair data set (train and val splits are read).")
+# Training options that align and sweep share.
+Head = typer.Option("linear", help="linear | mlp")
+Epochs = typer.Option(1000, min=1)
+Patience = typer.Option(200, min=1)
+BatchSize = typer.Option(4096, min=2)
+LearningRate = typer.Option(1e-3)
+Levels = typer.Option(1, min=1, help="STRUCTURE random-walk levels L.")
+Lam = typer.Option(10.0, help="STRUCTURE weight lambda (ramped from 0).")
+CheckpointOn = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total.")
+Device = typer.Option("cpu", help="cpu | cuda | auto")
 
 
 @app.command()
@@ -71,23 +81,23 @@ def align(
     dataset: str = Dataset,
     layers: str = typer.Option("auto", help="auto (best mutual-kNN pair) | last | IMG,TXT"),
     loss: str = typer.Option("clip+structure", help="clip | clip+structure"),
-    levels: int = typer.Option(1, min=1, help="STRUCTURE random-walk levels L."),
+    levels: int = Levels,
     weighting: str = typer.Option("none", help="Level weights: none | inverse (1/l)."),
     divergence: str = typer.Option("reference", help="reference (released code) | js (textbook)."),
-    lam: float = typer.Option(10.0, help="STRUCTURE weight lambda (ramped from 0)."),
+    lam: float = Lam,
     lam_warmup: int = typer.Option(1000, min=0, help="Steps of the lambda ramp."),
     temperature: float = typer.Option(0.05, min=1e-4),
     learn_temperature: bool = typer.Option(False),
-    head: str = typer.Option("linear", help="linear | mlp"),
+    head: str = Head,
     d_out: int = typer.Option(512, min=1),
     pairs: Optional[int] = typer.Option(None, min=2, help="Subsample N training pairs (by seed)."),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(1000, min=1),
-    patience: int = typer.Option(200, min=1),
-    batch_size: int = typer.Option(4096, min=2),
-    lr: float = typer.Option(1e-3),
-    checkpoint_on: str = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    epochs: int = Epochs,
+    patience: int = Patience,
+    batch_size: int = BatchSize,
+    lr: float = LearningRate,
+    checkpoint_on: str = CheckpointOn,
+    device: str = Device,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
@@ -119,15 +129,15 @@ def sweep(
     loss: str = typer.Option("clip,clip+structure", help="Losses, comma-separated."),
     seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated."),
     pairs: Optional[str] = typer.Option(None, help="Training-pair counts for a scaling series, e.g. 100,200,400."),
-    head: str = typer.Option("linear"),
-    epochs: int = typer.Option(1000, min=1),
-    patience: int = typer.Option(200, min=1),
-    batch_size: int = typer.Option(4096, min=2),
-    lr: float = typer.Option(1e-3),
-    levels: int = typer.Option(1, min=1),
-    lam: float = typer.Option(10.0),
-    checkpoint_on: str = typer.Option("val_clip"),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    head: str = Head,
+    epochs: int = Epochs,
+    patience: int = Patience,
+    batch_size: int = BatchSize,
+    lr: float = LearningRate,
+    levels: int = Levels,
+    lam: float = Lam,
+    checkpoint_on: str = CheckpointOn,
+    device: str = Device,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):

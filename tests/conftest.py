@@ -68,6 +68,17 @@ def make_pairs(root: Path, n: int = 24, bad: int | None = None, seed: int = 0) -
     return out
 
 
+def build_tiny_cache(root: Path, n: int) -> dict:
+    """A pair set of n rows with both tiny encoders extracted: the input of stage-two tests."""
+    from featcache.pipeline.extract import ExtractConfig, extract
+
+    pairs = make_pairs(root / "data", n=n)
+    vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
+    for model in (vit, bert):
+        extract(ExtractConfig(model=f"hf:{model}", dataset=str(pairs), cache_dir=root / "cache", batch_size=16))
+    return {"pairs": pairs, "vit": f"hf:{vit}", "bert": f"hf:{bert}", "cache": root / "cache"}
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit") / "model")

@@ -4,9 +4,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_pairs, save_tiny_bert, save_tiny_vit
+from conftest import build_tiny_cache, make_pairs, save_tiny_bert, save_tiny_vit
 from featcache.cli.main import app
-from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.runs import find_run, read_json
 
 runner = CliRunner()
@@ -15,17 +14,15 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    pairs = make_pairs(root / "data", n=60)
-    vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
-    for model in (vit, bert):
-        extract(ExtractConfig(model=f"hf:{model}", dataset=str(pairs), cache_dir=root / "cache", batch_size=16))
+    tiny = build_tiny_cache(root, n=60)
+    pairs = tiny["pairs"]
     folder = root / "shapes"
     for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
         (folder / cls).mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (30 + i, 30), colour).save(folder / cls / f"{i}.png")
     common = ["--cache-dir", str(root / "cache"), "--runs-dir", str(root / "runs")]
-    models = ["--image-model", f"hf:{vit}", "--text-model", f"hf:{bert}", "--dataset", str(pairs)]
+    models = ["--image-model", tiny["vit"], "--text-model", tiny["bert"], "--dataset", str(pairs)]
     out = runner.invoke(app, ["sweep", *models, *common, "--epochs", "3", "--layers", "last;auto",
                               "--loss", "clip,clip+structure", "--seeds", "0,1,2"])
     assert out.exit_code == 0, out.output

@@ -5,11 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_pairs, save_tiny_bert, save_tiny_vit
+from conftest import build_tiny_cache
 from featcache.cli.main import app
 from featcache.pipeline.heads import ResidualMLPHead
 from featcache.pipeline.runs import find_run, list_runs, load_heads, read_json
-from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.train import AlignConfig, _evaluate, load_cached, sweep, train
 
 runner = CliRunner()
@@ -17,12 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-cache")
-    pairs = make_pairs(root / "data", n=72)
-    vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
-    for model in (vit, bert):
-        extract(ExtractConfig(model=f"hf:{model}", dataset=str(pairs), cache_dir=root / "cache", batch_size=16))
-    return {"pairs": pairs, "vit": f"hf:{vit}", "bert": f"hf:{bert}", "cache": root / "cache"}
+    return build_tiny_cache(tmp_path_factory.mktemp("tiny-cache"), n=72)
 
 
 def _cfg(tiny_cache, tmp_path, **kw):
