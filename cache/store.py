@@ -2,7 +2,7 @@
 
 Layout of a store (see docs/design.md)::
 
-    zarr.json            attrs: identity, versions, rows, width, block_rows, layers
+    zarr.json            attrs: format, identity, names, defaults, versions, rows, width, block_rows, layers
     ids      (rows,)     stable row ids of the data set split
     groups   (rows,)     what a row belongs to: its image for a caption, its class for an image
     texts    (rows,)     the strings encoded (text stores only)
@@ -13,47 +13,41 @@ Layout of a store (see docs/design.md)::
 Writers fill whole row blocks and flip ``done`` only after a block's data is written, so a
 killed run leaves finished blocks intact and readers never see a half-written block. Blocks
 are disjoint chunks, so several processes can fill one store side by side.
+
+Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec after zstd). Reads of a
+finished block check that its chunk exists and that its checksum holds; either failure is a
+:class:`CorruptBlock` naming the store, layer and block, never a silent NaN or a wrong value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from featcache.cache import location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
+from featcache.cache.naming import StoreSpec, split_label, store_path  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c on every chunk, chunks written even when empty
 _MIN_CHUNK_BYTES = 1 << 20
+# Every array: zstd, then a crc32c of the compressed bytes; write every chunk, even one that
+# equals the fill value, so "block done but chunk absent" always means a lost chunk.
+_ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()], "config": {"write_empty_chunks": True}}
 
 
-@dataclass(frozen=True)
-class StoreSpec:
-    """Names that place a store in the cache directory."""
+class CorruptBlock(FeatcacheError):
+    """A finished block whose chunk is missing or fails its checksum."""
 
-    dataset: str
-    split: str
-    encoder: str
-    pooling: str
-    image_size: int | None = None
-
-    @property
-    def variant(self) -> str:
-        return self.pooling if self.image_size is None else f"{self.pooling}-{self.image_size}px"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
-
-
-def store_path(cache_dir: Location, spec: StoreSpec) -> Location:
-    """``<cache-dir>/<dataset>/<split>/<encoder>/<variant>.zarr``; cache_dir may be an fsspec URL."""
-    root = loc.as_location(cache_dir)
-    return loc.join(root, _safe(spec.dataset), _safe(spec.split), _safe(spec.encoder), f"{_safe(spec.variant)}.zarr")
+    def __init__(self, path, layer: str, block: int, problem: str):
+        self.path, self.layer, self.block, self.problem = path, layer, block, problem
+        super().__init__(f"{path}: block {block} of {layer} {problem}",
+                         f"run: featcache verify --repair {path}, then the same featcache extract command "
+                         "to recompute the bad blocks")
 
 
 def default_block_rows(width: int, itemsize: int = 2) -> int:
@@ -73,6 +67,25 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def rebuild_command(attrs: dict) -> str:
+    """The extract command that rebuilds a store, from what it records of itself."""
+    if attrs.get("command"):
+        return f"{attrs['command']} --overwrite"
+    ident = attrs.get("identity", {})
+    enc, data = ident.get("encoder", {}), ident.get("dataset", {})
+    return (f"featcache extract --model {enc.get('name', 'MODEL')} --dataset {data.get('name', 'DATASET')} "
+            f"--split {data.get('split', 'SPLIT')} --layers all --overwrite")
+
+
+def _open_group(path: Location) -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode="r+")
+    except Exception as err:  # zarr raises JSON, value and key errors for damaged metadata
+        raise FeatcacheError(f"the metadata of the store {path} cannot be read ({type(err).__name__})",
+                             "remove the store, or rebuild it with the same featcache extract command "
+                             "and --overwrite") from None
+
+
 class FeatureStore:
     """Read and write access to one store. Open with :meth:`open` or :meth:`create_or_open`."""
 
@@ -87,11 +100,18 @@ class FeatureStore:
         path = loc.as_location(path)
         if not loc.has_group(path):
             raise FeatcacheError(f"no feature store at {path}")
-        group = zarr.open_group(str(path), mode="r+")
-        if not group.attrs.get("created"):
+        group = _open_group(path)
+        attrs = dict(group.attrs)
+        if not attrs.get("created"):
             raise FeatcacheError(
                 f"feature store {path} was never fully created",
                 "run the extract command again; it will rebuild it",
+            )
+        if attrs.get("format") != FORMAT_VERSION:
+            raise FeatcacheError(
+                f"the store {path} has format {attrs.get('format')!r}, written without chunk checksums; "
+                f"this featcache reads format {FORMAT_VERSION} only",
+                f"rebuild it: {rebuild_command(attrs)}",
             )
         return cls(path, group)
 
@@ -108,48 +128,41 @@ class FeatureStore:
         width: int,
         dtype: str = "float16",
         block_rows: int | None = None,
-        overwrite: bool = False,
+        extra_attrs: dict | None = None,
     ) -> "FeatureStore":
         """Open the store at ``path`` if it has this identity; create it if absent.
 
-        A store with another identity is never reused or mixed: it is an error unless
-        ``overwrite`` asks to replace it.
+        A store with another identity or an older format is never reused or mixed: it is an
+        error (``--overwrite`` clears it first, see :func:`featcache.cache.locks.all_writers_locked`).
         """
         path = loc.as_location(path)
         block_rows = block_rows or default_block_rows(width, np.dtype(dtype).itemsize)
         if loc.has_group(path):
-            group = zarr.open_group(str(path), mode="r+")
+            group = _open_group(path)
             attrs = dict(group.attrs)
             if not attrs.get("created"):
                 loc.remove(path)  # a creation that was killed holds no finished block
-            elif overwrite:
-                loc.remove(path)
             else:
+                store = cls.open(path)
                 diffs = _identity_diff(attrs.get("identity", {}), identity)
                 if attrs.get("block_rows") != block_rows:
-                    diffs.append(
-                        f"block_rows: stored {attrs.get('block_rows')}, requested {block_rows}"
-                    )
+                    diffs.append(f"block_rows: stored {attrs.get('block_rows')}, requested {block_rows}")
                 if diffs:
                     raise FeatcacheError(
                         f"the cache at {path} was built with a different identity "
                         f"({'; '.join(diffs[:3])}); it was left untouched",
                         "pass --overwrite to rebuild it, or use another --cache-dir",
                     )
-                return cls(path, group)
+                return store
         loc.make_parent(path)
         group = zarr.open_group(str(path), mode="w")
         n = len(ids)
         chunk = max(1, min(block_rows, n))
-        group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(ids)
-        group.create_array("groups", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(
-            groups
-        )
-        if texts is not None:
-            group.create_array("texts", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = (
-                np.asarray(texts)
-            )
-        group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False)
+        for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
+            if values is not None:
+                group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
+                    np.asarray(values, dtype=str))
+        group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False, **_ARRAY_OPTIONS)
         group.create_group("layers")
         group.create_group("done")
         group.attrs.update(
@@ -162,6 +175,7 @@ class FeatureStore:
                 "dtype": dtype,
                 "block_rows": block_rows,
                 "layers": [],
+                **(extra_attrs or {}),
             }
         )
         group.attrs["created"] = True  # last: marks the skeleton as complete
@@ -188,6 +202,11 @@ class FeatureStore:
     def identity(self) -> dict:
         return self.attrs["identity"]
 
+    @property
+    def encoder_identity(self) -> dict:
+        """What makes two stores' features comparable: the encoder's weights, preprocessing, pooling."""
+        return self.identity["encoder"]
+
     def block_slice(self, block: int) -> slice:
         start = block * self.block_rows
         return slice(start, min(self.rows, start + self.block_rows))
@@ -197,8 +216,19 @@ class FeatureStore:
         """Layers with an array in the store, in the order they were first requested."""
         return list(self.attrs.get("layers", []))
 
+    def _decoded(self, name: str, selection=slice(None)) -> np.ndarray:
+        """An array read whose checksum failure is a clear error (per-block errors are finer)."""
+        try:
+            return np.asarray(self.group[name][selection])
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            raise FeatcacheError(f"{self.path}: the array {name!r} fails its checksum",
+                                 f"run: featcache verify {self.path}; if the damage is outside the layer "
+                                 f"blocks, rebuild: {rebuild_command(self.attrs)}") from None
+
     def _text(self, name: str) -> list[str]:
-        return [str(s) for s in self.group[name][:]] if self.rows else []
+        return [str(s) for s in self._decoded(name)] if self.rows else []
 
     @property
     def ids(self) -> list[str]:
@@ -214,31 +244,18 @@ class FeatureStore:
 
     @property
     def missing(self) -> np.ndarray:
-        return np.asarray(self.group["missing"][:], dtype=bool)
+        return self._decoded("missing").astype(bool)
 
     # -- writing ---------------------------------------------------------------------------
     def ensure_layers(self, names: list[str]) -> None:
         """Create arrays for layers not yet in the store (one writer does this before work)."""
         chunk = max(1, min(self.block_rows, self.rows))
-        fill = np.nan
         new = [n for n in names if n not in self.layers]
         for name in new:
-            self.group.create_array(
-                f"layers/{name}",
-                shape=(self.rows, self.width),
-                dtype=self.attrs["dtype"],
-                chunks=(chunk, self.width),
-                fill_value=fill,
-                overwrite=True,
-            )
-            self.group.create_array(
-                f"done/{name}",
-                shape=(max(self.n_blocks, 1),),
-                dtype=bool,
-                chunks=(1,),
-                fill_value=False,
-                overwrite=True,
-            )
+            self.group.create_array(f"layers/{name}", shape=(self.rows, self.width), dtype=self.attrs["dtype"],
+                                    chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **_ARRAY_OPTIONS)
+            self.group.create_array(f"done/{name}", shape=(max(self.n_blocks, 1),), dtype=bool, chunks=(1,),
+                                    fill_value=False, overwrite=True, **_ARRAY_OPTIONS)
         if new:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
@@ -246,7 +263,7 @@ class FeatureStore:
     def done_blocks(self, layer: str) -> np.ndarray:
         if layer not in self.layers:
             return np.zeros(self.n_blocks, dtype=bool)
-        return np.asarray(self.group[f"done/{layer}"][: self.n_blocks], dtype=bool)
+        return self._decoded(f"done/{layer}", slice(0, self.n_blocks)).astype(bool)
 
     def pending_blocks(self, layers: list[str]) -> list[int]:
         pending = np.zeros(self.n_blocks, dtype=bool)
@@ -270,7 +287,31 @@ class FeatureStore:
             self.group[f"done/{name}"][block] = True
 
     def block_done(self, layer: str, block: int) -> bool:
-        return bool(self.group[f"done/{layer}"][block])
+        return bool(self._decoded(f"done/{layer}", block))
+
+    def clear_done(self, layer: str, blocks: list[int]) -> None:
+        """Mark blocks unfinished so the next extract recomputes them (``verify --repair``)."""
+        for block in blocks:
+            self.group[f"done/{layer}"][block] = False
+
+    # -- checking --------------------------------------------------------------------------
+    def stored_chunks(self, array: str) -> set[int]:
+        """Row-block indices that have a chunk object of ``array`` (a layer or ``missing``)."""
+        prefix = f"{array}/c/"
+
+        async def keys():
+            return [k async for k in self.group.store.list_prefix(prefix)]
+
+        return {int(k[len(prefix):].split("/")[0]) for k in sync(keys())}
+
+    def read_block(self, array: str, block: int, dtype=None) -> np.ndarray:
+        """One block's rows of ``array``; a failed checksum is a :class:`CorruptBlock`."""
+        try:
+            return np.asarray(self.group[array][self.block_slice(block)], dtype=dtype)
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            raise CorruptBlock(self.path, array.removeprefix("layers/"), block, "fails its checksum") from None
 
     # -- reading ---------------------------------------------------------------------------
     def is_complete(self, layer: str | None = None) -> bool:
@@ -278,7 +319,7 @@ class FeatureStore:
         return bool(layers) and all(self.done_blocks(name).all() for name in layers)
 
     def read(self, layer: str, dtype=np.float32) -> np.ndarray:
-        """All rows of one layer. Refuses a layer with unfinished blocks."""
+        """All rows of one layer, every chunk present and checksummed; refuses unfinished blocks."""
         if layer not in self.layers:
             raise FeatcacheError(
                 f"layer {layer!r} is not in the store {self.path}",
@@ -290,17 +331,26 @@ class FeatureStore:
                 f"layer {layer!r} of {self.path} is incomplete ({done}/{self.n_blocks} blocks)",
                 "run the extract command again to finish it",
             )
-        return np.asarray(self.group[f"layers/{layer}"][:], dtype=dtype)
+        array = f"layers/{layer}"
+        if self.rows:
+            absent = sorted(set(range(self.n_blocks)) - self.stored_chunks(array))
+            if absent:
+                raise CorruptBlock(self.path, layer, absent[0], "is marked done but its chunk is missing")
+        try:
+            return np.asarray(self.group[array][:], dtype=dtype)
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+        for block in range(self.n_blocks):  # find the bad block, to name it
+            self.read_block(array, block)
+        raise AssertionError("a checksum failed on a full read but on no single block")
 
     def read_finished(self, layer: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Rows of finished blocks only, with their row indices; for readers racing a writer."""
-        done = self.done_blocks(layer)
-        idx = np.concatenate(
-            [np.arange(self.block_slice(b).start, self.block_slice(b).stop) for b in np.flatnonzero(done)]
-            or [np.zeros(0, dtype=np.int64)]
-        )
-        arr = self.group[f"layers/{layer}"]
-        parts = [np.asarray(arr[self.block_slice(b)], dtype=dtype) for b in np.flatnonzero(done)]
+        done = np.flatnonzero(self.done_blocks(layer))
+        idx = np.concatenate([np.arange(self.block_slice(b).start, self.block_slice(b).stop) for b in done]
+                             or [np.zeros(0, dtype=np.int64)])
+        parts = [self.read_block(f"layers/{layer}", int(b), dtype) for b in done]
         data = np.concatenate(parts) if parts else np.zeros((0, self.width), dtype=dtype)
         return idx, data
 

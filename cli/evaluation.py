@@ -74,12 +74,36 @@ def eval_classify_cmd(
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
+    from featcache.cache.lookup import StoreNotFound
     from featcache.pipeline.evaluate import ClassifyConfig, eval_classify
 
-    _print_eval(eval_classify(ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
-                                             classnames=classnames, extract=extract, baseline=baseline,
-                                             cache_dir=cache_dir_or_default(cache_dir),
-                                             runs_dir=runs_dir_or_default(runs_dir))))
+    cfg = ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
+                         classnames=classnames, baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
+                         runs_dir=runs_dir_or_default(runs_dir))
+    try:
+        result = eval_classify(cfg)
+    except StoreNotFound as err:
+        if not extract:
+            raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
+        _extract_for_run(cfg)
+        result = eval_classify(cfg)
+    _print_eval(result)
+
+
+def _extract_for_run(cfg) -> None:
+    """Stage one for a classification set, with the run's encoders and options (eval classify --extract)."""
+    from featcache.pipeline.evaluate import classify_spec
+    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.runs import find_run, read_json
+
+    run_cfg = read_json(find_run(cfg.runs_dir, cfg.run) / "config.json")
+    sides = ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size")),
+             (run_cfg["text_model"], run_cfg.get("text_pooling"), None))
+    with progress_bar() as progress:
+        for model, pooling, size in sides:
+            extract(ExtractConfig(model=model, pooling=pooling, image_size=size, dataset=classify_spec(cfg),
+                                  splits=[cfg.split], limit=cfg.limit, layers="all", cache_dir=cfg.cache_dir),
+                    progress)
 
 
 @app.command()

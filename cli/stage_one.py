@@ -63,31 +63,71 @@ def extract(
 @app.command("ls")
 @friendly
 def list_stores(cache_dir: Optional[str] = CacheDir):
-    """List feature stores with their identity, size and completeness."""
+    """List feature stores with their data set, identity, size and completeness."""
     from rich.table import Table
 
     from featcache.cache.store import FeatureStore, find_stores
 
     root = cache_dir_or_default(cache_dir)
     table = Table(title=f"feature stores under {root}")
-    for col in ("dataset", "split", "encoder", "pooling", "rows", "width", "layers", "complete", "size", "weights"):
-        table.add_column(col)
+    for col in ("data set", "stored as", "split", "encoder", "variant", "rows", "width", "layers", "complete",
+                "size", "weights"):
+        table.add_column(col, overflow="fold")
     n = 0
     for path in find_stores(root):
+        n += 1
         try:
             s = FeatureStore.open(path)
+            ident = s.identity
+            done = sum(s.is_complete(name) for name in s.layers)
         except FeatcacheError as err:
-            table.add_row(str(path), "", "", "", "", "", "", f"broken: {err.message}", "", "")
+            table.add_row(str(path), "", "", "", "", "", "", "", f"broken: {err}", "", "")
             continue
-        ident = s.identity
-        done = sum(s.is_complete(name) for name in s.layers)
         parts = str(path).rstrip("/").split("/")
-        table.add_row(ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
+        table.add_row(s.attrs.get("dataset_label", ""), ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
                       parts[-1].removesuffix(".zarr"), str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
                       "yes" if s.is_complete() else "no", human_bytes(s.nbytes_on_disk()),
                       ident["encoder"]["weights_sha256"][:12])
-        n += 1
     console.print(table if n else f"no feature stores under {root}")
+
+
+@app.command()
+@friendly
+def verify(
+    stores: Optional[list[str]] = typer.Argument(None, help="Store paths or URLs [default: every store in the cache]."),
+    cache_dir: Optional[str] = CacheDir,
+    repair: bool = typer.Option(False, help="Mark bad blocks unfinished, so the same extract recomputes them."),
+):
+    """Check the checksum and presence of every finished block; exit 1 if any is bad."""
+    from rich.table import Table
+
+    from featcache.cache.store import find_stores
+    from featcache.cache.verify import verify as run_verify
+
+    paths = stores or list(find_stores(cache_dir_or_default(cache_dir)))
+    if not paths:
+        console.print(f"no feature stores under {cache_dir_or_default(cache_dir)}")
+        return
+    with progress_bar() as progress:
+        bad = []
+        for path in progress.track(paths, description="verify"):
+            bad += run_verify([path], repair=repair)
+    if not bad:
+        console.print(f"{len(paths)} store(s) verified: every finished block is present and its checksum holds")
+        return
+    table = Table(title=f"{len(bad)} bad block(s) in {len({b.store for b in bad})} store(s)")
+    for col in ("store", "layer", "block", "problem"):
+        table.add_column(col, overflow="fold")
+    for b in bad:
+        table.add_row(b.store, b.layer, "all" if b.block is None else str(b.block), b.problem)
+    console.print(table)
+    if repair:
+        fixable = [b for b in bad if b.repairable]
+        console.print(f"repaired: {len(fixable)} block(s) marked unfinished; run the same featcache extract "
+                      "command to recompute them" + ("" if len(fixable) == len(bad) else
+                                                     "; the rest need the store rebuilt with --overwrite"),
+                      highlight=False)
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -33,6 +33,7 @@ Levels = typer.Option(1, min=1, help="STRUCTURE random-walk levels L.")
 Lam = typer.Option(10.0, help="STRUCTURE weight lambda (ramped from 0).")
 CheckpointOn = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total.")
 Device = typer.Option("cpu", help="cpu | cuda | auto")
+ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 
 @app.command()
@@ -98,6 +99,7 @@ def align(
     lr: float = LearningRate,
     checkpoint_on: str = CheckpointOn,
     device: str = Device,
+    val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
@@ -109,9 +111,11 @@ def align(
                         levels=levels, weighting=weighting, divergence=divergence, lam=lam,
                         lam_warmup_steps=lam_warmup, temperature=temperature, learn_temperature=learn_temperature,
                         head=head, d_out=d_out, pairs=pairs, seed=seed, epochs=epochs, patience=patience,
-                        batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device)
+                        batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
+                        val_split=val_split)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
+    _print_choices(read_json(run / "config.json"))
     s = read_json(run / "summary.json")
     console.print(f"run {s['run_id']}: layers {s['image_layer']} x {s['text_layer']}, {s['train_pairs']} pairs, "
                   f"best {s['checkpoint_on']} {s['best_val']:.4f} at epoch {s['best_epoch']} "
@@ -138,6 +142,7 @@ def sweep(
     lam: float = Lam,
     checkpoint_on: str = CheckpointOn,
     device: str = Device,
+    val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
@@ -148,14 +153,32 @@ def sweep(
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
-                        checkpoint_on=checkpoint_on, device=device)
+                        checkpoint_on=checkpoint_on, device=device, val_split=val_split)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
                          parse_list(pairs, int) if pairs else None, progress)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
+    if runs:
+        from featcache.pipeline.runs import read_json
+
+        _print_choices(read_json(runs[0] / "config.json"), layers=False)
     _print_runs(runs)
+
+
+def _print_choices(config: dict, layers: bool = True) -> None:
+    """Say what the run decided for the user: a carved validation split, the layers auto weighed."""
+    val = config.get("validation", {})
+    if val.get("carved"):
+        console.print(f"no val split in {config['dataset']}: validating on {val['pairs']} pairs held out of "
+                      f"{val['split']} ({val['fraction']:.0%} of images by id hash; recorded in config.json)",
+                      highlight=False)
+    considered = config.get("layers_considered")
+    if layers and considered:
+        console.print(f"auto chose {config['image_layer']} x {config['text_layer']} among the complete layers: "
+                      f"image {', '.join(considered['image'])}; text {', '.join(considered['text'])}",
+                      highlight=False, soft_wrap=True)
 
 
 def _print_runs(runs):

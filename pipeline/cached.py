@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.location import has_group
-from featcache.cache.store import FeatureStore, StoreSpec, store_path
-from featcache.pipeline.datasets import canonical_name
-from featcache.pipeline.registry import resolve_entry
+from featcache.cache.store import FeatureStore
+from featcache.pipeline.datasets import canonical_name, hash_unit, is_combined
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,9 @@ class Side:
     pooling: str | None = None
     image_size: int | None = None
 
-    def spec(self, dataset: str, split: str) -> StoreSpec:
-        entry = resolve_entry(self.model)
-        size = (self.image_size or entry.default_image_size) if entry.modality == "image" else None
-        return StoreSpec(canonical_name(dataset), split, entry.name, self.pooling or entry.default_pooling, size)
+    def query(self, dataset: str, split: str) -> lookup.StoreQuery:
+        return lookup.StoreQuery(canonical_name(dataset), split, self.model, self.pooling, self.image_size,
+                                 source=dataset)
 
 
 class ConcatStore:
@@ -80,20 +79,38 @@ class ConcatStore:
                 "dataset": {"name": "+".join(self.names), "sha256": "+".join(p.identity["dataset"]["sha256"] for p in self.parts),
                             "parts": [p.identity["dataset"] for p in self.parts]}}
 
+    @property
+    def encoder_identity(self) -> dict:
+        return self.parts[0].encoder_identity
+
+    @property
+    def attrs_splits(self) -> list[str]:
+        return sorted(set.intersection(*(set(p.attrs.get("dataset_splits", [])) for p in self.parts)))
+
 
 def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
-    if "+" in dataset and not Path(dataset).exists():
+    """The checked store of one side of a split (a ConcatStore for ``a+b``), via the cache's read API."""
+    if is_combined(dataset):
         parts = dataset.split("+")
-        return ConcatStore([open_store(cache_dir, part, split, side) for part in parts],
-                           [canonical_name(part) for part in parts])
-    path = store_path(cache_dir, side.spec(dataset, split))
-    if not has_group(path):
-        raise FeatcacheError(
-            f"no cached features of {side.model} for {dataset}/{split} under {cache_dir}",
-            f"run: featcache extract --model {side.model} --layers all --dataset {dataset}"
-            + (f" --cache-dir {cache_dir}" if cache_dir else ""),
-        )
-    return FeatureStore.open(path)
+        stores = [open_store(cache_dir, part, split, side) for part in parts]
+        for part, store in zip(parts[1:], stores[1:]):
+            lookup.check_same_encoder(stores[0].encoder_identity, store, f"{dataset}: part {part}")
+        return ConcatStore(stores, [canonical_name(part) for part in parts])
+    return lookup.open_store(cache_dir, side.query(dataset, split))
+
+
+def extract_hint(store, layers: str = "all") -> str:
+    """The extract command(s) that built ``store``, asking for ``layers``."""
+    parts = store.parts if isinstance(store, ConcatStore) else [store]
+    cmds = [re.sub(r"--layers \S+", f"--layers {layers}", p.attrs.get("command", "featcache extract")) for p in parts]
+    return "run: " + " && ".join(cmds)
+
+
+def dataset_splits(store) -> list[str]:
+    """The split names of the data set a store was extracted from."""
+    if isinstance(store, ConcatStore):
+        return store.attrs_splits
+    return list(store.attrs.get("dataset_splits", []))
 
 
 @dataclass
@@ -118,10 +135,26 @@ class PairedFeatures:
         return {"image": {"path": str(self.images.path), **self.images.identity},
                 "text": {"path": str(self.texts.path), **self.texts.identity}}
 
+    def subset(self, keep: np.ndarray) -> "PairedFeatures":
+        return PairedFeatures(self.images, self.texts, self.image_rows[keep], self.text_rows[keep])
+
+    def carve(self, fraction: float = 0.1, salt: str = "val") -> tuple["PairedFeatures", "PairedFeatures"]:
+        """(rest, held out): pairs whose image id hashes below ``fraction`` are held out.
+
+        The rule of the built-in hash splits: by image id, so every caption of an image lands on
+        the same side, and the same on every machine.
+        """
+        ids = self.images.ids
+        held = np.asarray([hash_unit(ids[r], salt) < fraction for r in self.image_rows], dtype=bool)
+        return self.subset(~held), self.subset(held)
+
 
 def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Side) -> PairedFeatures:
     images = open_store(cache_dir, dataset, split, image)
     texts = open_store(cache_dir, dataset, split, text)
+    if images.encoder_identity.get("modality", "image") != "image" or texts.encoder_identity.get("modality", "text") != "text":
+        raise FeatcacheError(f"{dataset}/{split}: the image model {image.model} and text model {text.model} "
+                             "must be an image and a text encoder", "swap --image-model and --text-model")
     row_of = {image_id: i for i, image_id in enumerate(images.ids)}
     missing = images.missing
     pairs = [(row_of[g], j) for j, g in enumerate(texts.groups) if g in row_of and not missing[row_of[g]]]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.evaluate import ClassifyConfig, RetrievalConfig, eval_classify, eval_retrieval
-from featcache.pipeline.extract import ExtractConfig, extract, split_label
+from featcache.cache.naming import split_label
+from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.plots import layer_heatmap, metric_bars
 from featcache.pipeline.report import build_report, layer_pair_rows, run_rows, write_outputs
 from featcache.pipeline.runs import write_json

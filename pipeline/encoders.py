@@ -52,6 +52,7 @@ class Encoder:
     preprocessing: dict
     device: torch.device
     tokenizer: object = None
+    native_image_size: int | None = None  # the pretrained input size, what --image-size -1 means
     _digest: str | None = field(default=None, repr=False)
 
     @property
@@ -176,6 +177,7 @@ class Encoder:
             "weights_sha256": self.weights_digest,
             "preprocessing": self.preprocessing,
             "pooling": pooling,
+            "layers": self.layer_names,
         }
 
 
@@ -237,7 +239,8 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
     prep = {"image_size": size, "resize": "shorter-side bicubic", "crop": "center",
             "mean": list(cfg.get("mean", IMAGENET_MEAN)), "std": list(cfg.get("std", IMAGENET_STD)),
             "background": "white"}
-    return Encoder(entry, model, modules, model.embed_dim, model.num_prefix_tokens, prep, torch.device("cpu"))
+    return Encoder(entry, model, modules, model.embed_dim, model.num_prefix_tokens, prep, torch.device("cpu"),
+                   native_image_size=cfg["input_size"][-1])
 
 
 def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encoder:
@@ -280,4 +283,5 @@ def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encode
     prep = {"image_size": size, "resize": "shorter-side bicubic", "crop": "center",
             "mean": list(mean), "std": list(std), "background": "white"}
     n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    return Encoder(entry, model, modules, config.hidden_size, n_prefix, prep, torch.device("cpu"))
+    return Encoder(entry, model, modules, config.hidden_size, n_prefix, prep, torch.device("cpu"),
+                   native_image_size=config.image_size)

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.lookup import check_same_encoder
+from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, open_pairs, open_store
 from featcache.pipeline.datasets import canonical_name
-from featcache.pipeline.extract import split_label
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
 
@@ -45,7 +46,6 @@ class ClassifyConfig:
     limit: int | None = None  # read the store extracted with this --limit
     templates: Path | None = None
     classnames: Path | None = None
-    extract: bool = False  # extract missing caches instead of failing
     baseline: bool = True
     cache_dir: Path = field(default_factory=default_cache_dir)
     runs_dir: Path = field(default_factory=default_runs_dir)
@@ -61,6 +61,15 @@ def _embed(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return normalise(head(torch.from_numpy(np.ascontiguousarray(x))).numpy())
 
 
+def check_run_stores(run_cfg: dict, images, texts, what: str) -> None:
+    """Every store read for a run must hold features of the run's encoders (weights, preprocessing,
+    pooling): a store rebuilt since training, or made with other options, is refused."""
+    trained = run_cfg.get("cache", {}).get("train", {})
+    for side, store in (("image", images), ("text", texts)):
+        if side in trained:
+            check_same_encoder(trained[side]["encoder"], store, f"{what} {side} features")
+
+
 def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
     """An untrained reference map from image to text features, fit on the run's training pairs.
 
@@ -68,6 +77,7 @@ def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
     """
     image, text = _sides(run_cfg)
     train = open_pairs(cache_dir, run_cfg["dataset"], run_cfg["train_split"], image, text)
+    check_run_stores(run_cfg, train.images, train.texts, f"{run_cfg['dataset']}/{run_cfg['train_split']}")
     x, y = normalise(train.image(run_cfg["image_layer"])), normalise(train.text(run_cfg["text_layer"]))
     if x.shape[1] == y.shape[1]:
         u, _, vt = np.linalg.svd(x.T @ y)
@@ -129,6 +139,7 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     image, text = _sides(run_cfg)
     images = open_store(cfg.cache_dir, dataset, cfg.split, image)
     texts = open_store(cfg.cache_dir, dataset, cfg.split, text)
+    check_run_stores(run_cfg, images, texts, f"{dataset}/{cfg.split}")
     image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
     xi = images.read(run_cfg["image_layer"])[image_rows]
     xt = texts.read(run_cfg["text_layer"])[caption_rows]
@@ -163,21 +174,9 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
 def _classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str):
     image, text = _sides(run_cfg)
     label = split_label(cfg.split, cfg.limit)
-    try:
-        return open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
-    except FeatcacheError:
-        if not cfg.extract:
-            limit = f" --limit {cfg.limit}" if cfg.limit else ""
-            cmds = [f"featcache extract --model {s.model} --dataset {dataset} --split {cfg.split}{limit} --layers all"
-                    for s in (image, text)]
-            raise FeatcacheError(f"{dataset}/{label} is not cached for this run's encoders",
-                                 "run: " + " && ".join(cmds) + ", or pass --extract") from None
-    from featcache.pipeline.extract import ExtractConfig, extract
-
-    for side in (image, text):
-        extract(ExtractConfig(model=side.model, pooling=side.pooling, image_size=side.image_size, dataset=dataset,
-                              splits=[cfg.split], limit=cfg.limit, layers="all", cache_dir=cfg.cache_dir))
-    return open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
+    images, prompts = open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
+    check_run_stores(run_cfg, images, prompts, f"{dataset}/{label}")
+    return images, prompts
 
 
 def classify_spec(cfg: ClassifyConfig) -> str:

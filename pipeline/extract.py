@@ -12,13 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.cache import location as loc
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.locks import all_writers_locked, store_lock
+from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
-from featcache.cache.store import FeatureStore, StoreSpec, store_path
-from featcache.pipeline.datasets import BadImage, ImageSide, Split, load_dataset
+from featcache.cache.store import FeatureStore
+from featcache.pipeline.datasets import BadImage, ImageSide, Split, is_combined, load_dataset
 from featcache.pipeline.encoders import Encoder, load_encoder
 from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.workers import Worker, barrier, from_environment, init_distributed, parse_shard, store_lock
+from featcache.pipeline.registry import ALIASES
+from featcache.pipeline.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 
 FP16_MAX = 65504.0
 # Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model.
@@ -87,17 +91,33 @@ def _featcache_version() -> str:
         return "unknown"
 
 
-def split_label(split: str, limit: int | None) -> str:
-    """A limited run is its own store: it must never be mistaken for the full split."""
-    return split if not limit else f"{split}-sample{limit}"
-
-
 def store_spec(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> StoreSpec:
     return StoreSpec(split.dataset, split_label(split.name, cfg.limit), encoder.name, pooling,
                      encoder.preprocessing.get("image_size"))
 
 
-def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str) -> FeatureStore:
+def command_for(cfg: ExtractConfig, split: Split) -> str:
+    """The extract command that (re)builds one split's store: recorded for error hints."""
+    cmd = f"featcache extract --model {cfg.model} --layers {cfg.layers} --dataset {cfg.dataset} --split {split.name}"
+    for flag, value in (("--limit", cfg.limit), ("--pooling", cfg.pooling), ("--image-size", cfg.image_size),
+                        ("--cache-dir", cfg.cache_dir)):
+        cmd += f" {flag} {value}" if value is not None else ""
+    return cmd + (" --dtype float32" if cfg.dtype == "float32" else "")
+
+
+def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names: list[str]) -> dict:
+    """What readers need besides the identity: the names the encoder answers to, its defaults,
+    the data set as the user wrote it and its splits (a missing val split is carved, not asked for)."""
+    aliases = [a for a, name in ALIASES.items() if name == encoder.name]
+    return {"names": [encoder.name, *aliases],
+            "defaults": {"pooling": encoder.entry.default_pooling,
+                         "image_size": encoder.entry.default_image_size if encoder.modality == "image" else None,
+                         "pretrained_image_size": encoder.native_image_size},
+            "command": command_for(cfg, split), "dataset_label": cfg.dataset, "dataset_splits": split_names}
+
+
+def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str,
+                   split_names: list[str]) -> FeatureStore:
     side = split.side(encoder.modality)
     spec = store_spec(cfg, encoder, split, pooling)
     identity = {
@@ -112,7 +132,7 @@ def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: 
         store_path(cfg.cache_dir, spec), identity=identity, versions=library_versions(),
         ids=side.ids, groups=side.groups, texts=getattr(side, "texts", None),
         width=encoder.pooled_width(pooling), dtype=cfg.dtype, block_rows=cfg.block_rows,
-        overwrite=cfg.overwrite,
+        extra_attrs=store_attrs(cfg, encoder, split, split_names),
     )
     if extra and "classes" not in store.attrs:
         store.group.attrs["classes"] = extra
@@ -201,8 +221,14 @@ def _compute_blocks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
     return computed
 
 
+def clear_store(path) -> None:
+    """``--overwrite``: remove a store, but only while no writer of any shard holds it."""
+    with all_writers_locked(path, str(path)):
+        loc.remove(path)
+
+
 def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: list[str], pooling: str,
-                  progress=None, worker: Worker | None = None) -> ExtractResult:
+                  progress=None, worker: Worker | None = None, split_names: list[str] | None = None) -> ExtractResult:
     worker = worker or Worker()
     start = time.perf_counter()
     path = store_path(cfg.cache_dir, store_spec(cfg, encoder, split, pooling))
@@ -210,7 +236,7 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
     with store_lock(path, f"shard-{worker.label}", blocking=False, what=f"{path} (shard {worker.index}/{worker.count})"):
         # Creating the skeleton and adding layer arrays is metadata: one process at a time.
         with store_lock(path, "meta", blocking=True, what=str(path)):
-            store = open_store_for(cfg, encoder, split, pooling)
+            store = open_store_for(cfg, encoder, split, pooling, split_names or [split.name])
             store.ensure_layers(layers)
         pending = store.pending_blocks(layers)
         own = worker.own(pending)
@@ -239,7 +265,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
         raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
     if cfg.dtype not in ("float16", "float32"):
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
-    if "+" in cfg.dataset and not Path(cfg.dataset).exists():
+    if is_combined(cfg.dataset):
         # a+b is read as the union of a's and b's stores: each part is cached once, on its own
         return [r for part in cfg.dataset.split("+") for r in extract(replace(cfg, dataset=part), progress)]
     splits = load_dataset(cfg.dataset)
@@ -257,8 +283,15 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     encoder.check_pooling(pooling)
     layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)
     init_distributed(worker, encoder.device.type)
-    results = [extract_split(cfg, encoder, splits[s].limited(cfg.limit), layers, pooling,
-                             progress if worker.index == 0 else None, worker) for s in names]
+    chosen = [splits[s].limited(cfg.limit) for s in names]
+    if cfg.overwrite:
+        if not worker.distributed or worker.index == 0:  # one rank clears, then all fill
+            for split in chosen:
+                clear_store(store_path(cfg.cache_dir, store_spec(cfg, encoder, split, pooling)))
+        barrier(worker)
+        cfg = replace(cfg, overwrite=False)
+    results = [extract_split(cfg, encoder, split, layers, pooling, progress if worker.index == 0 else None,
+                             worker, list(splits)) for split in chosen]
     barrier(worker)  # every rank's blocks are written before anyone reports the store complete
     if worker.count == 1:
         return results

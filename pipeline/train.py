@@ -17,9 +17,11 @@ import torch
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir, default_runs_dir
-from featcache.pipeline.cached import PairedFeatures, Side, open_pairs, subsample
+from featcache.cache.lookup import check_same_encoder
+from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, subsample
 from featcache.pipeline.heads import AlignmentModel
 from featcache.pipeline.layers import ScoreTable, score_table
+from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import clip_loss, lambda_at, structure_regularizer
 from featcache.pipeline.runs import RunWriter
 
@@ -46,7 +48,7 @@ class AlignConfig:
     image_size: int | None = None
     dataset: str = "tuxpaint"
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # a data set without one holds out 10% of train by image-id hash
     layers: str = "auto"  # auto | last | IMG,TXT (layer names or block indices)
     loss: str = "clip+structure"
     levels: int = 1
@@ -91,6 +93,8 @@ class AlignConfig:
             raise FeatcacheError(f"--pairs must be at least 2, got {self.pairs}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise FeatcacheError(f"--lr must be a positive number, got {self.lr}")
+        if self.lam < 0 or not math.isfinite(self.lam):
+            raise FeatcacheError(f"--lam must be a finite number >= 0, got {self.lam}")
         if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):
             raise FeatcacheError("weighting must be none|inverse and divergence reference|js")
 
@@ -101,6 +105,7 @@ class CachedData:
 
     train: PairedFeatures
     val: PairedFeatures
+    validation: dict = field(default_factory=dict)  # where the validation pairs came from
     _memo: dict = field(default_factory=dict)
 
     def features(self, split: str, modality: str, layer: str) -> np.ndarray:
@@ -111,11 +116,30 @@ class CachedData:
         return self._memo[key]
 
 
+VAL_FRACTION = 0.1
+
+
 def load_cached(cfg: AlignConfig) -> CachedData:
+    """The training and validation pairs, from stores made by one encoder identity per side.
+
+    A data set that has no ``val`` split gets one carved from ``train`` (10% of images, by the
+    hash rule of the built-in splits); the run records that it did.
+    """
     image = Side(cfg.image_model, cfg.image_pooling, cfg.image_size)
     text = Side(cfg.text_model, cfg.text_pooling)
-    return CachedData(open_pairs(cfg.cache_dir, cfg.dataset, cfg.train_split, image, text),
-                      open_pairs(cfg.cache_dir, cfg.dataset, cfg.val_split, image, text))
+    train = open_pairs(cfg.cache_dir, cfg.dataset, cfg.train_split, image, text)
+    splits = dataset_splits(train.images)
+    if cfg.val_split == "val" and splits and "val" not in splits:
+        train, val = train.carve(VAL_FRACTION)
+        validation = {"split": cfg.train_split, "carved": True, "fraction": VAL_FRACTION, "salt": "val",
+                      "rule": "images whose id hashes below the fraction", "pairs": len(val)}
+    else:
+        val = open_pairs(cfg.cache_dir, cfg.dataset, cfg.val_split, image, text)
+        for side in ("images", "texts"):
+            check_same_encoder(getattr(train, side).encoder_identity, getattr(val, side),
+                               f"{cfg.dataset}/{cfg.val_split} {side[:-1]} features")
+        validation = {"split": cfg.val_split, "carved": False, "pairs": len(val)}
+    return CachedData(train, val, validation)
 
 
 def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
@@ -131,27 +155,37 @@ def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
     return data._memo[key]
 
 
+def _model_layer(spec: str, store, complete: list[str]) -> str:
+    """One layer of the model by name or block index, which must be cached and complete.
+
+    Indices and ``last`` count the model's blocks (recorded in the store), not the blocks that
+    happen to be cached, so a name never silently changes meaning.
+    """
+    layers = store.encoder_identity.get("layers") or store.layers
+    n_blocks = sum(1 for n in layers if n.startswith("block."))
+    names = resolve_layers(spec, n_blocks, "final" in layers)
+    if len(names) != 1:
+        raise FeatcacheError(f"--layers names one layer per side, got {spec!r}", "use auto, last, or IMG,TXT")
+    name = names[0]
+    if name not in complete:
+        raise FeatcacheError(f"layer {name} ({spec!r}) of {store.encoder_identity['name']} is not cached "
+                             f"completely in {store.path}; cached: {', '.join(complete) or 'none'}",
+                             extract_hint(store, name))
+    return name
+
+
 def resolve_pair(spec: str, data: CachedData, select: SelectConfig) -> tuple[str, str, ScoreTable | None]:
     """The (image layer, text layer) to train on, and the score table when one was computed."""
-    if spec in ("auto", "last"):
+    if spec == "auto":
         table = select_layers(data, select)
-        return (*(table.best() if spec == "auto" else table.last()), table)
-    parts = spec.split(",")
-    if len(parts) != 2:
+        return (*table.best(), table)
+    parts = ["last", "last"] if spec == "last" else [p.strip() for p in spec.split(",")]
+    if len(parts) != 2 or not all(parts):
         raise FeatcacheError(f"bad --layers {spec!r}", "use auto, last, or IMG,TXT such as block.09,block.05 or 9,-1")
-    names = []
-    for part, store in zip(parts, (data.train.images, data.train.texts)):
-        part = part.strip()
-        blocks = [n for n in store.layers if n.startswith("block.")]
-        if part in store.layers:
-            names.append(part)
-            continue
-        try:
-            names.append(blocks[int(part)])
-        except (ValueError, IndexError):
-            raise FeatcacheError(f"layer {part!r} is not cached in {store.path}",
-                                 f"cached: {', '.join(store.layers)}; indices {-len(blocks)}..{len(blocks) - 1}")
-    return names[0], names[1], None
+    image_store, text_store = data.train.images, data.train.texts
+    image = _model_layer(parts[0], image_store, [n for n in image_store.layers if image_store.is_complete(n)])
+    text = _model_layer(parts[1], text_store, [n for n in text_store.layers if text_store.is_complete(n)])
+    return image, text, None
 
 
 def _losses(model, cfg: AlignConfig, xi, xt, lam: float):
@@ -188,10 +222,20 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None, quiet
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = subsample(len(data.train), cfg.pairs, cfg.seed)
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    xi = as_t(data.features("train", "image", image_layer)[rows])
-    xt = as_t(data.features("train", "text", text_layer)[rows])
-    vi = as_t(data.features("val", "image", image_layer))
-    vt = as_t(data.features("val", "text", text_layer))
+    if len(rows) < 2 or len(data.val) < 2:
+        raise FeatcacheError(f"{cfg.dataset}: {len(rows)} training and {len(data.val)} validation pairs; "
+                             "training needs at least 2 of each", "use a larger data set or a larger --pairs")
+    arrays = {}
+    for split, modality, layer, pick in (("train", "image", image_layer, rows), ("train", "text", text_layer, rows),
+                                         ("val", "image", image_layer, None), ("val", "text", text_layer, None)):
+        x = data.features(split, modality, layer)
+        x = x if pick is None else x[pick]
+        if not np.isfinite(x).all():
+            store = getattr(data.train if split == "train" else data.val, f"{modality}s")
+            raise FeatcacheError(f"the {modality} features of layer {layer} in {store.path} hold non-finite values",
+                                 f"run: featcache verify {store.path}")
+        arrays[split, modality] = as_t(x)
+    xi, xt, vi, vt = (arrays[k] for k in (("train", "image"), ("train", "text"), ("val", "image"), ("val", "text")))
 
     model = AlignmentModel(cfg.head, xi.shape[1], xt.shape[1], cfg.d_out, cfg.temperature,
                            cfg.learn_temperature).to(device)
@@ -205,8 +249,11 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None, quiet
 
     config = cfg.to_dict() | {
         "image_layer": image_layer, "text_layer": text_layer, "train_pairs": int(len(rows)),
-        "val_pairs": int(len(vi)), "cache": {"train": data.train.identities(), "val": data.val.identities()},
+        "val_pairs": int(len(vi)), "validation": data.validation,
+        "cache": {"train": data.train.identities(), "val": data.val.identities()},
     }
+    if table is not None:  # auto: which layers it chose among (complete ones only)
+        config["layers_considered"] = {"image": table.image_layers, "text": table.text_layers}
     writer = RunWriter(cfg.runs_dir, config)
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {"epoch": -1, "score": float("inf")}
@@ -232,6 +279,10 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None, quiet
                     sums[key] += float(v.detach()) / steps_per_epoch
             model.eval()
             val = _evaluate(model, cfg, vi, vt)
+            if not all(math.isfinite(v) for v in (*sums.values(), *val.values())):
+                raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {sums['total']}, "
+                                     f"val {val['total']}); no run was recorded",
+                                     "lower --lr or --lam, or check the features with featcache verify")
             score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
             improved = score < best["score"]
             if improved:

@@ -5,17 +5,15 @@ own blocks then takes unfinished blocks of the others from the far end of the li
 worker does not hold up the job (see docs/scale.md). Blocks are independent, complete chunk
 writes, so a block done twice is only wasted time.
 
-Each (store, worker) pair holds an exclusive file lock while it writes: a second extraction
-of the same shard into the same store is refused with a message instead of interleaving.
+Each (store, worker) pair holds an exclusive file lock while it writes
+(``featcache.cache.locks``): a second extraction of the same shard into the same store is
+refused with a message instead of interleaving.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
 
@@ -71,39 +69,3 @@ def barrier(worker: Worker) -> None:
 
     if worker.distributed and dist.is_initialized():
         dist.barrier()
-
-
-def store_lock(store: "Path | str", role: str, blocking: bool, what: str):
-    """The lock file ``.<store>.<role>.lock`` beside a local store.
-
-    Object stores (fsspec URLs) have no file locks: there, workers must use disjoint shards.
-    """
-    from featcache.cache.location import is_url
-
-    if is_url(store):
-        return nullcontext()
-    store = Path(store)
-    return file_lock(store.parent / f".{store.name}.{role}.lock", blocking, what)
-
-
-@contextmanager
-def file_lock(path: Path, blocking: bool, what: str):
-    """An exclusive flock on ``path``; non-blocking locks that are taken raise a clear error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(f, flags)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise FeatcacheError(f"{what} is already being written by {holder}",
-                                 "wait for it to finish, or split the work with --shard I/N or torchrun") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

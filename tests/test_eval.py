@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from conftest import build_tiny_cache, make_pairs, save_tiny_bert, save_tiny_vit
 from featcache.cli.main import app
+from featcache.pipeline.datasets import canonical_name
 from featcache.pipeline.runs import find_run, read_json
 
 runner = CliRunner()
@@ -33,7 +34,7 @@ def test_eval_retrieval_writes_one_result(env):
     out = runner.invoke(app, ["eval", "retrieval", *env["common"]])
     assert out.exit_code == 0, out.output
     run = find_run(env["root"] / "runs")
-    res = read_json(run / "eval" / f"retrieval-{env['pairs'].stem}-test.json")
+    res = read_json(run / "eval" / f"retrieval-{canonical_name(str(env['pairs']))}-test.json")
     assert res["dataset"] == str(env["pairs"]) and res["split"] == "test" and res["positive_rule"] == "image"
     assert res["ks"] == [1, 5, 10] and res["cache"]["image"]["weights_sha256"]
     for direction in ("image_to_text", "text_to_image"):
@@ -42,7 +43,7 @@ def test_eval_retrieval_writes_one_result(env):
     assert res["baseline"]["method"] == "procrustes"  # both tiny encoders are 32 wide
     out = runner.invoke(app, ["eval", "retrieval", *env["common"], "--positives", "caption"])
     assert out.exit_code == 0
-    assert (run / "eval" / f"retrieval-{env['pairs'].stem}-test-caption-positives.json").exists()
+    assert (run / "eval" / f"retrieval-{canonical_name(str(env['pairs']))}-test-caption-positives.json").exists()
 
 
 def test_eval_classify_image_folder_with_extract(env, tmp_path):
@@ -51,7 +52,7 @@ def test_eval_classify_image_folder_with_extract(env, tmp_path):
     assert out.exit_code == 2 and "featcache extract --model hf:" in out.output and "--extract" in out.output
     out = runner.invoke(app, argv + ["--extract"])
     assert out.exit_code == 0, out.output
-    res = read_json(find_run(env["root"] / "runs") / "eval" / "classify-shapes-test.json")
+    res = read_json(find_run(env["root"] / "runs") / "eval" / f"classify-{canonical_name(str(env['folder']))}-test.json")
     assert res["classes"] == 2 and res["images"] == 8 and "top5" not in res["metrics"]
     templates = tmp_path / "t.txt"
     templates.write_text("a {} thing.\nsomething {}.\n")
@@ -90,7 +91,8 @@ def test_combined_pair_sets_read_each_part_cache(tmp_path):
         out = runner.invoke(app, ["extract", "--model", f"hf:{model}", "--dataset", spec, "--cache-dir",
                                   str(tmp_path / "cache")])
         assert out.exit_code == 0, out.output
-    assert {p.name for p in (tmp_path / "cache").iterdir()} == {"pairs", "other"}  # each part cached apart
+    # each part cached apart, under its stem and a digest of its path and content
+    assert {p.name.split(".")[0] for p in (tmp_path / "cache").iterdir()} == {"pairs", "other"}
     out = runner.invoke(app, ["align", "--image-model", f"hf:{vit}", "--text-model", f"hf:{bert}", "--dataset", spec,
                               "--epochs", "2", *common])
     assert out.exit_code == 0, out.output

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import make_pairs
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.workers import file_lock
+from featcache.cache.locks import file_lock
 from test_extract import _store_arrays
 
 runner = CliRunner()

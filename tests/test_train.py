@@ -110,7 +110,7 @@ def test_cli_align_layers_and_runs(tiny_cache, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--image-model", "dinov2-s", "--dataset", "tuxpaint"], "featcache extract --model dinov2-s"),
     (["--loss", "triplet"], "unknown loss"),
-    (["--layers", "99,0"], "not cached"),
+    (["--layers", "99,0"], "out of range"),
     (["--head", "transformer"], "unknown head"),
 ])
 def test_cli_align_errors(tiny_cache, tmp_path, argv, needle):

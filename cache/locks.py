@@ -1,0 +1,75 @@
+"""Writer locks beside a local store: one per shard, one for metadata.
+
+``.<store>.shard-<I>-of-<N>.lock`` is held by the process filling that shard for its whole
+run; ``.<store>.meta.lock`` is held while the store's skeleton or layer arrays change. A lock
+file records its holder's pid, so a refusal can name it. Object stores (fsspec URLs) have no
+file locks: there, writers must use disjoint shards (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.location import Location, is_url
+
+
+def lock_path(store: Path, role: str) -> Path:
+    return store.parent / f".{store.name}.{role}.lock"
+
+
+def store_lock(store: Location, role: str, blocking: bool, what: str):
+    if is_url(store):
+        return nullcontext()
+    return file_lock(lock_path(Path(store), role), blocking, what)
+
+
+@contextmanager
+def file_lock(path: Path, blocking: bool, what: str,
+              hint: str = "wait for it to finish, or split the work with --shard I/N or torchrun"):
+    """An exclusive flock on ``path``; a non-blocking lock that is taken raises a clear error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as err:
+        raise FeatcacheError(f"cannot create the lock file {path} ({err.strerror})",
+                             "check that the cache directory is a writable folder") from None
+    with f:
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, flags)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FeatcacheError(f"{what} is already being written by {holder}", hint) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def all_writers_locked(store: Location, what: str):
+    """Hold the metadata lock and every shard lock of ``store``: no writer of any shard is alive.
+
+    Used by ``--overwrite``, which must never rebuild a store another process is still filling.
+    Raises, naming the holder, if any lock is taken.
+    """
+    if is_url(store):
+        yield
+        return
+    store = Path(store)
+    with ExitStack() as stack:
+        hint = "nothing was removed; wait for that writer to finish or stop it, then run --overwrite again"
+        stack.enter_context(file_lock(lock_path(store, "meta"), True, what, hint))
+        for path in sorted(store.parent.glob(f".{store.name}.shard-*.lock")):
+            shard = path.name[len(f".{store.name}.shard-"):-len(".lock")]
+            stack.enter_context(file_lock(path, False, f"{what} (shard {shard.replace('-of-', '/')})", hint))
+        yield

@@ -1,0 +1,109 @@
+"""The read side of the cache: open a store by what is asked, and check it holds exactly that.
+
+Stage two never rebuilds a store's path from an encoder registry. It asks for (data set,
+split, encoder, pooling, input size); this module finds the stores of that split, matches the
+encoder by the names each store recorded for itself (registry name and aliases, or the exact
+``timm:``/``hf:`` spec), and then compares the store's recorded identity with the request.
+Any difference is a one-line error naming the field; a missing store names the extract command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featcache.cache import location as loc
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.location import Location
+from featcache.cache.naming import split_dir
+from featcache.cache.store import FeatureStore
+
+
+class StoreNotFound(FeatcacheError):
+    """Nothing is cached for the query: the hint is the extract command that makes it."""
+
+
+@dataclass(frozen=True)
+class StoreQuery:
+    """What a reader asks for. ``None`` pooling or size means the encoder's default."""
+
+    dataset: str  # the canonical data set name (featcache.pipeline.datasets.canonical_name)
+    split: str  # the split label, ``test-sample500`` for a --limit run
+    encoder: str  # as the user names it: registry name, alias, timm:<name> or hf:<path>
+    pooling: str | None = None
+    image_size: int | None = None  # -1: the model's pretrained size
+    source: str | None = None  # the data set as the user wrote it, for the extract command
+
+    def extract_command(self, cache_dir: Location | None = None) -> str:
+        split, _, sample = self.split.partition("-sample")
+        cmd = f"featcache extract --model {self.encoder} --layers all --dataset {self.source or self.dataset}"
+        cmd += f" --split {split}" + (f" --limit {sample}" if sample else "")
+        cmd += f" --pooling {self.pooling}" if self.pooling else ""
+        cmd += f" --image-size {self.image_size}" if self.image_size else ""
+        return cmd + (f" --cache-dir {cache_dir}" if cache_dir is not None else "")
+
+
+def _names(store: FeatureStore) -> set[str]:
+    return {store.encoder_identity["name"], *store.attrs.get("names", [])}
+
+
+def _image_size(store: FeatureStore) -> int | None:
+    return store.encoder_identity.get("preprocessing", {}).get("image_size")
+
+
+def mismatches(store: FeatureStore, query: StoreQuery) -> list[str]:
+    """Fields where the store's recorded identity differs from the query."""
+    ident, defaults = store.identity, store.attrs.get("defaults", {})
+    data, enc = ident["dataset"], ident["encoder"]
+    want_pooling = query.pooling or defaults.get("pooling")
+    want_size = {None: defaults.get("image_size"), -1: defaults.get("pretrained_image_size")}.get(
+        query.image_size, query.image_size)
+    label = data["split"] if not data.get("limit") else f"{data['split']}-sample{data['limit']}"
+    checks = [("dataset.name", data["name"], query.dataset), ("dataset.split", label, query.split),
+              ("encoder.pooling", enc["pooling"], want_pooling)]
+    if enc.get("modality") == "image":
+        checks.append(("encoder.preprocessing.image_size", _image_size(store), want_size))
+    diffs = [f"{field}: stored {have!r}, asked {want!r}" for field, have, want in checks if have != want]
+    if query.encoder not in _names(store):
+        diffs.insert(0, f"encoder.name: stored {enc['name']!r}, asked {query.encoder!r}")
+    return diffs
+
+
+def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
+    """The one store that holds what ``query`` asks for, checked against its recorded identity."""
+    folder = split_dir(cache_dir, query.dataset, query.split)
+    candidates, unreadable = [], []
+    for path in loc.find_groups(folder):
+        try:
+            store = FeatureStore.open(path)
+        except FeatcacheError as err:  # an old or broken store: it may be the one asked for
+            unreadable.append(err)
+            continue
+        if query.encoder in _names(store):
+            candidates.append(store)
+    hint = f"run: {query.extract_command(cache_dir)}"
+    if not candidates and unreadable:
+        raise unreadable[0]
+    if not candidates:
+        raise StoreNotFound(f"no cached features of {query.encoder} for {query.source or query.dataset}/"
+                             f"{query.split} under {cache_dir}", hint)
+    exact = [s for s in candidates if not mismatches(s, query)]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        raise FeatcacheError(f"several stores match {query.encoder} for {query.dataset}/{query.split}: "
+                             + ", ".join(str(s.path) for s in exact), "name the pooling and --image-size")
+    closest = min(candidates, key=lambda s: len(mismatches(s, query)))
+    raise FeatcacheError(f"the cached features of {query.encoder} for {query.dataset}/{query.split} "
+                         f"differ from what was asked ({'; '.join(mismatches(closest, query))})", hint)
+
+
+def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:
+    """Refuse to compare features made by other weights, preprocessing or pooling."""
+    fields = ("weights_sha256", "preprocessing", "pooling")
+    have = store.encoder_identity
+    diffs = [f for f in fields if reference.get(f) != have.get(f)]
+    if diffs:
+        raise FeatcacheError(
+            f"{what}: the store {store.path} was made with another {diffs[0].replace('_', ' ')} "
+            f"than the run's training features ({str(reference.get(diffs[0]))[:16]} vs {str(have.get(diffs[0]))[:16]})",
+            "extract every split with the same encoder and options, or retrain on the current cache")
