@@ -35,9 +35,12 @@ from featcache.cache.naming import StoreSpec, split_label, store_path  # noqa: F
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk, chunks written even when empty
 _MIN_CHUNK_BYTES = 1 << 20
-# Every array: zstd, then a crc32c of the compressed bytes; write every chunk, even one that
-# equals the fill value, so "block done but chunk absent" always means a lost chunk.
-_ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()], "config": {"write_empty_chunks": True}}
+# Every array: zstd, then a crc32c of the compressed bytes.
+_ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+# Write every chunk, even one that equals the fill value (all-NaN rows, no missing rows), so
+# "block done but chunk absent" always means a lost chunk. This is a runtime setting, not
+# stored metadata, so every write goes through it.
+_WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
 class CorruptBlock(FeatcacheError):
@@ -280,19 +283,21 @@ class FeatureStore:
         recomputing this block.
         """
         sl = self.block_slice(block)
-        self.group["missing"][sl] = missing
-        for name, values in features.items():
-            self.group[f"layers/{name}"][sl] = values
-        for name in features:
-            self.group[f"done/{name}"][block] = True
+        with zarr.config.set(_WRITE_EVERY_CHUNK):
+            self.group["missing"][sl] = missing
+            for name, values in features.items():
+                self.group[f"layers/{name}"][sl] = values
+            for name in features:
+                self.group[f"done/{name}"][block] = True
 
     def block_done(self, layer: str, block: int) -> bool:
         return bool(self._decoded(f"done/{layer}", block))
 
     def clear_done(self, layer: str, blocks: list[int]) -> None:
         """Mark blocks unfinished so the next extract recomputes them (``verify --repair``)."""
-        for block in blocks:
-            self.group[f"done/{layer}"][block] = False
+        with zarr.config.set(_WRITE_EVERY_CHUNK):
+            for block in blocks:
+                self.group[f"done/{layer}"][block] = False
 
     # -- checking --------------------------------------------------------------------------
     def stored_chunks(self, array: str) -> set[int]:
@@ -303,6 +308,11 @@ class FeatureStore:
             return [k async for k in self.group.store.list_prefix(prefix)]
 
         return {int(k[len(prefix):].split("/")[0]) for k in sync(keys())}
+
+    def lost_blocks(self, layer: str) -> list[int]:
+        """Blocks of ``layer`` marked done whose chunk object is gone."""
+        present = self.stored_chunks(f"layers/{layer}")
+        return [int(b) for b in np.flatnonzero(self.done_blocks(layer)) if b not in present]
 
     def read_block(self, array: str, block: int, dtype=None) -> np.ndarray:
         """One block's rows of ``array``; a failed checksum is a :class:`CorruptBlock`."""
@@ -332,10 +342,9 @@ class FeatureStore:
                 "run the extract command again to finish it",
             )
         array = f"layers/{layer}"
-        if self.rows:
-            absent = sorted(set(range(self.n_blocks)) - self.stored_chunks(array))
-            if absent:
-                raise CorruptBlock(self.path, layer, absent[0], "is marked done but its chunk is missing")
+        lost = self.lost_blocks(layer) if self.rows else []
+        if lost:
+            raise CorruptBlock(self.path, layer, lost[0], "is marked done but its chunk is missing")
         try:
             return np.asarray(self.group[array][:], dtype=dtype)
         except ValueError as err:

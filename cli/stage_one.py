@@ -80,12 +80,14 @@ def list_stores(cache_dir: Optional[str] = CacheDir):
             s = FeatureStore.open(path)
             ident = s.identity
             done = sum(s.is_complete(name) for name in s.layers)
+            lost = sum(len(s.lost_blocks(name)) for name in s.layers)
         except FeatcacheError as err:
             table.add_row(str(path), "", "", "", "", "", "", "", f"broken: {err}", "", "")
             continue
         parts = str(path).rstrip("/").split("/")
         table.add_row(s.attrs.get("dataset_label", ""), ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
                       parts[-1].removesuffix(".zarr"), str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
+                      f"no: {lost} chunk(s) lost, run featcache verify" if lost else
                       "yes" if s.is_complete() else "no", human_bytes(s.nbytes_on_disk()),
                       ident["encoder"]["weights_sha256"][:12])
     console.print(table if n else f"no feature stores under {root}")

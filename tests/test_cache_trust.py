@@ -1,0 +1,291 @@
+"""The cache is trusted on read: stores are found by identity, checksummed, verified, never mixed.
+
+Every test builds real stores with the tiny random encoders and attacks them as a user (or a
+disk) would: same file names, flipped bytes, deleted chunks, hostile names, live writers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_pairs
+from featcache.cache.errors import FeatcacheError
+from featcache.cache.naming import safe_component
+from featcache.cache.store import CorruptBlock, FeatureStore, find_stores
+from featcache.cli.main import app
+from featcache.pipeline.runs import find_run, read_json
+from test_extract import _store_arrays
+
+runner = CliRunner()
+
+
+def invoke(*argv):
+    return runner.invoke(app, [str(a) for a in argv])
+
+
+def extract(model, dataset, cache, *extra):
+    out = invoke("extract", "--model", f"hf:{model}", "--dataset", dataset, "--cache-dir", cache,
+                 "--batch-size", 4, *extra)
+    assert out.exit_code == 0, out.output
+    return out
+
+
+def align(vit, bert, dataset, cache, runs, *extra):
+    return invoke("align", "--image-model", f"hf:{vit}", "--text-model", f"hf:{bert}", "--dataset", dataset,
+                  "--cache-dir", cache, "--runs-dir", runs, "--epochs", 2, "--batch-size", 8, *extra)
+
+
+def chunk_files(store: Path, layer: str) -> list[Path]:
+    """The chunk file of each row block, in block order."""
+    files = [p for p in (store / "layers" / layer / "c").rglob("*") if p.is_file()]
+    return sorted(files, key=lambda p: int(p.parent.name))
+
+
+@pytest.fixture()
+def two_files(tmp_path):
+    """Two different data sets that are both called pairs.jsonl."""
+    return make_pairs(tmp_path / "a", n=36, seed=1), make_pairs(tmp_path / "b", n=36, seed=2)
+
+
+def test_same_file_name_two_data_sets_never_mixed(tiny_vit, tiny_bert, two_files, tmp_path):
+    a, b = two_files
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, a, cache)
+    # b was never extracted: stage two stops with the command, and does not read a's stores
+    out = align(tiny_vit, tiny_bert, b, cache, runs)
+    assert out.exit_code == 2 and f"featcache extract --model hf:{tiny_vit}" in out.output
+    assert f"--dataset {b}" in out.output and not runs.exists()
+    assert align(tiny_vit, tiny_bert, a, cache, runs).exit_code == 0
+    run_a = find_run(runs)
+    out = invoke("eval", "retrieval", "--dataset", b, "--cache-dir", cache, "--runs-dir", runs)
+    assert out.exit_code == 2 and "featcache extract" in out.output
+    assert not (run_a / "eval").exists()  # nothing was written under b's name or over a's result
+    # once b is extracted both coexist, each under its own folder, and each run reads its own
+    for model in (tiny_vit, tiny_bert):
+        extract(model, b, cache)
+    assert len([p for p in cache.iterdir() if p.name.startswith("pairs.")]) == 2
+    assert align(tiny_vit, tiny_bert, b, cache, runs).exit_code == 0
+    (run_b,) = [p for p in runs.iterdir() if p != run_a]
+    paths = lambda run: {read_json(run / "config.json")["cache"]["train"][s]["path"] for s in ("image", "text")}
+    assert paths(run_a).isdisjoint(paths(run_b))
+    sha = lambda run: read_json(run / "config.json")["cache"]["train"]["image"]["dataset"]["sha256"]
+    assert sha(run_a) != sha(run_b)
+    for run in (run_a, run_b):
+        out = invoke("eval", "retrieval", "--run", run.name, "--cache-dir", cache, "--runs-dir", runs)
+        assert out.exit_code == 0, out.output
+    assert [p.name for p in (run_a / "eval").iterdir()] != [p.name for p in (run_b / "eval").iterdir()]
+
+
+def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=40)
+    cache = tmp_path / "cache"
+    argv = ("--split", "train", "--block-rows", 8)
+    extract(tiny_vit, pairs, cache, *argv)
+    path = next(find_stores(cache))
+    reference = _store_arrays(path)
+    originals = {f: f.read_bytes() for layer in ("block.01", "block.02") for f in chunk_files(path, layer)}
+
+    # a flipped byte in the middle of one chunk of block.02
+    victim = chunk_files(path, "block.02")[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    # a deleted chunk of block.01
+    lost = chunk_files(path, "block.01")[2]
+    lost.unlink()
+
+    store = FeatureStore.open(path)
+    with pytest.raises(CorruptBlock, match=r"block 1 of block.02 fails its checksum") as err:
+        store.read("block.02")
+    assert "featcache verify --repair" in err.value.hint
+    with pytest.raises(CorruptBlock, match=r"block 2 of block.01 is marked done but its chunk is missing"):
+        store.read("block.01")
+    ls = invoke("ls", "--cache-dir", cache)
+    assert "lost" in ls.output and "yes" not in ls.output
+
+    out = invoke("verify", "--cache-dir", cache)
+    assert out.exit_code == 1 and "block.02" in out.output and "checksum" in out.output
+    assert "block.01" in out.output and "missing" in out.output
+
+    out = invoke("verify", "--repair", "--cache-dir", cache)
+    assert out.exit_code == 1 and "repaired: 2 block(s)" in out.output
+    assert FeatureStore.open(path).pending_blocks(["block.01", "block.02"]) == [1, 2]
+    out = extract(tiny_vit, pairs, cache, *argv)
+    assert invoke("verify", "--cache-dir", cache).exit_code == 0
+    assert _store_arrays(path) == reference
+    assert {f: f.read_bytes() for f in originals} == originals  # the very chunk files, bitwise
+
+
+def test_corrupt_chunk_stops_eval_with_the_block_named(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=36)
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, cache)
+    assert align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last").exit_code == 0
+    test_store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "vit" in p.parts[-2])
+    victim = chunk_files(test_store, "block.02")[0]
+    data = bytearray(victim.read_bytes())
+    data[7] ^= 0x01
+    victim.write_bytes(bytes(data))
+    out = invoke("eval", "retrieval", "--cache-dir", cache, "--runs-dir", runs)
+    assert out.exit_code == 2 and "block 0 of block.02 fails its checksum" in out.output
+    assert str(test_store) in out.output.replace("\n", "") and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize("split", ["..", "../../escape", "/abs", ".", "", "a\x01b"])
+def test_hostile_split_and_file_names_stay_inside_the_cache(tiny_bert, tmp_path, split):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.png").write_bytes(b"")  # never read: this is a text-side extraction
+    hostile = data / "...jsonl"  # its stem is ".."
+    rows = [{"image": "x.png", "caption": f"a red circle {i}.", "split": split} for i in range(3)]
+    hostile.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache = tmp_path / "deep" / "cache"
+    out = invoke("extract", "--model", f"hf:{tiny_bert}", "--dataset", hostile, "--cache-dir", cache)
+    assert "Traceback" not in out.output
+    if out.exit_code == 0:
+        stores = list(find_stores(tmp_path))
+        assert stores and all(Path(p).resolve().is_relative_to(cache.resolve()) for p in stores)
+    else:
+        assert out.exit_code == 2 and "error:" in out.output
+    written = [p for p in tmp_path.rglob("*") if not p.resolve().is_relative_to(cache.resolve())]
+    assert all(p.resolve().is_relative_to(data.resolve()) or p == cache.parent for p in written)
+
+
+def test_safe_component_is_plain_and_distinct():
+    names = ["..", ".", "", "a/b", "a_b", "..\\x", "tuxpaint", "hf:/tmp/m", ".hidden", "x\x00y"]
+    safe = [safe_component(n) for n in names]
+    assert len(set(safe)) == len(safe)
+    assert safe_component("tuxpaint") == "tuxpaint" and safe_component("train-sample50") == "train-sample50"
+    for s in safe:
+        assert s and s not in (".", "..") and "/" not in s and "\\" not in s and not s.startswith(".")
+        assert all(c.isprintable() for c in s)
+
+
+def test_overwrite_is_refused_while_a_shard_writer_is_alive(tiny_vit, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=24)
+    cache = tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train", "--layers", "last")
+    path = next(find_stores(cache))
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    lock = path.parent / f".{path.name}.shard-1-of-2.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path;"
+         "from featcache.cache.locks import file_lock\n"
+         f"with file_lock(Path({str(lock)!r}), False, 'w'):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = invoke("extract", "--model", f"hf:{tiny_vit}", "--dataset", pairs, "--cache-dir", cache,
+                     "--split", "train", "--layers", "last", "--overwrite")
+        assert out.exit_code == 2 and f"pid {holder.pid}" in out.output and "shard 1/2" in out.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before  # untouched
+    out = invoke("extract", "--model", f"hf:{tiny_vit}", "--dataset", pairs, "--cache-dir", cache,
+                 "--split", "train", "--layers", "last", "--overwrite")
+    assert out.exit_code == 0, out.output  # the writer is gone: overwrite goes ahead
+
+
+def test_last_means_the_models_last_block(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=36)
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    extract(tiny_vit, pairs, cache, "--layers", "0,1")  # the tiny ViT has blocks 0..2
+    extract(tiny_bert, pairs, cache)
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last")
+    assert out.exit_code == 2 and "block.02" in out.output and "not cached" in out.output
+    assert "cached: block.00, block.01" in out.output and "--layers block.02" in out.output
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "-1,-1")
+    assert out.exit_code == 2 and "block.02" in out.output
+    assert not runs.exists() or not list(runs.iterdir())
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "auto")
+    assert out.exit_code == 0, out.output
+    config = read_json(find_run(runs) / "config.json")
+    assert config["layers_considered"]["image"] == ["block.00", "block.01"]
+    assert "among the complete layers" in out.output
+
+
+def test_data_set_without_val_split_carves_one_and_records_it(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=60)
+    rows = [json.loads(l) for l in pairs.read_text().splitlines()]
+    for r in rows:
+        r["split"] = "test" if r["split"] == "test" else "train"
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, cache)
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs)
+    assert out.exit_code == 0, out.output
+    assert "no val split" in out.output
+    config = read_json(find_run(runs) / "config.json")
+    val = config["validation"]
+    assert val["carved"] and val["split"] == "train" and val["fraction"] == 0.1
+    n_train = sum(r["split"] == "train" for r in rows)
+    assert config["train_pairs"] + config["val_pairs"] == n_train and config["val_pairs"] == val["pairs"] >= 2
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--val-split", "dev")
+    assert out.exit_code == 2 and "--split dev" in out.output
+
+
+def test_junk_runs_are_refused_and_leave_nothing(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=36)
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, cache)
+    for lam in ("-1", "nan", "inf"):
+        out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--lam", lam)
+        assert out.exit_code == 2 and "--lam" in out.output
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--lr", "1e30", "--loss", "clip", "--epochs", 20)
+    assert out.exit_code == 2 and "non-finite" in out.output, out.output
+    assert not runs.exists() or not [p for p in runs.iterdir() if not p.name.startswith(".partial")]
+    assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_eval_refuses_stores_made_by_other_weights(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=36)
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, cache)
+    assert align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last").exit_code == 0
+    # the image test store now records other weights: as if rebuilt with --overwrite after training
+    store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "model" in p.parts[-2]
+                 and FeatureStore.open(p).identity["encoder"]["modality"] == "image")
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["identity"]["encoder"]["weights_sha256"] = "0" * 64
+    (store / "zarr.json").write_text(json.dumps(meta))
+    out = invoke("eval", "retrieval", "--cache-dir", cache, "--runs-dir", runs)
+    assert out.exit_code == 2 and "weights sha256" in out.output and "Traceback" not in out.output
+
+
+def test_old_format_store_is_refused_with_the_rebuild_command(tiny_vit, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=12)
+    cache = tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train", "--layers", "last")
+    path = next(find_stores(cache))
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["format"] = 1
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(FeatcacheError, match="format 1") as err:
+        FeatureStore.open(path)
+    assert "featcache extract --model hf:" in err.value.hint and "--overwrite" in err.value.hint
+    out = invoke("extract", "--model", f"hf:{tiny_vit}", "--dataset", pairs, "--cache-dir", cache,
+                 "--split", "train", "--layers", "last")
+    assert out.exit_code == 2 and "format 1" in out.output
+
+
+def test_a_block_of_only_bad_images_is_stored_not_lost(tiny_vit, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=12, bad=0)
+    cache = tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train", "--block-rows", 1, "--skip-bad")
+    path = next(p for p in find_stores(cache))
+    store = FeatureStore.open(path)
+    assert store.missing[0] and np.isnan(store.read("block.02")[0]).all()  # an all-NaN chunk, written
+    assert invoke("verify", "--cache-dir", cache).exit_code == 0
