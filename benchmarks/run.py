@@ -184,6 +184,39 @@ def bench_retrieval(quick: bool) -> dict:
     return {"results": results}
 
 
+def bench_checksum_read(quick: bool) -> dict:
+    """Reading a layer: featcache's checked read (crc32c per chunk, chunk presence, done flags)
+    against a bare zarr read of the same float16 data stored with zstd and no checksum."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from featcache.cache.store import FeatureStore
+
+    rows, width, layers = (5_000 if quick else 50_000), 384, 13
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((rows, width)).astype(np.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore.create_or_open(Path(tmp) / "checked.zarr", identity={}, versions={},
+                                            ids=[str(i) for i in range(rows)], groups=["g"] * rows, texts=None,
+                                            width=width)
+        names = [f"block.{i:02d}" for i in range(layers)]
+        store.ensure_layers(names)
+        for b in range(store.n_blocks):
+            sl = store.block_slice(b)
+            store.write_block(b, {n: data[sl] for n in names}, np.zeros(sl.stop - sl.start, dtype=bool))
+        plain = zarr.open_group(f"{tmp}/plain.zarr", mode="w")
+        for n in names:
+            plain.create_array(n, shape=data.shape, dtype="float16", chunks=(store.block_rows, width),
+                               compressors=[ZstdCodec(level=0)])[:] = data
+        t_checked = timed(lambda: [store.read(n) for n in names], repeat=3)
+        t_plain = timed(lambda: [np.asarray(plain[n][:], dtype=np.float32) for n in names], repeat=3)
+    out = {"rows": rows, "width": width, "layers": layers, "checked_s": t_checked, "plain_s": t_plain,
+           "ratio": t_checked / t_plain}
+    print(f"checksum read: {layers} layers x {rows:,} rows x {width}: checked read {t_checked:.2f}s, "
+          f"plain zarr read {t_plain:.2f}s, ratio {out['ratio']:.2f}")
+    return out
+
+
 def bench_scaling(quick: bool) -> dict:
     """Extraction throughput: 1 process against torchrun --nproc_per_node 2 (gloo) on the same rows."""
     import socket
@@ -215,7 +248,7 @@ def bench_scaling(quick: bool) -> dict:
 
 
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
-           "sweep": bench_sweep, "retrieval": bench_retrieval,
+           "sweep": bench_sweep, "retrieval": bench_retrieval, "checksum_read": bench_checksum_read,
            "scaling": bench_scaling}
 
 
