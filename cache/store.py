@@ -309,10 +309,11 @@ class FeatureStore:
 
         return {int(k[len(prefix):].split("/")[0]) for k in sync(keys())}
 
-    def lost_blocks(self, layer: str) -> list[int]:
+    def lost_blocks(self, layer: str, done: np.ndarray | None = None) -> list[int]:
         """Blocks of ``layer`` marked done whose chunk object is gone."""
         present = self.stored_chunks(f"layers/{layer}")
-        return [int(b) for b in np.flatnonzero(self.done_blocks(layer)) if b not in present]
+        done = self.done_blocks(layer) if done is None else done
+        return [int(b) for b in np.flatnonzero(done) if b not in present]
 
     def read_block(self, array: str, block: int, dtype=None) -> np.ndarray:
         """One block's rows of ``array``; a failed checksum is a :class:`CorruptBlock`."""
@@ -335,14 +336,14 @@ class FeatureStore:
                 f"layer {layer!r} is not in the store {self.path}",
                 f"stored layers: {', '.join(self.layers) or 'none'}",
             )
-        if not self.is_complete(layer):
-            done = int(self.done_blocks(layer).sum())
+        done = self.done_blocks(layer)
+        if not done.all():
             raise FeatcacheError(
-                f"layer {layer!r} of {self.path} is incomplete ({done}/{self.n_blocks} blocks)",
+                f"layer {layer!r} of {self.path} is incomplete ({int(done.sum())}/{self.n_blocks} blocks)",
                 "run the extract command again to finish it",
             )
         array = f"layers/{layer}"
-        lost = self.lost_blocks(layer) if self.rows else []
+        lost = self.lost_blocks(layer, done)
         if lost:
             raise CorruptBlock(self.path, layer, lost[0], "is marked done but its chunk is missing")
         try:
