@@ -52,7 +52,7 @@ def bench_extraction(quick: bool) -> dict:
         enc.forward(enc.prepare_images(images[:batch]), ["block.11"], "cls")  # warm-up
         t_extract = timed(lambda: (shutil.rmtree(Path(tmp) / "tuxpaint", ignore_errors=True), extract(cfg)))
         store = FeatureStore.open(next(Path(tmp).rglob("*.zarr")))
-        batches = _batches(store, list(range(store.n_blocks)), batch)
+        batches = _batches(store, list(range(store.n_chunks)), batch)
 
         def forward(x):
             with torch.inference_mode(), enc._autocast():
@@ -201,12 +201,12 @@ def bench_checksum_read(quick: bool) -> dict:
                                             width=width)
         names = [f"block.{i:02d}" for i in range(layers)]
         store.ensure_layers(names)
-        for b in range(store.n_blocks):
-            sl = store.block_slice(b)
-            store.write_block(b, {n: data[sl] for n in names}, np.zeros(sl.stop - sl.start, dtype=bool))
+        for b in range(store.n_chunks):
+            sl = store.chunk_slice(b)
+            store.write_chunk(b, {n: data[sl] for n in names}, np.zeros(sl.stop - sl.start, dtype=bool))
         plain = zarr.open_group(f"{tmp}/plain.zarr", mode="w")
         for n in names:
-            plain.create_array(n, shape=data.shape, dtype="float16", chunks=(store.block_rows, width),
+            plain.create_array(n, shape=data.shape, dtype="float16", chunks=(store.chunk_rows, width),
                                compressors=[ZstdCodec(level=0)])[:] = data
         checked = lambda: [store.read(n) for n in names]  # codec + chunk presence + done flags
         codec = lambda: [np.asarray(store.group[f"layers/{n}"][:], dtype=np.float32) for n in names]
@@ -232,7 +232,7 @@ def bench_scaling(quick: bool) -> dict:
     out = {"rows": n}
     with tempfile.TemporaryDirectory() as tmp:
         base = ["-m", "featcache.cli.main", "extract", "--model", "dinov2", "--split", "train", "--limit", str(n),
-                "--block-rows", "32", "--batch-size", "16"]
+                "--chunk-rows", "32", "--batch-size", "16"]
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -29,7 +29,7 @@ def export_hdf5(store: FeatureStore, out: Path | str) -> Path:
         grp = f.create_group("layers")
         for name in complete:
             grp.create_dataset(name, data=store.read(name, dtype=np.dtype(store.attrs["dtype"])),
-                               chunks=(min(store.block_rows, max(store.rows, 1)), store.width),
+                               chunks=(min(store.chunk_rows, max(store.rows, 1)), store.width),
                                compression="gzip")
         f.attrs["identity"] = json.dumps(store.identity, sort_keys=True)
         f.attrs["versions"] = json.dumps(store.attrs.get("versions", {}), sort_keys=True)

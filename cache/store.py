@@ -2,21 +2,23 @@
 
 Layout of a store (see docs/design.md)::
 
-    zarr.json            attrs: format, identity, names, defaults, versions, rows, width, block_rows, layers
+    zarr.json            attrs: format, identity, names, defaults, versions, rows, width, chunk_rows, layers
     ids      (rows,)     stable row ids of the data set split
     groups   (rows,)     what a row belongs to: its image for a caption, its class for an image
     texts    (rows,)     the strings encoded (text stores only)
     missing  (rows,)     rows whose input could not be decoded (--skip-bad); never zero-filled
-    layers/<name>        (rows, width) float16, one chunk per row block
-    done/<name>          (n_blocks,) bool, one chunk per block: the block of <name> is final
+    layers/<name>        (rows, width) float16, one zarr chunk per row chunk
+    done/<name>          (n_chunks,) bool, one zarr chunk per row chunk: the chunk of <name> is final
 
-Writers fill whole row blocks and flip ``done`` only after a block's data is written, so a
-killed run leaves finished blocks intact and readers never see a half-written block. Blocks
-are disjoint chunks, so several processes can fill one store side by side.
+A chunk is a range of ``chunk_rows`` rows: one zarr chunk of every layer array and of
+``missing``, and one ``done`` flag per layer. ("Block" always means a transformer block.)
+Writers fill whole chunks and flip ``done`` only after a chunk's data is written, so a killed
+run leaves finished chunks intact and readers never see a half-written one. Chunks are
+disjoint objects, so several processes can fill one store side by side.
 
-Every chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec after zstd). Reads of a
-finished block check that its chunk exists and that its checksum holds; either failure is a
-:class:`CorruptBlock` naming the store, layer and block, never a silent NaN or a wrong value.
+Every zarr chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec after zstd). Reads of
+a finished chunk check that its object exists and that its checksum holds; either failure is
+a :class:`CorruptChunk` naming the store, layer and chunk, never a silent NaN or wrong value.
 """
 
 from __future__ import annotations
@@ -38,22 +40,22 @@ _MIN_CHUNK_BYTES = 1 << 20
 # Every array: zstd, then a crc32c of the compressed bytes.
 _ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 # Write every chunk, even one that equals the fill value (all-NaN rows, no missing rows), so
-# "block done but chunk absent" always means a lost chunk. This is a runtime setting, not
+# "marked done but no object" always means a lost chunk. This is a runtime setting, not
 # stored metadata, so every write goes through it.
 _WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
-class CorruptBlock(FeatcacheError):
-    """A finished block whose chunk is missing or fails its checksum."""
+class CorruptChunk(FeatcacheError):
+    """A finished chunk whose object is missing or fails its checksum."""
 
-    def __init__(self, path, layer: str, block: int, problem: str):
-        self.path, self.layer, self.block, self.problem = path, layer, block, problem
-        super().__init__(f"{path}: block {block} of {layer} {problem}",
+    def __init__(self, path, layer: str, chunk: int, problem: str):
+        self.path, self.layer, self.chunk, self.problem = path, layer, chunk, problem
+        super().__init__(f"{path}: chunk {chunk} of {layer} {problem}",
                          f"run: featcache verify --repair {path}, then the same featcache extract command "
-                         "to recompute the bad blocks")
+                         "to recompute the bad chunks")
 
 
-def default_block_rows(width: int, itemsize: int = 2) -> int:
+def default_chunk_rows(width: int, itemsize: int = 2) -> int:
     """Rows per chunk so that each layer chunk holds at least 1 MiB, in multiples of 64."""
     rows = -(-_MIN_CHUNK_BYTES // (width * itemsize))
     return int(-(-rows // 64) * 64)
@@ -130,7 +132,7 @@ class FeatureStore:
         texts: list[str] | None,
         width: int,
         dtype: str = "float16",
-        block_rows: int | None = None,
+        chunk_rows: int | None = None,
         extra_attrs: dict | None = None,
     ) -> "FeatureStore":
         """Open the store at ``path`` if it has this identity; create it if absent.
@@ -139,17 +141,17 @@ class FeatureStore:
         error (``--overwrite`` clears it first, see :func:`featcache.cache.locks.all_writers_locked`).
         """
         path = loc.as_location(path)
-        block_rows = block_rows or default_block_rows(width, np.dtype(dtype).itemsize)
+        chunk_rows = chunk_rows or default_chunk_rows(width, np.dtype(dtype).itemsize)
         if loc.has_group(path):
             group = _open_group(path)
             attrs = dict(group.attrs)
             if not attrs.get("created"):
-                loc.remove(path)  # a creation that was killed holds no finished block
+                loc.remove(path)  # a creation that was killed holds no finished chunk
             else:
                 store = cls.open(path)
                 diffs = _identity_diff(attrs.get("identity", {}), identity)
-                if attrs.get("block_rows") != block_rows:
-                    diffs.append(f"block_rows: stored {attrs.get('block_rows')}, requested {block_rows}")
+                if attrs.get("chunk_rows") != chunk_rows:
+                    diffs.append(f"chunk_rows: stored {attrs.get('chunk_rows')}, requested {chunk_rows}")
                 if diffs:
                     raise FeatcacheError(
                         f"the cache at {path} was built with a different identity "
@@ -160,7 +162,7 @@ class FeatureStore:
         loc.make_parent(path)
         group = zarr.open_group(str(path), mode="w")
         n = len(ids)
-        chunk = max(1, min(block_rows, n))
+        chunk = max(1, min(chunk_rows, n))
         for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
             if values is not None:
                 group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
@@ -176,7 +178,7 @@ class FeatureStore:
                 "rows": n,
                 "width": width,
                 "dtype": dtype,
-                "block_rows": block_rows,
+                "chunk_rows": chunk_rows,
                 "layers": [],
                 **(extra_attrs or {}),
             }
@@ -194,12 +196,12 @@ class FeatureStore:
         return int(self.attrs["width"])
 
     @property
-    def block_rows(self) -> int:
-        return int(self.attrs["block_rows"])
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
 
     @property
-    def n_blocks(self) -> int:
-        return -(-self.rows // self.block_rows)
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
 
     @property
     def identity(self) -> dict:
@@ -210,9 +212,9 @@ class FeatureStore:
         """What makes two stores' features comparable: the encoder's weights, preprocessing, pooling."""
         return self.identity["encoder"]
 
-    def block_slice(self, block: int) -> slice:
-        start = block * self.block_rows
-        return slice(start, min(self.rows, start + self.block_rows))
+    def chunk_slice(self, chunk: int) -> slice:
+        start = chunk * self.chunk_rows
+        return slice(start, min(self.rows, start + self.chunk_rows))
 
     @property
     def layers(self) -> list[str]:
@@ -220,7 +222,7 @@ class FeatureStore:
         return list(self.attrs.get("layers", []))
 
     def _decoded(self, name: str, selection=slice(None)) -> np.ndarray:
-        """An array read whose checksum failure is a clear error (per-block errors are finer)."""
+        """An array read whose checksum failure is a clear error (per-chunk errors are finer)."""
         try:
             return np.asarray(self.group[name][selection])
         except ValueError as err:
@@ -228,7 +230,7 @@ class FeatureStore:
                 raise
             raise FeatcacheError(f"{self.path}: the array {name!r} fails its checksum",
                                  f"run: featcache verify {self.path}; if the damage is outside the layer "
-                                 f"blocks, rebuild: {rebuild_command(self.attrs)}") from None
+                                 f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
 
     def _text(self, name: str) -> list[str]:
         return [str(s) for s in self._decoded(name)] if self.rows else []
@@ -252,56 +254,56 @@ class FeatureStore:
     # -- writing ---------------------------------------------------------------------------
     def ensure_layers(self, names: list[str]) -> None:
         """Create arrays for layers not yet in the store (one writer does this before work)."""
-        chunk = max(1, min(self.block_rows, self.rows))
+        chunk = max(1, min(self.chunk_rows, self.rows))
         new = [n for n in names if n not in self.layers]
         for name in new:
             self.group.create_array(f"layers/{name}", shape=(self.rows, self.width), dtype=self.attrs["dtype"],
                                     chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **_ARRAY_OPTIONS)
-            self.group.create_array(f"done/{name}", shape=(max(self.n_blocks, 1),), dtype=bool, chunks=(1,),
+            self.group.create_array(f"done/{name}", shape=(max(self.n_chunks, 1),), dtype=bool, chunks=(1,),
                                     fill_value=False, overwrite=True, **_ARRAY_OPTIONS)
         if new:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
 
-    def done_blocks(self, layer: str) -> np.ndarray:
+    def done_chunks(self, layer: str) -> np.ndarray:
         if layer not in self.layers:
-            return np.zeros(self.n_blocks, dtype=bool)
-        return self._decoded(f"done/{layer}", slice(0, self.n_blocks)).astype(bool)
+            return np.zeros(self.n_chunks, dtype=bool)
+        return self._decoded(f"done/{layer}", slice(0, self.n_chunks)).astype(bool)
 
-    def pending_blocks(self, layers: list[str]) -> list[int]:
-        pending = np.zeros(self.n_blocks, dtype=bool)
+    def pending_chunks(self, layers: list[str]) -> list[int]:
+        pending = np.zeros(self.n_chunks, dtype=bool)
         for layer in layers:
-            pending |= ~self.done_blocks(layer)
+            pending |= ~self.done_chunks(layer)
         return [int(b) for b in np.flatnonzero(pending)]
 
-    def write_block(
-        self, block: int, features: dict[str, np.ndarray], missing: np.ndarray
+    def write_chunk(
+        self, chunk: int, features: dict[str, np.ndarray], missing: np.ndarray
     ) -> None:
-        """Write one block's rows for the given layers, then mark them done.
+        """Write one chunk's rows for the given layers, then mark them done.
 
         The data goes first and the done flags last, so a kill between the two only costs
-        recomputing this block.
+        recomputing this chunk.
         """
-        sl = self.block_slice(block)
+        sl = self.chunk_slice(chunk)
         with zarr.config.set(_WRITE_EVERY_CHUNK):
             self.group["missing"][sl] = missing
             for name, values in features.items():
                 self.group[f"layers/{name}"][sl] = values
             for name in features:
-                self.group[f"done/{name}"][block] = True
+                self.group[f"done/{name}"][chunk] = True
 
-    def block_done(self, layer: str, block: int) -> bool:
-        return bool(self._decoded(f"done/{layer}", block))
+    def chunk_done(self, layer: str, chunk: int) -> bool:
+        return bool(self._decoded(f"done/{layer}", chunk))
 
-    def clear_done(self, layer: str, blocks: list[int]) -> None:
-        """Mark blocks unfinished so the next extract recomputes them (``verify --repair``)."""
+    def clear_done(self, layer: str, chunks: list[int]) -> None:
+        """Mark chunks unfinished so the next extract recomputes them (``verify --repair``)."""
         with zarr.config.set(_WRITE_EVERY_CHUNK):
-            for block in blocks:
-                self.group[f"done/{layer}"][block] = False
+            for chunk in chunks:
+                self.group[f"done/{layer}"][chunk] = False
 
     # -- checking --------------------------------------------------------------------------
     def stored_chunks(self, array: str) -> set[int]:
-        """Row-block indices that have a chunk object of ``array`` (a layer or ``missing``)."""
+        """Row-chunk indices that have a chunk object of ``array`` (a layer or ``missing``)."""
         prefix = f"{array}/c/"
 
         async def keys():
@@ -309,58 +311,58 @@ class FeatureStore:
 
         return {int(k[len(prefix):].split("/")[0]) for k in sync(keys())}
 
-    def lost_blocks(self, layer: str, done: np.ndarray | None = None) -> list[int]:
-        """Blocks of ``layer`` marked done whose chunk object is gone."""
+    def lost_chunks(self, layer: str, done: np.ndarray | None = None) -> list[int]:
+        """Chunks of ``layer`` marked done whose chunk object is gone."""
         present = self.stored_chunks(f"layers/{layer}")
-        done = self.done_blocks(layer) if done is None else done
+        done = self.done_chunks(layer) if done is None else done
         return [int(b) for b in np.flatnonzero(done) if b not in present]
 
-    def read_block(self, array: str, block: int, dtype=None) -> np.ndarray:
-        """One block's rows of ``array``; a failed checksum is a :class:`CorruptBlock`."""
+    def read_chunk(self, array: str, chunk: int, dtype=None) -> np.ndarray:
+        """One chunk's rows of ``array``; a failed checksum is a :class:`CorruptChunk`."""
         try:
-            return np.asarray(self.group[array][self.block_slice(block)], dtype=dtype)
+            return np.asarray(self.group[array][self.chunk_slice(chunk)], dtype=dtype)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise
-            raise CorruptBlock(self.path, array.removeprefix("layers/"), block, "fails its checksum") from None
+            raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, "fails its checksum") from None
 
     # -- reading ---------------------------------------------------------------------------
     def is_complete(self, layer: str | None = None) -> bool:
         layers = [layer] if layer else self.layers
-        return bool(layers) and all(self.done_blocks(name).all() for name in layers)
+        return bool(layers) and all(self.done_chunks(name).all() for name in layers)
 
     def read(self, layer: str, dtype=np.float32) -> np.ndarray:
-        """All rows of one layer, every chunk present and checksummed; refuses unfinished blocks."""
+        """All rows of one layer, every chunk present and checksummed; refuses unfinished chunks."""
         if layer not in self.layers:
             raise FeatcacheError(
                 f"layer {layer!r} is not in the store {self.path}",
                 f"stored layers: {', '.join(self.layers) or 'none'}",
             )
-        done = self.done_blocks(layer)
+        done = self.done_chunks(layer)
         if not done.all():
             raise FeatcacheError(
-                f"layer {layer!r} of {self.path} is incomplete ({int(done.sum())}/{self.n_blocks} blocks)",
+                f"layer {layer!r} of {self.path} is incomplete ({int(done.sum())}/{self.n_chunks} chunks)",
                 "run the extract command again to finish it",
             )
         array = f"layers/{layer}"
-        lost = self.lost_blocks(layer, done)
+        lost = self.lost_chunks(layer, done)
         if lost:
-            raise CorruptBlock(self.path, layer, lost[0], "is marked done but its chunk is missing")
+            raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
             return np.asarray(self.group[array][:], dtype=dtype)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise
-        for block in range(self.n_blocks):  # find the bad block, to name it
-            self.read_block(array, block)
-        raise AssertionError("a checksum failed on a full read but on no single block")
+        for chunk in range(self.n_chunks):  # find the bad chunk, to name it
+            self.read_chunk(array, chunk)
+        raise AssertionError("a checksum failed on a full read but on no single chunk")
 
     def read_finished(self, layer: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of finished blocks only, with their row indices; for readers racing a writer."""
-        done = np.flatnonzero(self.done_blocks(layer))
-        idx = np.concatenate([np.arange(self.block_slice(b).start, self.block_slice(b).stop) for b in done]
+        """Rows of finished chunks only, with their row indices; for readers racing a writer."""
+        done = np.flatnonzero(self.done_chunks(layer))
+        idx = np.concatenate([np.arange(self.chunk_slice(b).start, self.chunk_slice(b).stop) for b in done]
                              or [np.zeros(0, dtype=np.int64)])
-        parts = [self.read_block(f"layers/{layer}", int(b), dtype) for b in done]
+        parts = [self.read_chunk(f"layers/{layer}", int(b), dtype) for b in done]
         data = np.concatenate(parts) if parts else np.zeros((0, self.width), dtype=dtype)
         return idx, data
 

@@ -1,9 +1,9 @@
-"""``featcache verify``: check every finished block of a store; ``--repair`` un-finishes bad ones.
+"""``featcache verify``: check every finished chunk of a store; ``--repair`` un-finishes bad ones.
 
-A block is bad when it is marked done but its chunk is missing or fails its crc32c, or when
+A chunk is bad when it is marked done but its data is missing or fails its crc32c, or when
 its ``done`` flag or ``missing`` chunk is itself unreadable. Repair clears the done flags of
-the bad blocks (all layers, where the shared ``missing`` chunk is bad); the same extract
-command then recomputes exactly those blocks, and since extraction is deterministic per block
+the bad chunks (all layers, where the shared ``missing`` chunk is bad); the same extract
+command then recomputes exactly those chunks, and since extraction is deterministic per chunk
 the store ends up bitwise equal to an undamaged one.
 """
 
@@ -13,34 +13,34 @@ from dataclasses import dataclass
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
-from featcache.cache.store import CorruptBlock, FeatureStore
+from featcache.cache.store import CorruptChunk, FeatureStore
 
 
 @dataclass(frozen=True)
-class BadBlock:
+class BadChunk:
     store: str
     layer: str  # a layer name, or "missing" / "ids" / "groups" / "texts" for the shared arrays
-    block: int | None  # None: the whole array
+    chunk: int | None  # None: the whole array
     problem: str
 
     @property
     def repairable(self) -> bool:
-        return self.block is not None
+        return self.chunk is not None
 
 
-def _done_flags(store: FeatureStore, layer: str) -> tuple[list[int], list[BadBlock]]:
-    """Blocks marked done, and blocks whose done flag itself cannot be read."""
+def _done_flags(store: FeatureStore, layer: str) -> tuple[list[int], list[BadChunk]]:
+    """Chunks marked done, and chunks whose done flag itself cannot be read."""
     done, bad = [], []
-    for block in range(store.n_blocks):
+    for chunk in range(store.n_chunks):
         try:
-            if store.block_done(layer, block):
-                done.append(block)
+            if store.chunk_done(layer, chunk):
+                done.append(chunk)
         except FeatcacheError:
-            bad.append(BadBlock(str(store.path), layer, block, "its done flag fails its checksum"))
+            bad.append(BadChunk(str(store.path), layer, chunk, "its done flag fails its checksum"))
     return done, bad
 
 
-def verify_store(store: FeatureStore) -> list[BadBlock]:
+def verify_store(store: FeatureStore) -> list[BadChunk]:
     """Every problem in the finished part of one store."""
     path, bad = str(store.path), []
     for name in ("ids", "groups", "texts"):
@@ -48,7 +48,7 @@ def verify_store(store: FeatureStore) -> list[BadBlock]:
             try:
                 store._decoded(name)
             except FeatcacheError:
-                bad.append(BadBlock(path, name, None, "fails its checksum (not repairable: rebuild the store)"))
+                bad.append(BadChunk(path, name, None, "fails its checksum (not repairable: rebuild the store)"))
     missing_present = store.stored_chunks("missing")
     finished: set[int] = set()
     for layer in store.layers:
@@ -56,46 +56,46 @@ def verify_store(store: FeatureStore) -> list[BadBlock]:
         bad += flag_bad
         finished.update(done)
         present = store.stored_chunks(f"layers/{layer}")
-        for block in done:
-            if block not in present:
-                bad.append(BadBlock(path, layer, block, "is marked done but its chunk is missing"))
+        for chunk in done:
+            if chunk not in present:
+                bad.append(BadChunk(path, layer, chunk, "is marked done but its data is missing"))
                 continue
             try:
-                store.read_block(f"layers/{layer}", block)
-            except CorruptBlock as err:
-                bad.append(BadBlock(path, layer, block, err.problem))
-    for block in sorted(finished):
-        if block not in missing_present:
-            bad.append(BadBlock(path, "missing", block, "chunk is missing"))
+                store.read_chunk(f"layers/{layer}", chunk)
+            except CorruptChunk as err:
+                bad.append(BadChunk(path, layer, chunk, err.problem))
+    for chunk in sorted(finished):
+        if chunk not in missing_present:
+            bad.append(BadChunk(path, "missing", chunk, "its data is missing"))
             continue
         try:
-            store.read_block("missing", block)
-        except CorruptBlock:
-            bad.append(BadBlock(path, "missing", block, "fails its checksum"))
+            store.read_chunk("missing", chunk)
+        except CorruptChunk:
+            bad.append(BadChunk(path, "missing", chunk, "fails its checksum"))
     return bad
 
 
-def repair_store(store: FeatureStore, bad: list[BadBlock]) -> int:
-    """Clear the done flags of bad blocks; returns how many (layer, block) flags were cleared."""
+def repair_store(store: FeatureStore, bad: list[BadChunk]) -> int:
+    """Clear the done flags of bad chunks; returns how many (layer, chunk) flags were cleared."""
     cleared = set()
     for b in bad:
         if not b.repairable:
             continue
         layers = store.layers if b.layer == "missing" else [b.layer]  # the missing chunk is shared
-        cleared.update((layer, b.block) for layer in layers)
-    for layer, block in sorted(cleared):
-        store.clear_done(layer, [block])
+        cleared.update((layer, b.chunk) for layer in layers)
+    for layer, chunk in sorted(cleared):
+        store.clear_done(layer, [chunk])
     return len(cleared)
 
 
-def verify(paths: list[Location], repair: bool = False) -> list[BadBlock]:
+def verify(paths: list[Location], repair: bool = False) -> list[BadChunk]:
     """Verify (and optionally repair) stores; returns every problem found."""
     found = []
     for path in paths:
         try:
             store = FeatureStore.open(path)
         except FeatcacheError as err:
-            found.append(BadBlock(str(path), "store", None, err.message))
+            found.append(BadChunk(str(path), "store", None, err.message))
             continue
         bad = verify_store(store)
         if repair and bad:

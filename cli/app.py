@@ -54,7 +54,7 @@ def friendly(fn):
                               soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            err_console.print("interrupted: finished blocks are kept; run the same command to resume")
+            err_console.print("interrupted: finished chunks are kept; run the same command to resume")
             raise typer.Exit(130)
 
     return wrapper

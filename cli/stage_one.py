@@ -29,10 +29,10 @@ def extract(
     skip_bad: bool = typer.Option(False, help="Record undecodable images as missing rows."),
     overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),
     num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU, 4 on CUDA]."),
-    block_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
-    shard: Optional[str] = typer.Option(None, help="I/N: do blocks b with b mod N == I, then help others "
+    chunk_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: do chunks b with b mod N == I, then help others "
                                                    "(for Slurm arrays; torchrun sets this itself)."),
-    steal: bool = typer.Option(True, help="After its own blocks, take unfinished blocks of other shards."),
+    steal: bool = typer.Option(True, help="After its own chunks, take unfinished chunks of other shards."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract import ExtractConfig
@@ -42,7 +42,7 @@ def extract(
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
                         overwrite=overwrite, num_workers=num_workers,
-                        block_rows=block_rows, shard=shard, steal=steal)
+                        chunk_rows=chunk_rows, shard=shard, steal=steal)
     with progress_bar() as progress:
         results = run_extract(cfg, progress)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -80,7 +80,7 @@ def list_stores(cache_dir: Optional[str] = CacheDir):
             s = FeatureStore.open(path)
             ident = s.identity
             done = sum(s.is_complete(name) for name in s.layers)
-            lost = sum(len(s.lost_blocks(name)) for name in s.layers)
+            lost = sum(len(s.lost_chunks(name)) for name in s.layers)
         except FeatcacheError as err:
             table.add_row(str(path), "", "", "", "", "", "", "", f"broken: {err}", "", "")
             continue
@@ -98,9 +98,9 @@ def list_stores(cache_dir: Optional[str] = CacheDir):
 def verify(
     stores: Optional[list[str]] = typer.Argument(None, help="Store paths or URLs [default: every store in the cache]."),
     cache_dir: Optional[str] = CacheDir,
-    repair: bool = typer.Option(False, help="Mark bad blocks unfinished, so the same extract recomputes them."),
+    repair: bool = typer.Option(False, help="Mark bad chunks unfinished, so the same extract recomputes them."),
 ):
-    """Check the checksum and presence of every finished block; exit 1 if any is bad."""
+    """Check the checksum and presence of every finished chunk; exit 1 if any is bad."""
     from rich.table import Table
 
     from featcache.cache.store import find_stores
@@ -115,17 +115,17 @@ def verify(
         for path in progress.track(paths, description="verify"):
             bad += run_verify([path], repair=repair)
     if not bad:
-        console.print(f"{len(paths)} store(s) verified: every finished block is present and its checksum holds")
+        console.print(f"{len(paths)} store(s) verified: every finished chunk is present and its checksum holds")
         return
-    table = Table(title=f"{len(bad)} bad block(s) in {len({b.store for b in bad})} store(s)")
-    for col in ("store", "layer", "block", "problem"):
+    table = Table(title=f"{len(bad)} bad chunk(s) in {len({b.store for b in bad})} store(s)")
+    for col in ("store", "layer", "chunk", "problem"):
         table.add_column(col, overflow="fold")
     for b in bad:
-        table.add_row(b.store, b.layer, "all" if b.block is None else str(b.block), b.problem)
+        table.add_row(b.store, b.layer, "all" if b.chunk is None else str(b.chunk), b.problem)
     console.print(table)
     if repair:
         fixable = [b for b in bad if b.repairable]
-        console.print(f"repaired: {len(fixable)} block(s) marked unfinished; run the same featcache extract "
+        console.print(f"repaired: {len(fixable)} chunk(s) marked unfinished; run the same featcache extract "
                       "command to recompute them" + ("" if len(fixable) == len(bad) else
                                                      "; the rest need the store rebuilt with --overwrite"),
                       highlight=False)

@@ -25,8 +25,11 @@ from featcache.pipeline.registry import ALIASES
 from featcache.pipeline.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 
 FP16_MAX = 65504.0
-# Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model.
-_BATCH_DELAY_S = float(os.environ.get("FEATCACHE_SLOW_BATCH_S", "0"))
+
+
+def _batch_delay_s() -> float:
+    """Test aid: seconds to sleep per batch, so kill tests can land mid-run on a fast tiny model."""
+    return float(os.environ.get("FEATCACHE_SLOW_BATCH_S", "0") or 0)
 
 
 @dataclass
@@ -45,9 +48,9 @@ class ExtractConfig:
     skip_bad: bool = False
     overwrite: bool = False
     num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
-    block_rows: int | None = None  # None: chunks of at least 1 MiB
-    shard: str | None = None  # "I/N": this process does blocks b with b mod N == I (then steals)
-    steal: bool = True  # after its own blocks, take unfinished blocks of other shards/ranks
+    chunk_rows: int | None = None  # None: chunks of at least 1 MiB
+    shard: str | None = None  # "I/N": this process does chunks b with b mod N == I (then steals)
+    steal: bool = True  # after its own chunks, take unfinished chunks of other shards/ranks
 
 
 @dataclass
@@ -131,7 +134,7 @@ def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: 
     store = FeatureStore.create_or_open(
         store_path(cfg.cache_dir, spec), identity=identity, versions=library_versions(),
         ids=side.ids, groups=side.groups, texts=getattr(side, "texts", None),
-        width=encoder.pooled_width(pooling), dtype=cfg.dtype, block_rows=cfg.block_rows,
+        width=encoder.pooled_width(pooling), dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
         extra_attrs=store_attrs(cfg, encoder, split, split_names),
     )
     if extra and "classes" not in store.attrs:
@@ -162,19 +165,19 @@ def _collate(items):
     return rows, (torch.stack(good) if good else None), errors
 
 
-def _batches(store: FeatureStore, blocks: list[int], batch_size: int) -> list[list[int]]:
-    """Batches never straddle a block, so a resumed block sees exactly the same batches."""
+def _batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Batches never straddle a chunk, so a resumed chunk sees exactly the same batches."""
     out = []
-    for b in blocks:
-        sl = store.block_slice(b)
+    for b in chunks:
+        sl = store.chunk_slice(b)
         out += [list(range(s, min(sl.stop, s + batch_size))) for s in range(sl.start, sl.stop, batch_size)]
     return out
 
 
-def _compute_blocks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
-                    pooling: str, blocks: list[int], progress, task) -> int:
-    """Compute and write whole blocks; returns the number of rows computed."""
-    batches = _batches(store, blocks, cfg.batch_size)
+def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
+                    pooling: str, chunks: list[int], progress, task) -> int:
+    """Compute and write whole chunks; returns the number of rows computed."""
+    batches = _batches(store, chunks, cfg.batch_size)
     if encoder.modality == "image":
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if encoder.device.type == "cuda" else 0)
         loader = torch.utils.data.DataLoader(
@@ -185,15 +188,15 @@ def _compute_blocks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
         loader = ((rows, encoder.prepare_texts([side.texts[r] for r in rows]), {}) for rows in batches)
 
     pending: dict[int, dict] = {}
-    computed = 0
+    computed, delay = 0, _batch_delay_s()
     for rows, inputs, errors in loader:
         if errors and not cfg.skip_bad:
             raise FeatcacheError(next(iter(errors.values())).split(" (")[0],
                                  "fix or remove the file, or pass --skip-bad to record it as a missing row; "
-                                 "finished blocks are kept")
-        block = rows[0] // store.block_rows
-        sl = store.block_slice(block)
-        buf = pending.setdefault(block, {
+                                 "finished chunks are kept")
+        chunk = rows[0] // store.chunk_rows
+        sl = store.chunk_slice(chunk)
+        buf = pending.setdefault(chunk, {
             "features": {n: np.full((sl.stop - sl.start, store.width), np.nan, dtype=cfg.dtype) for n in layers},
             "missing": np.zeros(sl.stop - sl.start, dtype=bool), "filled": 0})
         good_rows = [r for r in rows if r not in errors]
@@ -211,13 +214,13 @@ def _compute_blocks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
         buf["filled"] += len(rows)
         computed += len(rows)
         if buf["filled"] == sl.stop - sl.start:
-            todo = [n for n in layers if not store.block_done(n, block)]
-            store.write_block(block, {n: buf["features"][n] for n in todo}, buf["missing"])
-            del pending[block]
+            todo = [n for n in layers if not store.chunk_done(n, chunk)]
+            store.write_chunk(chunk, {n: buf["features"][n] for n in todo}, buf["missing"])
+            del pending[chunk]
         if task is not None:
             progress.update(task, advance=len(rows))
-        if _BATCH_DELAY_S:
-            time.sleep(_BATCH_DELAY_S)
+        if delay:
+            time.sleep(delay)
     return computed
 
 
@@ -238,21 +241,21 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
         with store_lock(path, "meta", blocking=True, what=str(path)):
             store = open_store_for(cfg, encoder, split, pooling, split_names or [split.name])
             store.ensure_layers(layers)
-        pending = store.pending_blocks(layers)
+        pending = store.pending_chunks(layers)
         own = worker.own(pending)
         task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}",
-                                 total=sum(store.block_slice(b).stop - store.block_slice(b).start for b in own)) \
+                                 total=sum(store.chunk_slice(b).stop - store.chunk_slice(b).start for b in own)) \
             if progress is not None else None
         try:
-            computed = _compute_blocks(cfg, encoder, side, store, layers, pooling, own, progress, task)
+            computed = _compute_chunks(cfg, encoder, side, store, layers, pooling, own, progress, task)
             if worker.count > 1 and cfg.steal:
-                for block in worker.steal_order(pending):
-                    if any(not store.block_done(n, block) for n in layers):
-                        computed += _compute_blocks(cfg, encoder, side, store, layers, pooling, [block], None, None)
+                for chunk in worker.steal_order(pending):
+                    if any(not store.chunk_done(n, chunk) for n in layers):
+                        computed += _compute_chunks(cfg, encoder, side, store, layers, pooling, [chunk], None, None)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FeatcacheError(f"no space left on the device of {path} ({err.strerror})",
-                                     "free some space and run the same command again; finished blocks are kept "
+                                     "free some space and run the same command again; finished chunks are kept "
                                      "and the run resumes where it stopped") from None
             raise
     return ExtractResult(str(store.path), split.name, store.rows, layers, store.nbytes_on_disk(),
@@ -260,7 +263,7 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
 
 
 def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
-    """Extract every requested split; finished blocks of earlier runs are kept, not recomputed."""
+    """Extract every requested split; finished chunks of earlier runs are kept, not recomputed."""
     if cfg.batch_size < 1:
         raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
     if cfg.dtype not in ("float16", "float32"):
@@ -292,8 +295,8 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
         cfg = replace(cfg, overwrite=False)
     results = [extract_split(cfg, encoder, split, layers, pooling, progress if worker.index == 0 else None,
                              worker, list(splits)) for split in chosen]
-    barrier(worker)  # every rank's blocks are written before anyone reports the store complete
+    barrier(worker)  # every rank's chunks are written before anyone reports the store complete
     if worker.count == 1:
         return results
-    # other workers flagged missing rows in their blocks too: count them from the store
+    # other workers flagged missing rows in their chunks too: count them from the store
     return [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]

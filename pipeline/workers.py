@@ -1,9 +1,9 @@
-"""Who does which blocks: one process, ``--shard I/N``, or ranks under torchrun.
+"""Who does which chunks: one process, ``--shard I/N``, or ranks under torchrun.
 
-Blocks are dealt round-robin (block b belongs to worker b mod N). A worker that finishes its
-own blocks then takes unfinished blocks of the others from the far end of the list, so a slow
-worker does not hold up the job (see docs/scale.md). Blocks are independent, complete chunk
-writes, so a block done twice is only wasted time.
+Chunks are dealt round-robin (chunk b belongs to worker b mod N). A worker that finishes its
+own chunks then takes unfinished chunks of the others from the far end of the list, so a slow
+worker does not hold up the job (see docs/scale.md). Chunks are independent, complete chunk
+writes, so a chunk done twice is only wasted time.
 
 Each (store, worker) pair holds an exclusive file lock while it writes
 (``featcache.cache.locks``): a second extraction of the same shard into the same store is
@@ -29,12 +29,12 @@ class Worker:
     def label(self) -> str:
         return f"{self.index}-of-{self.count}"
 
-    def own(self, blocks: list[int]) -> list[int]:
-        return [b for b in blocks if b % self.count == self.index]
+    def own(self, chunks: list[int]) -> list[int]:
+        return [b for b in chunks if b % self.count == self.index]
 
-    def steal_order(self, blocks: list[int]) -> list[int]:
-        """Other workers' blocks, from the far end, for when this worker's own are done."""
-        return [b for b in reversed(blocks) if b % self.count != self.index]
+    def steal_order(self, chunks: list[int]) -> list[int]:
+        """Other workers' chunks, from the far end, for when this worker's own are done."""
+        return [b for b in reversed(chunks) if b % self.count != self.index]
 
 
 def parse_shard(spec: str | None) -> Worker | None:

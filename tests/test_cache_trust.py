@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import make_pairs
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import safe_component
-from featcache.cache.store import CorruptBlock, FeatureStore, find_stores
+from featcache.cache.store import CorruptChunk, FeatureStore, find_stores
 from featcache.cli.main import app
 from featcache.pipeline.runs import find_run, read_json
 from test_extract import _store_arrays
@@ -43,7 +43,7 @@ def align(vit, bert, dataset, cache, runs, *extra):
 
 
 def chunk_files(store: Path, layer: str) -> list[Path]:
-    """The chunk file of each row block, in block order."""
+    """The zarr chunk file of each row chunk, in order."""
     files = [p for p in (store / "layers" / layer / "c").rglob("*") if p.is_file()]
     return sorted(files, key=lambda p: int(p.parent.name))
 
@@ -87,7 +87,7 @@ def test_same_file_name_two_data_sets_never_mixed(tiny_vit, tiny_bert, two_files
 def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit, tmp_path):
     pairs = make_pairs(tmp_path / "data", n=40)
     cache = tmp_path / "cache"
-    argv = ("--split", "train", "--block-rows", 8)
+    argv = ("--split", "train", "--chunk-rows", 8)
     extract(tiny_vit, pairs, cache, *argv)
     path = next(find_stores(cache))
     reference = _store_arrays(path)
@@ -103,10 +103,10 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     lost.unlink()
 
     store = FeatureStore.open(path)
-    with pytest.raises(CorruptBlock, match=r"block 1 of block.02 fails its checksum") as err:
+    with pytest.raises(CorruptChunk, match=r"chunk 1 of block.02 fails its checksum") as err:
         store.read("block.02")
     assert "featcache verify --repair" in err.value.hint
-    with pytest.raises(CorruptBlock, match=r"block 2 of block.01 is marked done but its chunk is missing"):
+    with pytest.raises(CorruptChunk, match=r"chunk 2 of block.01 is marked done but its data is missing"):
         store.read("block.01")
     ls = invoke("ls", "--cache-dir", cache)
     assert "lost" in ls.output and "yes" not in ls.output
@@ -116,15 +116,15 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     assert "block.01" in out.output and "missing" in out.output
 
     out = invoke("verify", "--repair", "--cache-dir", cache)
-    assert out.exit_code == 1 and "repaired: 2 block(s)" in out.output
-    assert FeatureStore.open(path).pending_blocks(["block.01", "block.02"]) == [1, 2]
+    assert out.exit_code == 1 and "repaired: 2 chunk(s)" in out.output
+    assert FeatureStore.open(path).pending_chunks(["block.01", "block.02"]) == [1, 2]
     out = extract(tiny_vit, pairs, cache, *argv)
     assert invoke("verify", "--cache-dir", cache).exit_code == 0
     assert _store_arrays(path) == reference
     assert {f: f.read_bytes() for f in originals} == originals  # the very chunk files, bitwise
 
 
-def test_corrupt_chunk_stops_eval_with_the_block_named(tiny_vit, tiny_bert, tmp_path):
+def test_corrupt_chunk_stops_eval_with_the_chunk_named(tiny_vit, tiny_bert, tmp_path):
     pairs = make_pairs(tmp_path / "data", n=36)
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     for model in (tiny_vit, tiny_bert):
@@ -136,7 +136,7 @@ def test_corrupt_chunk_stops_eval_with_the_block_named(tiny_vit, tiny_bert, tmp_
     data[7] ^= 0x01
     victim.write_bytes(bytes(data))
     out = invoke("eval", "retrieval", "--cache-dir", cache, "--runs-dir", runs)
-    assert out.exit_code == 2 and "block 0 of block.02 fails its checksum" in out.output
+    assert out.exit_code == 2 and "chunk 0 of block.02 fails its checksum" in out.output
     assert str(test_store) in out.output.replace("\n", "") and "Traceback" not in out.output
 
 
@@ -281,10 +281,10 @@ def test_old_format_store_is_refused_with_the_rebuild_command(tiny_vit, tmp_path
     assert out.exit_code == 2 and "format 1" in out.output
 
 
-def test_a_block_of_only_bad_images_is_stored_not_lost(tiny_vit, tmp_path):
+def test_a_chunk_of_only_bad_images_is_stored_not_lost(tiny_vit, tmp_path):
     pairs = make_pairs(tmp_path / "data", n=12, bad=0)
     cache = tmp_path / "cache"
-    extract(tiny_vit, pairs, cache, "--split", "train", "--block-rows", 1, "--skip-bad")
+    extract(tiny_vit, pairs, cache, "--split", "train", "--chunk-rows", 1, "--skip-bad")
     path = next(p for p in find_stores(cache))
     store = FeatureStore.open(path)
     assert store.missing[0] and np.isnan(store.read("block.02")[0]).all()  # an all-NaN chunk, written

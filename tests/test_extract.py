@@ -38,7 +38,7 @@ def _store_arrays(path: Path) -> dict[str, bytes]:
 
 
 def test_stored_values_equal_direct_forward(tiny_vit, pairs, cache_dir):
-    results = extract(_cfg(tiny_vit, pairs, cache_dir, block_rows=8))
+    results = extract(_cfg(tiny_vit, pairs, cache_dir, chunk_rows=8))
     assert {r.split for r in results} == {"train", "val", "test"}
     enc = load_encoder(f"hf:{tiny_vit}", "cpu")
     split = load_dataset(str(pairs))["train"]
@@ -70,7 +70,7 @@ def test_text_side_mean_pooling(tiny_bert, pairs, cache_dir):
     assert all(g.startswith("img") for g in store.groups)
 
 
-def test_rerun_reuses_finished_blocks(tiny_vit, pairs, cache_dir):
+def test_rerun_reuses_finished_chunks(tiny_vit, pairs, cache_dir):
     extract(_cfg(tiny_vit, pairs, cache_dir))
     again = extract(_cfg(tiny_vit, pairs, cache_dir))
     assert all(r.computed_rows == 0 for r in again)
@@ -96,14 +96,14 @@ def test_other_weights_are_refused_and_store_kept(tmp_path, pairs, cache_dir):
     assert {p: _store_arrays(Path(p)) for p in before} == before
 
 
-def test_corrupt_image_stops_with_file_named_and_keeps_finished_blocks(tiny_vit, tmp_path, cache_dir):
-    pairs = make_pairs(tmp_path / "bad", n=24, bad=12)  # img012 is in the train split's 3rd block
+def test_corrupt_image_stops_with_file_named_and_keeps_finished_chunks(tiny_vit, tmp_path, cache_dir):
+    pairs = make_pairs(tmp_path / "bad", n=24, bad=12)  # img012 is in the train split's 3rd chunk
     out = runner.invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
-                              "--cache-dir", str(cache_dir), "--block-rows", "4", "--batch-size", "2"])
+                              "--cache-dir", str(cache_dir), "--chunk-rows", "4", "--batch-size", "2"])
     assert out.exit_code == 2
     assert "img012.png" in out.output and "--skip-bad" in out.output and "Traceback" not in out.output
     store = FeatureStore.open(next(find_stores(cache_dir)))
-    done = store.done_blocks("block.02")
+    done = store.done_chunks("block.02")
     assert done[:2].all() and not done.all()
     rows, values = store.read_finished("block.02")  # a reader racing a writer sees finished blocks only
     assert rows.tolist() == list(range(4 * int(done.sum()))) and np.isfinite(values).all()
@@ -111,7 +111,7 @@ def test_corrupt_image_stops_with_file_named_and_keeps_finished_blocks(tiny_vit,
         store.read("block.02")
     # --skip-bad records the row as missing, not zero-filled
     ok = runner.invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
-                             "--cache-dir", str(cache_dir), "--block-rows", "4", "--batch-size", "2", "--skip-bad"])
+                             "--cache-dir", str(cache_dir), "--chunk-rows", "4", "--batch-size", "2", "--skip-bad"])
     assert ok.exit_code == 0, ok.output
     store = FeatureStore.open(store.path)
     row = store.ids.index("img012.png")
@@ -166,7 +166,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_vit, tmp_path):
     pairs = make_pairs(tmp_path / "many", n=96)
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
     base = [sys.executable, "-m", "featcache.cli.main", "extract", "--model", f"hf:{tiny_vit}",
-            "--dataset", str(pairs), "--split", "train", "--block-rows", "4", "--batch-size", "2"]
+            "--dataset", str(pairs), "--split", "train", "--chunk-rows", "4", "--batch-size", "2"]
     env = dict(os.environ, FEATCACHE_SLOW_BATCH_S="0.05")  # widen the window to kill in
     subprocess.run(base + ["--cache-dir", str(ref_dir)], check=True, capture_output=True, env=env)
     proc = subprocess.Popen(base + ["--cache-dir", str(kill_dir)], env=env,
@@ -178,7 +178,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_vit, tmp_path):
         if stores:
             store_dir = stores[0]
             try:
-                done = FeatureStore.open(store_dir).done_blocks("block.02")
+                done = FeatureStore.open(store_dir).done_chunks("block.02")
                 if 3 <= done.sum() < len(done) - 3:
                     break
             except Exception:
@@ -187,13 +187,13 @@ def test_sigkill_then_resume_is_bitwise_equal(tiny_vit, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = FeatureStore.open(store_dir)
-    finished = int(partial.done_blocks("block.02").sum())
-    assert 0 < finished < partial.n_blocks
-    done_rows = sum(partial.block_slice(b).stop - partial.block_slice(b).start
-                    for b in np.flatnonzero(partial.done_blocks("block.02")))
+    finished = int(partial.done_chunks("block.02").sum())
+    assert 0 < finished < partial.n_chunks
+    done_rows = sum(partial.chunk_slice(b).stop - partial.chunk_slice(b).start
+                    for b in np.flatnonzero(partial.done_chunks("block.02")))
     resumed = extract(ExtractConfig(model=f"hf:{tiny_vit}", dataset=str(pairs), splits=["train"],
-                                    cache_dir=kill_dir, block_rows=4, batch_size=2))[0]
-    assert resumed.computed_rows == partial.rows - done_rows  # finished blocks are not recomputed
+                                    cache_dir=kill_dir, chunk_rows=4, batch_size=2))[0]
+    assert resumed.computed_rows == partial.rows - done_rows  # finished chunks are not recomputed
     ref_store = next(find_stores(ref_dir))
     assert _store_arrays(store_dir) == _store_arrays(ref_store)
 

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 
 def _argv(model, pairs, cache, *extra):
     return ["extract", "--model", f"hf:{model}", "--dataset", str(pairs), "--split", "train",
-            "--cache-dir", str(cache), "--block-rows", "4", "--batch-size", "2", *extra]
+            "--cache-dir", str(cache), "--chunk-rows", "4", "--batch-size", "2", *extra]
 
 
 def _single(tiny_vit, data, tmp_path):
@@ -40,8 +40,8 @@ def test_shards_complete_one_store_bitwise(tiny_vit, data, tmp_path):
     out = runner.invoke(app, _argv(tiny_vit, data, cache, "--shard", "0/2", "--no-steal"))
     assert out.exit_code == 0, out.output
     store = FeatureStore.open(next(find_stores(cache)))
-    done = store.done_blocks("block.02")
-    assert done[::2].all() and not done[1::2].any()  # shard 0 did exactly its blocks
+    done = store.done_chunks("block.02")
+    assert done[::2].all() and not done[1::2].any()  # shard 0 did exactly its chunks
     out = runner.invoke(app, _argv(tiny_vit, data, cache, "--shard", "1/2"))
     assert out.exit_code == 0, out.output
     assert _store_arrays(store.path) == reference
@@ -105,7 +105,7 @@ def test_sigkill_under_torchrun_then_rerun_is_bitwise_equal(tiny_vit, tmp_path):
         stores = list(find_stores(cache))
         if stores:
             try:
-                done = FeatureStore.open(stores[0]).done_blocks("block.02")
+                done = FeatureStore.open(stores[0]).done_chunks("block.02")
                 finished = int(done.sum())
                 if 4 <= finished < len(done) - 4:
                     break
@@ -115,7 +115,7 @@ def test_sigkill_under_torchrun_then_rerun_is_bitwise_equal(tiny_vit, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
     proc.wait()
     partial = FeatureStore.open(next(find_stores(cache)))
-    assert 0 < int(partial.done_blocks("block.02").sum()) < partial.n_blocks
+    assert 0 < int(partial.done_chunks("block.02").sum()) < partial.n_chunks
     out = runner.invoke(app, _argv(tiny_vit, pairs, cache))  # the locks died with the ranks
     assert out.exit_code == 0, out.output
     assert _store_arrays(partial.path) == reference
