@@ -37,7 +37,7 @@ def timed(fn, repeat: int = 1) -> float:
 def bench_extraction(quick: bool) -> dict:
     """Extraction (decode, forward, pool, float16 zarr writes) against the bare forward pass."""
     from featcache.cache.store import FeatureStore
-    from featcache.pipeline.datasets import load_dataset
+    from featcache.pipeline.catalog import load_dataset
     from featcache.pipeline.encoders import load_encoder
     from featcache.pipeline.extract import ExtractConfig, _batches, extract
 

@@ -26,7 +26,7 @@ class StoreNotFound(FeatcacheError):
 class StoreQuery:
     """What a reader asks for. ``None`` pooling or size means the encoder's default."""
 
-    dataset: str  # the canonical data set name (featcache.pipeline.datasets.canonical_name)
+    dataset: str  # the canonical data set name (featcache.pipeline.catalog.canonical_name)
     split: str  # the split label, ``test-sample500`` for a --limit run
     encoder: str  # as the user names it: registry name, alias, timm:<name> or hf:<path>
     pooling: str | None = None

@@ -14,12 +14,16 @@ from rich.console import Console
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache every layer of frozen encoders once; align and evaluate on the cache.")
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Before any command (not at import): featcache draws its own progress and messages."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate an aligned run on cached features.")
 app.add_typer(eval_app, name="eval")
 # Wide tables even when piped to a file or a CI log.

@@ -119,8 +119,8 @@ def report(
     """Compare runs side by side: mean ± std over seeds per config group."""
     from rich.table import Table
 
-    from featcache.pipeline.plots import metric_bars
-    from featcache.pipeline.report import build_report, layer_pair_rows, run_rows, write_outputs
+    from featcache.pipeline.app.plots import metric_bars
+    from featcache.pipeline.app.report import build_report, layer_pair_rows, run_rows, write_outputs
 
     filters = {}
     for item in where or []:
@@ -158,7 +158,7 @@ def demo(
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
     from rich.table import Table
 
-    from featcache.pipeline.demo import DemoConfig, quick as quick_config, run_demo
+    from featcache.pipeline.app.demo import DemoConfig, quick as quick_config, run_demo
 
     cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
     result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar,
@@ -189,7 +189,7 @@ def study(
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds on Tux Paint with paired bootstrap intervals (see docs/results.md)."""
-    from featcache.pipeline.study import StudyConfig, run_study, to_markdown
+    from featcache.pipeline.app.study import StudyConfig, run_study, to_markdown
 
     cfg = StudyConfig(out=out, salts=tuple(v.strip() for v in salts.split(",")), seeds=tuple(parse_list(seeds, int)),
                       epochs=epochs, patience=patience, batch_size=batch_size, checkpoint_on=checkpoint_on,

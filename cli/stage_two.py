@@ -52,7 +52,7 @@ def layers(
     cache_dir: Optional[str] = CacheDir,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
-    from featcache.pipeline.plots import layer_heatmap
+    from featcache.pipeline.app.plots import layer_heatmap
     from featcache.pipeline.runs import write_json
     from featcache.pipeline.train import CachedData, SelectConfig, select_layers
     from featcache.pipeline.cached import Side, open_pairs

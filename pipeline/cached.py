@@ -11,7 +11,8 @@ import numpy as np
 from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.datasets import canonical_name, hash_unit, is_combined
+from featcache.pipeline.catalog import canonical_name, is_combined
+from featcache.pipeline.datasets import hash_unit
 
 
 @dataclass(frozen=True)

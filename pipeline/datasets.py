@@ -182,103 +182,11 @@ def hash_split(key: str, salt: str = "", test: float = 0.2, val: float = 0.1) ->
     return "test" if u < test else "val" if u < test + val else "train"
 
 
-# -- registry -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetEntry:
+    """A registered data set: how to build its splits from spec options."""
+
     name: str
     kind: str
     build: Callable[[dict], dict[str, Split]]  # options -> splits
     description: str
-
-
-DATASETS: dict[str, DatasetEntry] = {}
-
-
-def register_dataset(entry: DatasetEntry) -> None:
-    DATASETS[entry.name] = entry
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` (e.g. ``tuxpaint:salt=1``)."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise FeatcacheError(f"bad data set option {item!r} in {spec!r}", "write name:key=value")
-        options[key.strip()] = value.strip()
-    return name.strip(), options
-
-
-def is_combined(spec: str) -> bool:
-    """``a+b``: the union of two data sets, each cached on its own (a path with '+' is not one)."""
-    return "+" in spec and not Path(spec).exists()
-
-
-def _content_digest(path: Path) -> str:
-    """A short digest of a user data set's resolved path and content (a folder: its file list).
-
-    The full content digest is checked when extracting; this one only has to keep different
-    data sets with the same name apart, cheaply, on every read.
-    """
-    h = hashlib.sha256(str(path.resolve()).encode() + b"\0")
-    try:
-        if path.is_dir():
-            for f in sorted(path.rglob("*")):
-                if f.is_file():
-                    h.update(f"{f.relative_to(path)}\0{f.stat().st_size}\0".encode())
-        else:
-            h.update(path.read_bytes())
-    except OSError as err:
-        raise FeatcacheError(f"cannot read the data set {path}: {err.strerror} ({err.filename})",
-                             "point --dataset at a readable file or folder of your data") from None
-    return h.hexdigest()[:8]
-
-
-def canonical_name(spec: str) -> str:
-    """The name a spec's caches are stored under: options are part of it.
-
-    A registered set keeps its readable name. A user's file or folder is named by its stem and
-    a digest of its resolved path and content, so two different ``pairs.jsonl`` never share a
-    store, and an edited file is a new data set rather than a stale cache.
-    """
-    name, options = parse_spec(spec)
-    path = Path(name)
-    if name not in DATASETS and (path.suffix in (".csv", ".jsonl", ".json") or path.is_dir()) and path.exists():
-        name = f"{path.resolve().stem}.{_content_digest(path)}"
-
-    def short(value: str) -> str:  # a file option is named by its stem and content hash
-        path = Path(value)
-        if path.is_file():
-            return f"{path.stem}.{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
-        return value
-
-    return name + "".join(f"-{k}{short(v)}" for k, v in sorted(options.items()))
-
-
-def load_dataset(spec: str) -> dict[str, Split]:
-    """Every split of a data set spec: a registered name, ``a+b``, or a path for users' data."""
-    from featcache.pipeline import builtin_data, user_data  # noqa: F401  (they register)
-
-    if is_combined(spec):
-        raise FeatcacheError(f"{spec!r} combines data sets: each part is cached on its own",
-                             "extract and read it through featcache extract/align, which split it on '+'")
-    name, options = parse_spec(spec)
-    if name in DATASETS:
-        splits = DATASETS[name].build(options)
-    elif Path(name).exists():
-        try:
-            splits = user_data.load_path(Path(name), options)
-        except OSError as err:
-            raise FeatcacheError(f"cannot read the data set {name}: {err.strerror} ({err.filename})",
-                                 "point --dataset at a readable file or folder of your data") from None
-    else:
-        raise FeatcacheError(
-            f"unknown data set {name!r}",
-            f"known: {', '.join(sorted(DATASETS))}; or a path to a .csv/.jsonl of image,caption rows, "
-            "a COCO or Karpathy .json, or an image folder with class subfolders",
-        )
-    cname = canonical_name(spec)
-    for split in splits.values():
-        split.dataset = cname
-    return splits

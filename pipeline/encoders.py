@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.device import pick_device
 from featcache.pipeline.layerspec import block_name, canonical_layers
 from featcache.pipeline.registry import EncoderEntry, network_error, resolve_entry
 
@@ -179,18 +180,6 @@ class Encoder:
             "pooling": pooling,
             "layers": self.layer_names,
         }
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError(f"device {device!r} was asked for but CUDA is not available", "use --device cpu")
-    return dev
 
 
 def load_encoder(spec: str, device: str = "auto", image_size: int | None = None) -> Encoder:

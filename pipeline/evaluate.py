@@ -19,7 +19,7 @@ from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, open_pairs, open_store
-from featcache.pipeline.datasets import canonical_name
+from featcache.pipeline.catalog import canonical_name
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
 

@@ -18,7 +18,8 @@ from featcache.cache.locks import all_writers_locked, store_lock
 from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.datasets import BadImage, ImageSide, Split, is_combined, load_dataset
+from featcache.pipeline.catalog import is_combined, load_dataset
+from featcache.pipeline.datasets import BadImage, ImageSide, Split
 from featcache.pipeline.encoders import Encoder, load_encoder
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.registry import ALIASES

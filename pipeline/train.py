@@ -18,6 +18,7 @@ import torch
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.lookup import check_same_encoder
+from featcache.pipeline.device import pick_device
 from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, subsample
 from featcache.pipeline.heads import AlignmentModel
 from featcache.pipeline.layers import ScoreTable, score_table
@@ -108,12 +109,15 @@ class CachedData:
     validation: dict = field(default_factory=dict)  # where the validation pairs came from
     _memo: dict = field(default_factory=dict)
 
-    def features(self, split: str, modality: str, layer: str) -> np.ndarray:
-        key = (split, modality, layer)
+    def memo(self, key, compute):
+        """``compute()`` once per key: arrays and score tables shared by the cells of a sweep."""
         if key not in self._memo:
-            pf = self.train if split == "train" else self.val
-            self._memo[key] = pf.image(layer) if modality == "image" else pf.text(layer)
+            self._memo[key] = compute()
         return self._memo[key]
+
+    def features(self, split: str, modality: str, layer: str) -> np.ndarray:
+        pf = self.train if split == "train" else self.val
+        return self.memo((split, modality, layer), lambda: pf.image(layer) if modality == "image" else pf.text(layer))
 
 
 VAL_FRACTION = 0.1
@@ -144,15 +148,14 @@ def load_cached(cfg: AlignConfig) -> CachedData:
 
 def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
     """Score every complete (image layer, text layer) pair on up to ``select.n`` training pairs."""
-    key = ("table", repr(select))
-    if key in data._memo:
-        return data._memo[key]
-    train = data.train
-    rows = subsample(len(train), select.n, select.seed)
-    img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
-    txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
-    data._memo[key] = score_table(img, txt, select.metric, select.k, select.calibrate, select.seed)
-    return data._memo[key]
+    def compute() -> ScoreTable:
+        train = data.train
+        rows = subsample(len(train), select.n, select.seed)
+        img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
+        txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
+        return score_table(img, txt, select.metric, select.k, select.calibrate, select.seed)
+
+    return data.memo(("table", repr(select)), compute)
 
 
 def _model_layer(spec: str, store, complete: list[str]) -> str:
@@ -213,100 +216,132 @@ def _evaluate(model, cfg, xi, xt) -> dict:
     return {k: v / n for k, v in totals.items()}
 
 
-def train(cfg: AlignConfig, data: CachedData | None = None, progress=None, quiet: bool = False) -> Path:
-    """Train one run and write its record; returns the run directory."""
-    cfg.validate()
-    data = data or load_cached(cfg)
-    image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = subsample(len(data.train), cfg.pairs, cfg.seed)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    if len(rows) < 2 or len(data.val) < 2:
-        raise FeatcacheError(f"{cfg.dataset}: {len(rows)} training and {len(data.val)} validation pairs; "
-                             "training needs at least 2 of each", "use a larger data set or a larger --pairs")
-    arrays = {}
-    for split, modality, layer, pick in (("train", "image", image_layer, rows), ("train", "text", text_layer, rows),
-                                         ("val", "image", image_layer, None), ("val", "text", text_layer, None)):
+@dataclass
+class RunSetup:
+    """Everything one run trains from: the chosen layers, the tensors, the model and optimiser."""
+
+    cfg: AlignConfig
+    config: dict  # what config.json records
+    table: ScoreTable | None
+    tensors: tuple  # train image, train text, val image, val text (on the device)
+    model: AlignmentModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rows: int
+    batch: int
+    steps_per_epoch: int
+
+
+def _checked_tensors(cfg: AlignConfig, data: CachedData, layers: tuple[str, str], rows: np.ndarray, device):
+    """The four feature matrices of a run, refused if any value is not finite."""
+    out = []
+    for split, modality, layer, pick in (("train", "image", layers[0], rows), ("train", "text", layers[1], rows),
+                                         ("val", "image", layers[0], None), ("val", "text", layers[1], None)):
         x = data.features(split, modality, layer)
         x = x if pick is None else x[pick]
         if not np.isfinite(x).all():
             store = getattr(data.train if split == "train" else data.val, f"{modality}s")
             raise FeatcacheError(f"the {modality} features of layer {layer} in {store.path} hold non-finite values",
                                  f"run: featcache verify {store.path}")
-        arrays[split, modality] = as_t(x)
-    xi, xt, vi, vt = (arrays[k] for k in (("train", "image"), ("train", "text"), ("val", "image"), ("val", "text")))
+        out.append(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+    return tuple(out)
 
-    model = AlignmentModel(cfg.head, xi.shape[1], xt.shape[1], cfg.d_out, cfg.temperature,
+
+def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
+    """Choose layers and pairs, load the tensors, and build the model, optimiser and schedule."""
+    image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    rows = subsample(len(data.train), cfg.pairs, cfg.seed)
+    if len(rows) < 2 or len(data.val) < 2:
+        raise FeatcacheError(f"{cfg.dataset}: {len(rows)} training and {len(data.val)} validation pairs; "
+                             "training needs at least 2 of each", "use a larger data set or a larger --pairs")
+    tensors = _checked_tensors(cfg, data, (image_layer, text_layer), rows, device)
+    model = AlignmentModel(cfg.head, tensors[0].shape[1], tensors[1].shape[1], cfg.d_out, cfg.temperature,
                            cfg.learn_temperature).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(rows))
     steps_per_epoch = max(1, len(rows) // batch)
     total_steps = steps_per_epoch * cfg.epochs
     # Cosine decay once over the whole budget; the configured lr is the peak, never overridden.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     config = cfg.to_dict() | {
         "image_layer": image_layer, "text_layer": text_layer, "train_pairs": int(len(rows)),
-        "val_pairs": int(len(vi)), "validation": data.validation,
+        "val_pairs": int(len(tensors[2])), "validation": data.validation,
         "cache": {"train": data.train.identities(), "val": data.val.identities()},
     }
     if table is not None:  # auto: which layers it chose among (complete ones only)
         config["layers_considered"] = {"image": table.image_layers, "text": table.text_layers}
-    writer = RunWriter(cfg.runs_dir, config)
+    return RunSetup(cfg, config, table, tensors, model, opt, sched, len(rows), batch, steps_per_epoch)
+
+
+def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
+    """The training loop with early stopping; leaves the best epoch's weights in ``run.model``."""
+    cfg, model, opt, sched = run.cfg, run.model, run.opt, run.sched
+    xi, xt, vi, vt = run.tensors
+    params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(cfg.seed)
     best = {"epoch": -1, "score": float("inf")}
     best_state = copy.deepcopy(model.state_dict())
     step, start = 0, time.perf_counter()
-    task = progress.add_task(f"align {image_layer}/{text_layer} seed {cfg.seed}", total=cfg.epochs) if progress else None
+    layers = f"{run.config['image_layer']}/{run.config['text_layer']}"
+    task = progress.add_task(f"align {layers} seed {cfg.seed}", total=cfg.epochs) if progress else None
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(run.rows, generator=gen).to(xi.device)
+        sums = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+        for b in range(run.steps_per_epoch):  # the tail that does not fill a batch is dropped this epoch
+            idx = order[b * run.batch:(b + 1) * run.batch]
+            lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps)
+            total, clip, reg = _losses(model, cfg, xi[idx], xt[idx], lam)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            for key, v in (("total", total), ("clip", clip), ("structure", reg)):
+                sums[key] += float(v.detach()) / run.steps_per_epoch
+        model.eval()
+        val = _evaluate(model, cfg, vi, vt)
+        if not all(math.isfinite(v) for v in (*sums.values(), *val.values())):
+            raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {sums['total']}, "
+                                 f"val {val['total']}); no run was recorded",
+                                 "lower --lr or --lam, or check the features with featcache verify")
+        score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
+        if score < best["score"]:
+            best = {"epoch": epoch, "score": score}
+            best_state = copy.deepcopy(model.state_dict())
+        writer.log({"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0],
+                    "lambda": lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
+                    **{f"train_{k}": v for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()}})
+        if task is not None:
+            progress.update(task, advance=1)
+        if epoch - best["epoch"] >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return {
+        "run_id": writer.run_id, "image_layer": run.config["image_layer"], "text_layer": run.config["text_layer"],
+        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
+        "epochs_run": epoch + 1, "steps": step, "seconds": time.perf_counter() - start,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": run.rows,
+    }
+
+
+def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Path:
+    """Train one run and write its record; returns the run directory (none is left on failure)."""
+    cfg.validate()
+    run = build_run(cfg, data or load_cached(cfg))
+    writer = RunWriter(cfg.runs_dir, run.config)
     try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            order = torch.randperm(len(rows), generator=gen).to(device)
-            sums = {"total": 0.0, "clip": 0.0, "structure": 0.0}
-            for b in range(steps_per_epoch):  # the tail that does not fill a batch is dropped this epoch
-                idx = order[b * batch:(b + 1) * batch]
-                lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps)
-                total, clip, reg = _losses(model, cfg, xi[idx], xt[idx], lam)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                for key, v in (("total", total), ("clip", clip), ("structure", reg)):
-                    sums[key] += float(v.detach()) / steps_per_epoch
-            model.eval()
-            val = _evaluate(model, cfg, vi, vt)
-            if not all(math.isfinite(v) for v in (*sums.values(), *val.values())):
-                raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {sums['total']}, "
-                                     f"val {val['total']}); no run was recorded",
-                                     "lower --lr or --lam, or check the features with featcache verify")
-            score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
-            improved = score < best["score"]
-            if improved:
-                best = {"epoch": epoch, "score": score}
-                best_state = copy.deepcopy(model.state_dict())
-            writer.log({"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0],
-                        "lambda": lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
-                        **{f"train_{k}": v for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()}})
-            if task is not None:
-                progress.update(task, advance=1)
-            if epoch - best["epoch"] >= cfg.patience:
-                break
+        summary = fit(run, writer, progress)
     except BaseException:
         writer.abort()
         raise
-    model.load_state_dict(best_state)
-    summary = {
-        "run_id": writer.run_id, "image_layer": image_layer, "text_layer": text_layer,
-        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
-        "epochs_run": epoch + 1, "steps": step, "seconds": time.perf_counter() - start,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": int(len(rows)),
-    }
-    extra = {"layer_scores.json": table.to_dict()} if table is not None else None
-    return writer.finish(summary, model.state_dict(), extra)
+    extra = {"layer_scores.json": run.table.to_dict()} if run.table is not None else None
+    return writer.finish(summary, run.model.state_dict(), extra)
 
 
 def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[int],

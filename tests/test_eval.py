@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from conftest import build_tiny_cache, make_pairs, save_tiny_bert, save_tiny_vit
 from featcache.cli.main import app
-from featcache.pipeline.datasets import canonical_name
+from featcache.pipeline.catalog import canonical_name
 from featcache.pipeline.runs import find_run, read_json
 
 runner = CliRunner()

@@ -19,7 +19,7 @@ from conftest import make_pairs, save_tiny_vit
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.datasets import load_dataset
+from featcache.pipeline.catalog import load_dataset
 from featcache.pipeline.encoders import load_encoder
 from featcache.pipeline.extract import ExtractConfig, extract
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import requires_real
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.datasets import load_dataset
+from featcache.pipeline.catalog import load_dataset
 from featcache.pipeline.encoders import load_encoder
 from featcache.pipeline.extract import ExtractConfig, extract
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from featcache.pipeline.study import CONFIGS, StudyConfig, summarise, to_markdown
+from featcache.pipeline.app.study import CONFIGS, StudyConfig, summarise, to_markdown
 
 
 def _ranks(p_hit: float, rng, n=40):

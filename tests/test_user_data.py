@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.datasets import load_dataset
+from featcache.pipeline.catalog import load_dataset
 from featcache.pipeline.encoders import load_encoder
 from featcache.pipeline.registry import resolve_entry
 

@@ -21,8 +21,8 @@ from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.evaluate import ClassifyConfig, RetrievalConfig, eval_classify, eval_retrieval
 from featcache.cache.naming import split_label
 from featcache.pipeline.extract import ExtractConfig, extract
-from featcache.pipeline.plots import layer_heatmap, metric_bars
-from featcache.pipeline.report import build_report, layer_pair_rows, run_rows, write_outputs
+from featcache.pipeline.app.plots import layer_heatmap, metric_bars
+from featcache.pipeline.app.report import build_report, layer_pair_rows, run_rows, write_outputs
 from featcache.pipeline.runs import write_json
 from featcache.pipeline.train import AlignConfig, load_cached, select_layers, sweep
 

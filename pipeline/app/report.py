@@ -119,7 +119,7 @@ def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: l
 
 def write_outputs(report: Report, out_dir: Path, plot_metric: str | None = None) -> list[Path]:
     """CSV, Markdown and plots of a report into ``out_dir``."""
-    from featcache.pipeline.plots import metric_bars, metric_lines
+    from featcache.pipeline.app.plots import metric_bars, metric_lines
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.csv", out_dir / "report.md"]
