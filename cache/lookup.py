@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from featcache.cache import location as loc
+import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.naming import split_dir

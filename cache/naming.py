@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from featcache.cache import location as loc
+import featcache.cache.location as loc
 from featcache.cache.location import Location
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")

@@ -30,10 +30,9 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from featcache.cache import location as loc
+import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
-from featcache.cache.naming import StoreSpec, split_label, store_path  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk, chunks written even when empty
 _MIN_CHUNK_BYTES = 1 << 20

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.cache import location as loc
+import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked, store_lock
 from featcache.cache.naming import StoreSpec, split_label, store_path

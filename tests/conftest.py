@@ -68,6 +68,16 @@ def make_pairs(root: Path, n: int = 24, bad: int | None = None, seed: int = 0) -
     return out
 
 
+def store_arrays(path) -> dict[str, bytes]:
+    """Every layer's stored bytes and the missing flags of a store: for bitwise comparisons."""
+    from featcache.cache.store import FeatureStore
+
+    s = FeatureStore.open(path)
+    out = {name: s.read(name, dtype=np.dtype(s.attrs["dtype"])).tobytes() for name in s.layers}
+    out["missing"] = s.missing.tobytes()
+    return out
+
+
 def build_tiny_cache(root: Path, n: int) -> dict:
     """A pair set of n rows with both tiny encoders extracted: the input of stage-two tests."""
     from featcache.pipeline.extract import ExtractConfig, extract

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_pairs
+from conftest import make_pairs, store_arrays
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import safe_component
 from featcache.cache.store import CorruptChunk, FeatureStore, find_stores
 from featcache.cli.main import app
 from featcache.pipeline.runs import find_run, read_json
-from test_extract import _store_arrays
 
 runner = CliRunner()
 
@@ -90,7 +89,7 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     argv = ("--split", "train", "--chunk-rows", 8)
     extract(tiny_vit, pairs, cache, *argv)
     path = next(find_stores(cache))
-    reference = _store_arrays(path)
+    reference = store_arrays(path)
     originals = {f: f.read_bytes() for layer in ("block.01", "block.02") for f in chunk_files(path, layer)}
 
     # a flipped byte in the middle of one chunk of block.02
@@ -120,7 +119,7 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     assert FeatureStore.open(path).pending_chunks(["block.01", "block.02"]) == [1, 2]
     out = extract(tiny_vit, pairs, cache, *argv)
     assert invoke("verify", "--cache-dir", cache).exit_code == 0
-    assert _store_arrays(path) == reference
+    assert store_arrays(path) == reference
     assert {f: f.read_bytes() for f in originals} == originals  # the very chunk files, bitwise
 
 

@@ -42,7 +42,7 @@ def test_eval_retrieval_writes_one_result(env):
         assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
     assert res["baseline"]["method"] == "procrustes"  # both tiny encoders are 32 wide
     out = runner.invoke(app, ["eval", "retrieval", *env["common"], "--positives", "caption"])
-    assert out.exit_code == 0
+    assert out.exit_code == 0, out.output
     assert (run / "eval" / f"retrieval-{canonical_name(str(env['pairs']))}-test-caption-positives.json").exists()
 
 
@@ -63,9 +63,9 @@ def test_eval_classify_image_folder_with_extract(env, tmp_path):
 
 
 def test_report_mean_std_and_outputs(env, tmp_path):
-    runner.invoke(app, ["eval", "retrieval", *env["common"]])
     for run in sorted((env["root"] / "runs").iterdir()):
-        runner.invoke(app, ["eval", "retrieval", *env["common"], "--run", run.name])
+        out = runner.invoke(app, ["eval", "retrieval", *env["common"], "--run", run.name])
+        assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["report", "--runs-dir", str(env["root"] / "runs"), "--group-by", "layers,loss",
                               "--out", str(tmp_path / "rep")])
     assert out.exit_code == 0, out.output

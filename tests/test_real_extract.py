@@ -1,6 +1,7 @@
 """Stage one with the real offline weights on real Tux Paint rows."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import requires_real
@@ -8,6 +9,8 @@ from featcache.cache.store import FeatureStore
 from featcache.pipeline.catalog import load_dataset
 from featcache.pipeline.encoders import load_encoder
 from featcache.pipeline.extract import ExtractConfig, extract
+
+pytestmark = pytest.mark.real  # deselect with -m 'not real'
 
 
 @requires_real

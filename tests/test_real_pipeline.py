@@ -9,7 +9,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import requires_real
+
+pytestmark = pytest.mark.real  # deselect with -m 'not real'
 
 
 def featcache(*args, env):

@@ -79,11 +79,13 @@ def test_mlp_gate_and_branch_train():
 
 def test_sweep_grid_from_cache_only(tiny_cache, tmp_path, monkeypatch):
     import featcache.pipeline.encoders as encoders
+    import featcache.pipeline.extract as extract
 
     def no_encoders(*a, **k):
         raise AssertionError("a sweep must not load an encoder")
 
-    monkeypatch.setattr(encoders, "load_encoder", no_encoders)
+    for module in (encoders, extract):  # the name as defined and where extraction bound it
+        monkeypatch.setattr(module, "load_encoder", no_encoders)
     runs = sweep(_cfg(tiny_cache, tmp_path, epochs=3), ["last", "auto"], ["clip", "clip+structure"], [0, 1])
     assert len(runs) == 8 == len(list_runs(tmp_path / "runs"))
     cells = {(read_json(r / "config.json")["layers"], read_json(r / "config.json")["loss"],
