@@ -19,8 +19,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 @app.callback()
-def _quiet_libraries() -> None:
-    """Before any command (not at import): featcache draws its own progress and messages."""
+def _setup() -> None:
+    """Before any command (not at import): featcache draws its own progress and messages, and
+    prints its warnings (a skipped broken run, say) as one line each."""
+    import warnings
+
+    from featcache.pipeline.runs import BrokenRunWarning
+
+    warnings.simplefilter("always", BrokenRunWarning)
+    default_show = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, BrokenRunWarning):
+            err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
+        else:
+            default_show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,8 +60,16 @@ def runs_dir_or_default(path: Optional[Path]) -> Path:
     return path if path is not None else default_runs_dir()
 
 
+RESUMABLE = {"extract": "finished chunks are kept; run the same command to resume",
+             "demo": "finished chunks and runs are kept; run the same command to go on"}
+
+
 def friendly(fn):
-    """Turn user errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn user errors into one line on stderr and a non-zero exit, never a traceback.
+
+    Operating-system errors (a path that is a file, a folder that cannot be written, a full
+    disk) are the user's to fix too: they get the same one line, naming the path.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -54,14 +77,21 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except FeatcacheError as err:
             hint = f" ({err.hint})" if err.hint else ""
-            err_console.print(f"[bold red]error:[/] {err.message}{hint}", markup=True, highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(2)
+            _error(f"{err.message}{hint}")
+        except OSError as err:
+            where = f": {err.filename}" if err.filename else ""
+            _error(f"{err.strerror or err}{where} (check that the path exists, is the kind expected "
+                   "(a folder or a file) and can be written; nothing half-written is kept)")
         except KeyboardInterrupt:
-            err_console.print("interrupted: finished chunks are kept; run the same command to resume")
+            err_console.print("interrupted: " + RESUMABLE.get(fn.__name__, "nothing half-written was kept"))
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _error(line: str) -> None:
+    err_console.print(f"[bold red]error:[/] {line}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def progress_bar():

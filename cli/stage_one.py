@@ -135,12 +135,13 @@ def verify(
 @app.command()
 @friendly
 def export(store: str = typer.Argument(..., help="Path or URL of a .zarr feature store (see featcache ls)."),
-           out: Path = typer.Argument(..., help="HDF5 file to write.")):
+           out: Path = typer.Argument(..., help="HDF5 file to write."),
+           force: bool = typer.Option(False, help="Replace an existing file.")):
     """Write a feature store to HDF5 with h5py."""
     from featcache.cache.export import export_hdf5
     from featcache.cache.store import FeatureStore
 
-    path = export_hdf5(FeatureStore.open(store), out)
+    path = export_hdf5(FeatureStore.open(store), out, force=force)
     console.print(f"wrote {path} ({human_bytes(path.stat().st_size)})")
 
 

@@ -191,7 +191,7 @@ def _print_runs(runs):
         table.add_column(col)
     for run in runs:
         c, s = read_json(run / "config.json"), read_json(run / "summary.json")
-        evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").exists() else []
+        evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
         table.add_row(run.name, c["dataset"], f"{c['layers']}: {s['image_layer']} x {s['text_layer']}", c["loss"],
                       c["head"], str(s["train_pairs"]), str(c["seed"]), f"{s['best_val']:.4f}", str(s["best_epoch"]),
                       ", ".join(evals))
@@ -200,9 +200,18 @@ def _print_runs(runs):
 
 @app.command()
 @friendly
-def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="Show the N most recent.")):
+def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="Show the N most recent."),
+         clean: bool = typer.Option(False, help="Remove the .partial-* folders of runs that were killed.")):
     """List runs with their key config and best validation loss."""
-    from featcache.pipeline.runs import list_runs
+    from featcache.pipeline.runs import list_runs, partial_runs
+
+    if clean:
+        import shutil
+
+        partial = partial_runs(runs_dir_or_default(runs_dir))
+        for path in partial:
+            shutil.rmtree(path)
+        console.print(f"removed {len(partial)} unfinished run folder(s)", highlight=False)
 
     found = list_runs(runs_dir_or_default(runs_dir))
     if not found:

@@ -41,6 +41,7 @@ class TextSide:
     ids: list[str]
     groups: list[str]
     texts: list[str]
+    problems: dict[int, str] = field(default_factory=dict)  # row -> why it cannot be encoded
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -92,7 +93,8 @@ class Split:
         if texts is not None and self.kind == PAIRS:
             idx = [i for i, g in enumerate(texts.groups) if g in keep]
             texts = TextSide([texts.ids[i] for i in idx], [texts.groups[i] for i in idx],
-                             [texts.texts[i] for i in idx])
+                             [texts.texts[i] for i in idx],
+                             {new: texts.problems[old] for new, old in enumerate(idx) if old in texts.problems})
         return Split(self.dataset, self.name, self.kind, images, texts, self.classnames, self.templates)
 
 
@@ -116,8 +118,9 @@ def _expand_svg_entities(data: bytes) -> bytes:
 
 
 def decode_image(data: bytes, source: str):
-    """Decode PNG/JPEG/SVG bytes to RGB, compositing transparency on white."""
-    from PIL import Image
+    """Decode PNG/JPEG/SVG bytes to RGB as a viewer shows them: EXIF orientation applied,
+    16-bit channels scaled (not clipped) to 8 bits, transparency composited on white."""
+    from PIL import Image, ImageOps
 
     try:
         if source.lower().endswith(".svg"):
@@ -126,9 +129,17 @@ def decode_image(data: bytes, source: str):
             data = cairosvg.svg2png(bytestring=_expand_svg_entities(data), output_width=512)
         img = Image.open(io.BytesIO(data))
         img.load()
+        img = ImageOps.exif_transpose(img)
     except Exception as err:  # PIL and cairosvg raise many types for bad files
-        raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {err}",
-                       "fix or remove the file, or pass --skip-bad to record it as a missing row")
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", Path(source).name, str(err))
+        raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {detail}",
+                       "fix or remove the file, or pass --skip-bad to record it as a missing row") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(wide * 255.0 / top), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -159,16 +170,26 @@ def prompt_side(classnames: list[str], templates: list[str]) -> TextSide:
 
 def read_list(path: Path, what: str) -> list[str]:
     """A user list file: a JSON list of strings, or one entry per line."""
-    if not path.exists():
+    if not path.is_file():
         raise FeatcacheError(f"{what} file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    items = json.loads(text) if path.suffix == ".json" else [l.strip() for l in text.splitlines() if l.strip()]
-    if not items or not all(isinstance(i, str) for i in items):
+    try:
+        text = path.read_bytes().decode("utf-8")
+        items = json.loads(text) if path.suffix == ".json" else [l.strip() for l in text.splitlines() if l.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeatcacheError(f"{what} file {path} cannot be read ({type(err).__name__}: {err})",
+                             "write a JSON list of strings, or one entry per line, in UTF-8") from None
+    if not items or not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise FeatcacheError(f"{what} file {path} must list strings (JSON list or one per line)")
-    if what == "templates" and not all("{}" in t for t in items):
-        raise FeatcacheError(f"every template in {path} needs a {{}} for the class name")
+    if what == "templates":
+        for t in items:
+            try:
+                t.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise FeatcacheError(f"the template {t!r} in {path} is not a format string with one {{}}",
+                                     "use {} for the class name and {{ }} for literal braces") from None
+            if "{}" not in t:
+                raise FeatcacheError(f"every template in {path} needs a {{}} for the class name, not {t!r}")
     return items
-
 
 
 def hash_unit(key: str, salt: str = "") -> float:

@@ -243,6 +243,9 @@ def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encode
         model = AutoModel.from_pretrained(source, local_files_only=offline or Path(source).exists())
     except OSError as err:
         raise network_error(entry, err) from None
+    except ValueError as err:  # e.g. a model that needs its own code (trust_remote_code)
+        raise FeatcacheError(f"{entry.name}: transformers cannot build this model ({str(err).splitlines()[0][:200]})",
+                             "featcache loads standard architectures without remote code; see docs/usage.md") from None
     config = model.config
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if layers is None or not hasattr(model, "embeddings"):

@@ -166,6 +166,13 @@ def _collate(items):
     return rows, (torch.stack(good) if good else None), errors
 
 
+def _text_batch(encoder: Encoder, side, rows: list[int]):
+    """Like an image batch: rows, the encodable inputs, and an error for each flagged row."""
+    errors = {r: side.problems[r] for r in rows if r in side.problems}
+    good = [side.texts[r] for r in rows if r not in errors]
+    return rows, (encoder.prepare_texts(good) if good else None), errors
+
+
 def _batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[list[int]]:
     """Batches never straddle a chunk, so a resumed chunk sees exactly the same batches."""
     out = []
@@ -186,14 +193,14 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
             pin_memory=encoder.device.type == "cuda", persistent_workers=False,
         )
     else:
-        loader = ((rows, encoder.prepare_texts([side.texts[r] for r in rows]), {}) for rows in batches)
+        loader = (_text_batch(encoder, side, rows) for rows in batches)
 
     pending: dict[int, dict] = {}
     computed, delay = 0, _batch_delay_s()
     for rows, inputs, errors in loader:
         if errors and not cfg.skip_bad:
-            raise FeatcacheError(next(iter(errors.values())).split(" (")[0],
-                                 "fix or remove the file, or pass --skip-bad to record it as a missing row; "
+            raise FeatcacheError(next(iter(errors.values())),
+                                 "fix the input, or pass --skip-bad to record it as a missing row; "
                                  "finished chunks are kept")
         chunk = rows[0] // store.chunk_rows
         sl = store.chunk_slice(chunk)
@@ -267,6 +274,9 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     """Extract every requested split; finished chunks of earlier runs are kept, not recomputed."""
     if cfg.batch_size < 1:
         raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
+    if cfg.image_size is not None and cfg.image_size != -1 and cfg.image_size < 1:
+        raise FeatcacheError(f"--image-size must be a positive number of pixels or -1, got {cfg.image_size}",
+                             "e.g. 224, or -1 for the model's pretrained size")
     if cfg.dtype not in ("float16", "float32"):
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
     if is_combined(cfg.dataset):

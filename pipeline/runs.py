@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
@@ -64,11 +65,52 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+class BrokenRunWarning(UserWarning):
+    """A run directory that cannot be read: it is skipped, never fatal to listing the others."""
+
+
+def _readable(run: Path) -> bool:
+    for name in ("config.json", "summary.json"):
+        try:
+            if not isinstance(read_json(run / name), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            warnings.warn(f"skipping the run {run}: its {name} cannot be read ({type(err).__name__})",
+                          BrokenRunWarning, stacklevel=3)
+            return False
+    return True
+
+
 def list_runs(runs_dir: Path) -> list[Path]:
+    """Finished, readable runs; a broken one is skipped with a BrokenRunWarning."""
     runs_dir = Path(runs_dir)
-    if not runs_dir.exists():
+    if not runs_dir.is_dir():
         return []
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    finished = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and (p / "summary.json").exists())
+    return [p for p in finished if _readable(p)]
+
+
+def read_eval_results(run: Path) -> list[dict]:
+    """The evaluation results of a run; an unreadable file is skipped with a warning."""
+    results = []
+    for path in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        try:
+            res = read_json(path)
+            if not isinstance(res, dict) or not {"task", "dataset", "split", "metrics"} <= set(res):
+                raise ValueError("not an evaluation result")
+        except (OSError, ValueError) as err:
+            warnings.warn(f"skipping {path}: it cannot be read as an evaluation result ({type(err).__name__})",
+                          BrokenRunWarning, stacklevel=2)
+            continue
+        results.append(res)
+    return results
+
+
+def partial_runs(runs_dir: Path) -> list[Path]:
+    """Folders of runs that were killed before they finished (``.partial-*``)."""
+    runs_dir = Path(runs_dir)
+    return sorted(runs_dir.glob(".partial-*")) if runs_dir.is_dir() else []
 
 
 def find_run(runs_dir: Path, run: str = "latest") -> Path:
@@ -94,10 +136,14 @@ def load_heads(run_dir: Path):
     from featcache.pipeline.heads import AlignmentModel
 
     cfg = read_json(run_dir / "config.json")
-    state = load_file(str(run_dir / "heads.safetensors"))
-    model = AlignmentModel(cfg["head"], state_dim(state, "image_head"), state_dim(state, "text_head"),
-                           cfg["d_out"], cfg["temperature"], cfg["learn_temperature"])
-    model.load_state_dict(state)
+    try:
+        state = load_file(str(run_dir / "heads.safetensors"))
+        model = AlignmentModel(cfg["head"], state_dim(state, "image_head"), state_dim(state, "text_head"),
+                               cfg["d_out"], cfg["temperature"], cfg["learn_temperature"])
+        model.load_state_dict(state)
+    except Exception as err:  # safetensors, torch and a damaged config raise many types
+        raise FeatcacheError(f"the heads of the run {run_dir} cannot be loaded ({type(err).__name__})",
+                             "retrain it with the command in its config.json, or evaluate another run") from None
     return model.eval(), cfg
 
 

@@ -249,13 +249,13 @@ def _checked_tensors(cfg: AlignConfig, data: CachedData, layers: tuple[str, str]
 
 def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
     """Choose layers and pairs, load the tensors, and build the model, optimiser and schedule."""
-    image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     rows = subsample(len(data.train), cfg.pairs, cfg.seed)
     if len(rows) < 2 or len(data.val) < 2:
         raise FeatcacheError(f"{cfg.dataset}: {len(rows)} training and {len(data.val)} validation pairs; "
                              "training needs at least 2 of each", "use a larger data set or a larger --pairs")
+    image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
+    torch.manual_seed(cfg.seed)
     tensors = _checked_tensors(cfg, data, (image_layer, text_layer), rows, device)
     model = AlignmentModel(cfg.head, tensors[0].shape[1], tensors[1].shape[1], cfg.d_out, cfg.temperature,
                            cfg.learn_temperature).to(device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.runs import list_runs, read_json
+from featcache.pipeline.runs import list_runs, read_eval_results, read_json
 
 DEFAULT_GROUP = ("dataset", "layers", "loss", "head", "pairs")
 SHORT = {"image_to_text": "i2t", "text_to_image": "t2i"}
@@ -41,8 +41,7 @@ def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
         row.update(run=run.name, image_layer=summary["image_layer"], text_layer=summary["text_layer"],
                    best_val=summary["best_val"], train_pairs=summary["train_pairs"])
         row["layer_pair"] = f"{summary['image_layer']} x {summary['text_layer']}"
-        for path in sorted((run / "eval").glob("*.json")) if (run / "eval").exists() else []:
-            res = read_json(path)
+        for res in read_eval_results(run):
             tag = f"{res['task']}/{res['dataset']}/{res['split']}"
             if res.get("positive_rule") == "caption":
                 tag += "/caption-positives"  # another rule, another column: never averaged together
