@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import featcache.cache.location as loc
 from featcache.cache.location import Location
@@ -29,6 +30,20 @@ def safe_component(name: str) -> str:
     if cleaned == name and name not in ("", ".", ".."):
         return name
     return f"{cleaned or '_'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def encoder_key(spec: str) -> str:
+    """The name an encoder's stores answer to: ``hf:./model`` is ``hf:/abs/path/model``.
+
+    A relative local path means another model in another folder; resolving it on both the write
+    and the read side keeps a store from being read for a different model of the same spelling.
+    """
+    spec = spec.strip()
+    if spec.startswith("hf:") and len(spec) > 3:
+        local = Path(spec[3:]).expanduser()
+        if local.exists():
+            return f"hf:{local.resolve()}"
+    return spec
 
 
 def split_label(split: str, limit: int | None) -> str:

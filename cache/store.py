@@ -162,11 +162,13 @@ class FeatureStore:
         group = zarr.open_group(str(path), mode="w")
         n = len(ids)
         chunk = max(1, min(chunk_rows, n))
-        for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
-            if values is not None:
-                group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
-                    np.asarray(values, dtype=str))
-        group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False, **_ARRAY_OPTIONS)
+        with zarr.config.set(_WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
+            for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
+                if values is not None:
+                    group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
+                        np.asarray(values, dtype=str))
+            group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False,
+                               **_ARRAY_OPTIONS)[:] = np.zeros(n, dtype=bool)
         group.create_group("layers")
         group.create_group("done")
         group.attrs.update(
@@ -220,10 +222,19 @@ class FeatureStore:
         """Layers with an array in the store, in the order they were first requested."""
         return list(self.attrs.get("layers", []))
 
+    def array(self, name: str) -> zarr.Array:
+        """One array of the store; missing or damaged array metadata is a clear error."""
+        try:
+            return self.group[name]
+        except Exception as err:  # KeyError for a removed array, JSON and value errors for a damaged one
+            raise FeatcacheError(f"{self.path}: the array {name!r} is missing or its metadata is damaged "
+                                 f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs)}") from None
+
     def _decoded(self, name: str, selection=slice(None)) -> np.ndarray:
         """An array read whose checksum failure is a clear error (per-chunk errors are finer)."""
+        array = self.array(name)
         try:
-            return np.asarray(self.group[name][selection])
+            return np.asarray(array[selection])
         except ValueError as err:
             if "checksum" not in str(err):
                 raise
@@ -231,8 +242,22 @@ class FeatureStore:
                                  f"run: featcache verify {self.path}; if the damage is outside the layer "
                                  f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
 
+    def _whole(self, name: str) -> np.ndarray:
+        """A shared array (ids, groups, texts, missing), every one of its chunks present.
+
+        These are written in full when the store is created, so an absent chunk is a lost one:
+        zarr would otherwise hand back its fill value ("" or False) without a word.
+        """
+        if self.rows:
+            chunks = -(-self.rows // self.array(name).chunks[0])
+            lost = sorted(set(range(chunks)) - self.stored_chunks(name))
+            if lost:
+                raise FeatcacheError(f"{self.path}: chunk {lost[0]} of the array {name!r} is missing",
+                                     f"rebuild the store: {rebuild_command(self.attrs)}")
+        return self._decoded(name)
+
     def _text(self, name: str) -> list[str]:
-        return [str(s) for s in self._decoded(name)] if self.rows else []
+        return [str(s) for s in self._whole(name)] if self.rows else []
 
     @property
     def ids(self) -> list[str]:
@@ -243,12 +268,18 @@ class FeatureStore:
         return self._text("groups")
 
     @property
+    def texts_absent(self) -> bool:
+        """An image store has no texts array (a text store whose array was lost is not this)."""
+        side = self.identity.get("dataset", {}).get("side")
+        return side == "image" if side else "texts" not in self.group
+
+    @property
     def texts(self) -> list[str] | None:
-        return self._text("texts") if "texts" in self.group else None
+        return None if self.texts_absent else self._text("texts")
 
     @property
     def missing(self) -> np.ndarray:
-        return self._decoded("missing").astype(bool)
+        return self._whole("missing").astype(bool)
 
     # -- writing ---------------------------------------------------------------------------
     def ensure_layers(self, names: list[str]) -> None:
@@ -285,11 +316,11 @@ class FeatureStore:
         """
         sl = self.chunk_slice(chunk)
         with zarr.config.set(_WRITE_EVERY_CHUNK):
-            self.group["missing"][sl] = missing
+            self.array("missing")[sl] = missing
             for name, values in features.items():
-                self.group[f"layers/{name}"][sl] = values
+                self.array(f"layers/{name}")[sl] = values
             for name in features:
-                self.group[f"done/{name}"][chunk] = True
+                self.array(f"done/{name}")[chunk] = True
 
     def chunk_done(self, layer: str, chunk: int) -> bool:
         return bool(self._decoded(f"done/{layer}", chunk))
@@ -298,7 +329,7 @@ class FeatureStore:
         """Mark chunks unfinished so the next extract recomputes them (``verify --repair``)."""
         with zarr.config.set(_WRITE_EVERY_CHUNK):
             for chunk in chunks:
-                self.group[f"done/{layer}"][chunk] = False
+                self.array(f"done/{layer}")[chunk] = False
 
     # -- checking --------------------------------------------------------------------------
     def stored_chunks(self, array: str) -> set[int]:
@@ -319,7 +350,7 @@ class FeatureStore:
     def read_chunk(self, array: str, chunk: int, dtype=None) -> np.ndarray:
         """One chunk's rows of ``array``; a failed checksum is a :class:`CorruptChunk`."""
         try:
-            return np.asarray(self.group[array][self.chunk_slice(chunk)], dtype=dtype)
+            return np.asarray(self.array(array)[self.chunk_slice(chunk)], dtype=dtype)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise
@@ -348,7 +379,7 @@ class FeatureStore:
         if lost:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
-            return np.asarray(self.group[array][:], dtype=dtype)
+            return np.asarray(self.array(array)[:], dtype=dtype)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise

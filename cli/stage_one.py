@@ -103,10 +103,14 @@ def verify(
     """Check the checksum and presence of every finished chunk; exit 1 if any is bad."""
     from rich.table import Table
 
+    from featcache.cache.location import is_url
     from featcache.cache.store import find_stores
     from featcache.cache.verify import verify as run_verify
 
-    paths = stores or list(find_stores(cache_dir_or_default(cache_dir)))
+    root = cache_dir_or_default(cache_dir)
+    if not stores and not is_url(root) and not Path(root).is_dir():
+        raise FeatcacheError(f"the cache directory {root} does not exist", "check --cache-dir")
+    paths = stores or list(find_stores(root))
     if not paths:
         console.print(f"no feature stores under {cache_dir_or_default(cache_dir)}")
         return

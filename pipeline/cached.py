@@ -10,6 +10,7 @@ import numpy as np
 
 from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.naming import encoder_key
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.catalog import canonical_name, is_combined
 from featcache.pipeline.datasets import hash_unit
@@ -24,8 +25,8 @@ class Side:
     image_size: int | None = None
 
     def query(self, dataset: str, split: str) -> lookup.StoreQuery:
-        return lookup.StoreQuery(canonical_name(dataset), split, self.model, self.pooling, self.image_size,
-                                 source=dataset)
+        return lookup.StoreQuery(canonical_name(dataset), split, encoder_key(self.model), self.pooling,
+                                 self.image_size, source=dataset)
 
 
 class ConcatStore:
@@ -107,6 +108,11 @@ def extract_hint(store, layers: str = "all") -> str:
     return "run: " + " && ".join(cmds)
 
 
+def dataset_key(spec: str) -> str:
+    """The name the stores of a data set spec record: canonical, part by part for ``a+b``."""
+    return "+".join(canonical_name(p) for p in spec.split("+")) if is_combined(spec) else canonical_name(spec)
+
+
 def dataset_splits(store) -> list[str]:
     """The split names of the data set a store was extracted from."""
     if isinstance(store, ConcatStore):
@@ -158,7 +164,9 @@ def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Sid
                              "must be an image and a text encoder", "swap --image-model and --text-model")
     row_of = {image_id: i for i, image_id in enumerate(images.ids)}
     missing = images.missing
-    pairs = [(row_of[g], j) for j, g in enumerate(texts.groups) if g in row_of and not missing[row_of[g]]]
+    text_missing = texts.missing
+    pairs = [(row_of[g], j) for j, g in enumerate(texts.groups)
+             if g in row_of and not missing[row_of[g]] and not text_missing[j]]
     if not pairs:
         raise FeatcacheError(f"{dataset}/{split}: no caption is linked to a cached image",
                              "is this a pair data set? classification sets are evaluated with featcache eval classify")

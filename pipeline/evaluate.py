@@ -18,7 +18,7 @@ from featcache.cache.lookup import check_same_encoder
 from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.cached import Side, open_pairs, open_store
+from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, subsample
 from featcache.pipeline.catalog import canonical_name
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
@@ -70,14 +70,41 @@ def check_run_stores(run_cfg: dict, images, texts, what: str) -> None:
             check_same_encoder(trained[side]["encoder"], store, f"{what} {side} features")
 
 
+def run_dataset(run_cfg: dict) -> str:
+    """The run's data set spec, refused if it now names other data than the run trained on
+    (a relative path read from another folder, an edited file)."""
+    spec = run_cfg["dataset"]
+    trained = run_cfg.get("cache", {}).get("train", {}).get("image", {}).get("dataset", {}).get("name")
+    if trained and dataset_key(spec) != trained:
+        raise FeatcacheError(f"the run's data set {spec!r} now resolves to {dataset_key(spec)!r}, but the run "
+                             f"trained on {trained!r}", "pass --dataset with the path of the data it was trained on")
+    return spec
+
+
+def training_pairs(run_cfg: dict, cache_dir: Path):
+    """Exactly the pairs a run trained on: its split, less a carved validation part, its --pairs subset."""
+    image, text = _sides(run_cfg)
+    train = open_pairs(cache_dir, run_dataset(run_cfg), run_cfg["train_split"], image, text)
+    check_run_stores(run_cfg, train.images, train.texts, f"{run_cfg['dataset']}/{run_cfg['train_split']}")
+    validation = run_cfg.get("validation", {})
+    if validation.get("carved"):
+        train, _ = train.carve(validation["fraction"], validation["salt"])
+    return train.subset(subsample(len(train), run_cfg.get("pairs"), run_cfg["seed"]))
+
+
+def _finite(x: np.ndarray, store, layer: str) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise FeatcacheError(f"layer {layer} of {store.path} holds non-finite values in rows not marked missing",
+                             f"run: featcache verify {store.path}")
+    return x
+
+
 def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
     """An untrained reference map from image to text features, fit on the run's training pairs.
 
     Orthogonal Procrustes when the widths match, least squares otherwise.
     """
-    image, text = _sides(run_cfg)
-    train = open_pairs(cache_dir, run_cfg["dataset"], run_cfg["train_split"], image, text)
-    check_run_stores(run_cfg, train.images, train.texts, f"{run_cfg['dataset']}/{run_cfg['train_split']}")
+    train = training_pairs(run_cfg, cache_dir)
     x, y = normalise(train.image(run_cfg["image_layer"])), normalise(train.text(run_cfg["text_layer"]))
     if x.shape[1] == y.shape[1]:
         u, _, vt = np.linalg.svd(x.T @ y)
@@ -110,7 +137,9 @@ def retrieval_sets(images: FeatureStore, texts: FeatureStore, rule: str):
     image_ids = [i for n, i in enumerate(images.ids) if not missing[n]]
     image_rows = np.asarray([n for n in range(images.rows) if not missing[n]], dtype=np.int64)
     col = {image_id: c for c, image_id in enumerate(image_ids)}
-    caption_rows = np.asarray([j for j, g in enumerate(texts.groups) if g in col], dtype=np.int64)
+    text_missing = texts.missing  # captions recorded as missing with --skip-bad
+    caption_rows = np.asarray([j for j, g in enumerate(texts.groups) if g in col and not text_missing[j]],
+                              dtype=np.int64)
     if not len(caption_rows):
         raise FeatcacheError(f"{texts.path}: no caption belongs to an image of {images.path}")
     groups = [texts.groups[j] for j in caption_rows]
@@ -135,14 +164,14 @@ def retrieval_sets(images: FeatureStore, texts: FeatureStore, rule: str):
 def eval_retrieval(cfg: RetrievalConfig) -> dict:
     run_dir = find_run(cfg.runs_dir, cfg.run)
     model, run_cfg = load_heads(run_dir)
-    dataset = cfg.dataset or run_cfg["dataset"]
+    dataset = cfg.dataset or run_dataset(run_cfg)
     image, text = _sides(run_cfg)
     images = open_store(cfg.cache_dir, dataset, cfg.split, image)
     texts = open_store(cfg.cache_dir, dataset, cfg.split, text)
     check_run_stores(run_cfg, images, texts, f"{dataset}/{cfg.split}")
     image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
-    xi = images.read(run_cfg["image_layer"])[image_rows]
-    xt = texts.read(run_cfg["text_layer"])[caption_rows]
+    xi = _finite(images.read(run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
+    xt = _finite(texts.read(run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
 
     ranks = {}
 
@@ -196,8 +225,9 @@ def eval_classify(cfg: ClassifyConfig) -> dict:
     keep = ~images.missing
     labels = np.asarray([index[g] for g in images.groups])[keep]
     prompt_class = np.asarray([index[g] for g in prompts.groups])
-    xi = images.read(layers[0])[keep]
-    xt = prompts.read(layers[1])
+    xi = _finite(images.read(layers[0])[keep], images, layers[0])
+    xt = _finite(prompts.read(layers[1])[~prompts.missing], prompts, layers[1])
+    prompt_class = prompt_class[~prompts.missing]
     result = {
         "task": "classify", "dataset": dataset, "split": split_label(cfg.split, cfg.limit), "classes": len(classes),
         "images": int(keep.sum()), "templates": len(prompts.ids) // max(1, len(classes)), "run_id": run_dir.name,

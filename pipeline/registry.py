@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.naming import encoder_key
 from featcache.cache.paths import default_home
 
 
@@ -89,9 +90,9 @@ def resolve_entry(spec: str) -> EncoderEntry:
     if spec.startswith("hf:") and len(spec) > 3:
         target = spec[3:]
         local = Path(target).expanduser()
-        source = str(local) if local.exists() else target
+        source = str(local.resolve()) if local.exists() else target
         modality = _hf_modality(source)
-        return EncoderEntry(spec, modality, "hf", lambda: source, local.exists(), f"Hugging Face {target}",
+        return EncoderEntry(encoder_key(spec), modality, "hf", lambda: source, local.exists(), f"Hugging Face {target}",
                             "cls" if modality == "image" else "mean",
                             224 if modality == "image" else None)
     raise FeatcacheError(

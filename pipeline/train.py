@@ -94,6 +94,8 @@ class AlignConfig:
             raise FeatcacheError(f"--pairs must be at least 2, got {self.pairs}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise FeatcacheError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise FeatcacheError(f"--temperature must be a finite number > 0, got {self.temperature}")
         if self.lam < 0 or not math.isfinite(self.lam):
             raise FeatcacheError(f"--lam must be a finite number >= 0, got {self.lam}")
         if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
@@ -125,6 +126,9 @@ def pair_table(path: Path, options: dict) -> dict[str, Split]:
         elif not isinstance(split, str) or not split.strip():
             raise _bad_file(path, f":{n}", f"'split' must be a non-empty string such as train, val or test, "
                                            f"got {split!r}")
+        elif re.search(r"-sample\d+$", split):
+            raise _bad_file(path, f":{n}", f"the split name {split!r} is reserved for --limit subsets",
+                            "rename the split")
         caption = _text_field(rec, "caption")
         rows.append((image, path.parent / image, caption, split, f"{path}:{n}"))
     return _pairs(path, rows)
@@ -186,6 +190,12 @@ def image_folder(path: Path, options: dict) -> dict[str, Split]:
     classnames = sorted({c.name for r in roots.values() for c in r.iterdir() if c.is_dir()})
     if not classnames:
         raise FeatcacheError(f"{path} has no class subfolders")
+    shown: dict[str, str] = {}
+    for c in classnames:  # "red_x" and "red x" would be one class in the prompts
+        other = shown.setdefault(c.replace("_", " "), c)
+        if other != c:
+            raise FeatcacheError(f"{path}: the class folders {other!r} and {c!r} both read as "
+                                 f"{c.replace('_', ' ')!r}", "rename one of them")
     out = {}
     for split, root in roots.items():
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

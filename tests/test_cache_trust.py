@@ -288,3 +288,103 @@ def test_a_chunk_of_only_bad_images_is_stored_not_lost(tiny_vit, tmp_path):
     store = FeatureStore.open(path)
     assert store.missing[0] and np.isnan(store.read("block.02")[0]).all()  # an all-NaN chunk, written
     assert invoke("verify", "--cache-dir", cache).exit_code == 0
+
+
+@pytest.mark.parametrize("array", ["ids", "groups", "texts", "missing"])
+def test_lost_shared_arrays_are_caught_not_read_as_blanks(tiny_bert, tmp_path, array):
+    pairs = make_pairs(tmp_path / "data", n=24)
+    cache = tmp_path / "cache"
+    extract(tiny_bert, pairs, cache, "--split", "train", "--chunk-rows", 4)
+    path = next(find_stores(cache))
+    (path / array / "c" / "0").unlink()
+    store = FeatureStore.open(path)
+    with pytest.raises(FeatcacheError, match=f"chunk 0 of the array '{array}' is missing"):
+        getattr(store, array)
+    out = invoke("verify", "--cache-dir", cache)
+    assert out.exit_code == 1 and array in out.output
+    if array == "missing":  # shared by every layer, recomputed with them
+        assert invoke("verify", "--repair", "--cache-dir", cache).exit_code == 1
+        extract(tiny_bert, pairs, cache, "--split", "train", "--chunk-rows", 4)
+        assert invoke("verify", "--cache-dir", cache).exit_code == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate-layer-meta", "remove-done-array"])
+def test_damaged_array_metadata_is_one_line_everywhere(tiny_vit, tmp_path, damage):
+    pairs = make_pairs(tmp_path / "data", n=12)
+    cache = tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train")
+    path = next(find_stores(cache))
+    if damage == "truncate-layer-meta":
+        meta = path / "layers" / "block.01" / "zarr.json"
+        meta.write_text(meta.read_text()[:40])
+    else:
+        import shutil
+
+        shutil.rmtree(path / "done" / "block.01")
+    with pytest.raises(FeatcacheError, match="block.01"):
+        FeatureStore.open(path).read("block.01")
+    out = invoke("verify", "--cache-dir", cache)
+    assert out.exit_code == 1 and "not repairable" in " ".join(out.output.split()) and "Traceback" not in out.output
+
+
+def test_run_data_set_and_relative_model_paths_mean_what_they_meant(tiny_vit, tiny_bert, tmp_path, monkeypatch):
+    import shutil
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    make_pairs(here / "a", n=36, seed=1)
+    make_pairs(there / "a", n=36, seed=2)  # the same relative path, other data
+    shutil.copytree(tiny_vit, here / "vit")
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    monkeypatch.chdir(here)
+    extract("vit", "a/pairs.jsonl", cache)  # hf:vit, relative
+    extract(tiny_bert, "a/pairs.jsonl", cache)
+    assert align("vit", tiny_bert, "a/pairs.jsonl", cache, runs, "--layers", "last").exit_code == 0
+    monkeypatch.chdir(there)
+    out = invoke("eval", "retrieval", "--cache-dir", cache, "--runs-dir", runs)
+    assert out.exit_code == 2 and "trained on" in out.output, out.output
+    from conftest import save_tiny_vit
+
+    save_tiny_vit(there / "vit", seed=7)  # another model under the same relative name
+    make_pairs(there / "a", n=36, seed=1)
+    out = align("vit", tiny_bert, "a/pairs.jsonl", cache, runs)
+    assert out.exit_code == 2 and "featcache extract" in out.output  # never the first model's features
+
+
+def test_reference_baseline_fits_the_runs_own_training_pairs(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=60)
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, cache)
+    from featcache.pipeline.evaluate import training_pairs
+
+    for n in ("4", None):
+        extra = ("--pairs", n) if n else ()
+        assert align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last", *extra).exit_code == 0
+    small, full = sorted(runs.iterdir(), key=lambda r: read_json(r / "config.json")["pairs"] is None)
+    assert len(training_pairs(read_json(small / "config.json"), cache)) == 4
+    assert len(training_pairs(read_json(full / "config.json"), cache)) == read_json(full / "summary.json")["train_pairs"]
+
+
+def test_more_option_and_name_checks(tiny_vit, tiny_bert, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=24)
+    out = align(tiny_vit, tiny_bert, pairs, tmp_path / "cache", tmp_path / "runs", "--temperature", "inf")
+    assert out.exit_code == 2 and "--temperature" in out.output
+    out = invoke("verify", "--cache-dir", tmp_path / "nonexistent")
+    assert out.exit_code == 2 and "does not exist" in out.output
+    rows = [json.loads(l) for l in pairs.read_text().splitlines()]
+    rows[0]["split"] = "test-sample3"
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = extract_raw(tiny_bert, pairs, tmp_path / "cache")
+    assert out.exit_code == 2 and "reserved for --limit" in out.output
+    folder = tmp_path / "classes"
+    for name in ("red_x", "red x"):
+        (folder / name).mkdir(parents=True)
+        from PIL import Image
+
+        Image.new("RGB", (20, 20)).save(folder / name / "a.png")
+    out = extract_raw(tiny_vit, folder, tmp_path / "cache")
+    assert out.exit_code == 2 and "both read as" in out.output
+
+
+def extract_raw(model, dataset, cache, *extra):
+    return invoke("extract", "--model", f"hf:{model}", "--dataset", dataset, "--cache-dir", cache, *extra)
