@@ -130,7 +130,7 @@ def report(
         filters[key] = value
     rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
     rep = build_report(rows, parse_list(group_by), metric or None, filters)
-    table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± std over seeds (%)")
+    table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± sample std over seeds (%)")
     for col in rep.header():
         table.add_column(col, overflow="fold")
     for row in rep.table_rows():
@@ -138,11 +138,11 @@ def report(
     console.print(table)
     if out is not None:
         written = write_outputs(rep, out)
-        first = next((m for m in rep.metrics if "R@1" in m or "top1" in m), None)
+        first = rep.headline()
         if first:
             labels, means, stds = layer_pair_rows(rows, first)
-            written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first} (%)",
-                                       f"{first} per trained layer pair"))
+            written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first.short} (%)",
+                                       f"{first.label} per trained layer pair"))
         for path in written:
             console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
@@ -164,7 +164,7 @@ def demo(
     result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar,
                       lambda table: console.print(score_table_view(table, "tuxpaint/train")))
     rep = result["report"]
-    table = Table(title="featcache demo: mean ± std over seeds (%)")
+    table = Table(title="featcache demo: mean ± sample std over seeds (%)")
     for col in rep.header():
         table.add_column(col, overflow="fold")
     for row in rep.table_rows():

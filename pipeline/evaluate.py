@@ -19,7 +19,7 @@ from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, subsample
-from featcache.pipeline.catalog import canonical_name
+from featcache.pipeline.results import result_rows
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
 
@@ -121,8 +121,14 @@ def _identity(store: FeatureStore) -> dict:
 
 
 def _write_result(run_dir: Path, result: dict) -> Path:
+    """One JSON per (run, task, data set, split, positive rule), with its typed rows."""
+    key = (result["run_id"], result["task"], dataset_key(result["dataset"]), result["split"], result["positive_rule"])
+    rows = result_rows(*key, result["metrics"])
+    if "baseline" in result:
+        rows += result_rows(*key, result["baseline"]["metrics"], model=result["baseline"]["method"])
+    result["rows"] = [r.to_dict() for r in rows]
     rule = "-caption-positives" if result.get("positive_rule") == "caption" else ""
-    name = f"{result['task']}-{canonical_name(result['dataset'])}-{result['split']}{rule}.json"
+    name = f"{result['task']}-{dataset_key(result['dataset'])}-{result['split']}{rule}.json"
     path = run_dir / "eval" / name.replace("/", "_")
     path.parent.mkdir(exist_ok=True)
     write_json(path, result)

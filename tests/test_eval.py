@@ -71,7 +71,8 @@ def test_report_mean_std_and_outputs(env, tmp_path):
     assert out.exit_code == 0, out.output
     assert "±" in out.output
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("\n") == 2 + 4  # header, rule, 2 layers x 2 losses
+    assert sum(l.startswith("|") for l in md.splitlines()) == 2 + 4  # header, rule, 2 layers x 2 losses
+    assert "sample std over seeds (ddof=1)" in md  # the one spread convention, stated
     assert "| 3 |" in md  # three seeds per cell
     csv = (tmp_path / "rep" / "report.csv").read_text().splitlines()
     assert csv[0].startswith("layers,loss,n,") and len(csv) == 5

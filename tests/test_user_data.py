@@ -65,7 +65,7 @@ def test_karpathy_json_maps_restval_to_train(tmp_path, images):
 def test_bad_user_files(tmp_path):
     bad = tmp_path / "x.jsonl"
     bad.write_text(json.dumps({"img": "a.png"}) + "\n")
-    with pytest.raises(FeatcacheError, match="lacks an 'image' or 'caption'"):
+    with pytest.raises(FeatcacheError, match=r"x.jsonl:1: needs an 'image' file name"):
         load_dataset(str(bad))
     with pytest.raises(FeatcacheError, match="unknown data set"):
         load_dataset(str(tmp_path / "missing.jsonl"))

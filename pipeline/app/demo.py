@@ -22,7 +22,8 @@ from featcache.pipeline.evaluate import ClassifyConfig, RetrievalConfig, eval_cl
 from featcache.cache.naming import split_label
 from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.app.plots import layer_heatmap, metric_bars
-from featcache.pipeline.app.report import build_report, layer_pair_rows, run_rows, write_outputs
+from featcache.pipeline.app.report import build_report, default_columns, layer_pair_rows, run_rows, write_outputs
+from featcache.pipeline.results import Column
 from featcache.pipeline.runs import write_json
 from featcache.pipeline.train import AlignConfig, load_cached, select_layers, sweep
 
@@ -51,11 +52,11 @@ class DemoConfig:
     device: str = "auto"
 
 
-def demo_metrics(rows: list[dict]) -> list[str]:
+def demo_metrics(rows: list[dict]) -> list[Column]:
     """The columns worth a glance: R@1 and R@10 both ways per pair set, top-1 per class set."""
-    keys = sorted({k for r in rows for k in r if "/" in k})
-    keep = [k for k in keys if k.startswith("retrieval/") and (k.endswith(" R@1") or k.endswith(" R@10"))]
-    return keep + [k for k in keys if k.startswith("classify/") and k.endswith(" top1")]
+    cols = default_columns(rows)
+    return ([c for c in cols if c.task == "retrieval" and c.k in (1, 10)]
+            + [c for c in cols if c.task == "classify" and c.metric == "top1"])
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:
@@ -122,11 +123,11 @@ def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> di
     console.rule("5. comparison (mean ± std over seeds, %)")
     rows = run_rows(runs_dir, include_baseline=False)
     report = build_report(rows, ["layers", "loss"], demo_metrics(rows))
-    first = next(m for m in report.metrics if "R@1" in m and f"/{cfg.train_dataset}/" in m)
+    first = next(m for m in report.metrics if m.is_headline() and m.dataset == cfg.train_dataset)
     written = write_outputs(report, cfg.out, first)
     labels, means, stds = layer_pair_rows(rows, first)
-    written.append(metric_bars(labels, means, stds, cfg.out / "report-layer-pairs.png", f"{first} (%)",
-                               f"{first} per trained layer pair"))
+    written.append(metric_bars(labels, means, stds, cfg.out / "report-layer-pairs.png", f"{first.short} (%)",
+                               f"{first.label} per trained layer pair"))
     times["total_s"] = time.perf_counter() - start
     write_json(cfg.out / "timings.json", times)
     return {"report": report, "written": written, "times": times, "table": table}

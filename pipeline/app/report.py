@@ -1,8 +1,9 @@
 """Compare runs side by side: one row per config group, mean ± std over seeds.
 
-Every evaluation result a run holds becomes columns (``retrieval/tuxpaint/test i2t R@1`` ...);
-rows group runs by any config keys. Tables export to CSV and Markdown, and plots show a
-metric per group, against ``pairs`` for a scaling series, and per layer pair.
+Every typed result a run holds (``featcache.pipeline.results``) becomes a column; rows group
+runs by any config keys. The spread is the sample standard deviation over the runs of a group
+(``ddof=1``), everywhere: tables, CSV and plots. Tables export to CSV and Markdown, and plots
+show a metric per group, against ``pairs`` for a scaling series, and per layer pair.
 """
 
 from __future__ import annotations
@@ -15,25 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.results import Column, rows_of
 from featcache.pipeline.runs import list_runs, read_eval_results, read_json
 
 DEFAULT_GROUP = ("dataset", "layers", "loss", "head", "pairs")
-SHORT = {"image_to_text": "i2t", "text_to_image": "t2i"}
+STD = "sample std over seeds (ddof=1)"
 
 
-def _flatten(metrics: dict, prefix: str) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix} {SHORT.get(key, key)}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = float(value)
-    return out
+def spread(values) -> float:
+    """The one convention for ± in featcache: the sample standard deviation; 0 for one value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
-    """One flat dict per run: its config keys, summary and every evaluation metric."""
+    """One dict per run: its config keys, summary, and ``values`` (Column -> number)."""
     rows = []
     for run in list_runs(runs_dir):
         cfg, summary = read_json(run / "config.json"), read_json(run / "summary.json")
@@ -41,46 +37,65 @@ def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
         row.update(run=run.name, image_layer=summary["image_layer"], text_layer=summary["text_layer"],
                    best_val=summary["best_val"], train_pairs=summary["train_pairs"])
         row["layer_pair"] = f"{summary['image_layer']} x {summary['text_layer']}"
-        for res in read_eval_results(run):
-            tag = f"{res['task']}/{res['dataset']}/{res['split']}"
-            if res.get("positive_rule") == "caption":
-                tag += "/caption-positives"  # another rule, another column: never averaged together
-            row.update(_flatten(res["metrics"], tag))
-            if include_baseline and "baseline" in res:
-                row.update(_flatten(res["baseline"]["metrics"], f"{tag} [{res['baseline']['method']}]"))
+        row["values"] = {r.column: r.value for res in read_eval_results(run) for r in rows_of(res)
+                         if include_baseline or r.column.model == "run"}
         rows.append(row)
     return rows
+
+
+def default_columns(rows: list[dict]) -> list[Column]:
+    """Every recall@K and top-1 column, the run's before the references'."""
+    cols = {c for r in rows for c in r["values"] if c.metric in ("recall", "top1")}
+    key = lambda c: (c.model != "run", c.task, c.dataset, c.split, c.positives, c.direction, c.metric, c.k or 0,
+                     c.model)
+    return sorted(cols, key=key)
+
+
+def pick_columns(rows: list[dict], wanted: list[str]) -> list[Column]:
+    """Columns named on the command line, by their full label or short form."""
+    known = {c for r in rows for c in r["values"]}
+    out = []
+    for name in wanted:
+        match = [c for c in known if name in (c.label, c.short)]
+        if not match:
+            raise FeatcacheError(f"no results for the metric {name!r}",
+                                 f"known: {', '.join(sorted(c.label for c in known)) or 'none (run featcache eval)'}")
+        out += sorted(match, key=lambda c: c.label)
+    return out
 
 
 @dataclass
 class Report:
     group_by: list[str]
-    metrics: list[str]
-    groups: list[dict] = field(default_factory=list)  # keys..., n, and per metric (mean, std, values)
+    metrics: list[Column]
+    groups: list[dict] = field(default_factory=list)  # keys..., n, runs, values: Column -> [numbers]
 
-    def cell(self, group: dict, metric: str, scale: float = 100.0) -> str:
+    def cell(self, group: dict, metric: Column, scale: float = 100.0) -> str:
         values = group["values"].get(metric, [])
         if not values:
             return "-"
-        m, s = scale * np.mean(values), scale * np.std(values, ddof=1) if len(values) > 1 else 0.0
-        return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+        m = scale * float(np.mean(values))
+        return f"{m:.1f} ± {scale * spread(values):.1f}" if len(values) > 1 else f"{m:.1f}"
 
     def header(self, short: bool = True) -> list[str]:
-        return [*self.group_by, "n", *(short_metric(m) if short else m for m in self.metrics)]
+        return [*self.group_by, "n", *(m.short if short else m.label for m in self.metrics)]
 
     def table_rows(self) -> list[list[str]]:
         return [[str(g[k]) for k in self.group_by] + [str(g["n"])] + [self.cell(g, m) for m in self.metrics]
                 for g in self.groups]
 
+    def headline(self) -> Column | None:
+        return next((m for m in self.metrics if m.is_headline()), None)
+
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow([*self.group_by, "n", *[f"{m} {s}" for m in self.metrics for s in ("mean", "std")]])
+        w.writerow([*self.group_by, "n", *[f"{m.label} {s}" for m in self.metrics for s in ("mean", "std")]])
         for g in self.groups:
             stats = []
             for m in self.metrics:
                 v = g["values"].get(m, [])
-                stats += [f"{np.mean(v):.6f}" if v else "", f"{np.std(v, ddof=1):.6f}" if len(v) > 1 else ""]
+                stats += [f"{np.mean(v):.6f}" if v else "", f"{spread(v):.6f}" if len(v) > 1 else ""]
             w.writerow([g[k] for k in self.group_by] + [g["n"]] + stats)
         return buf.getvalue()
 
@@ -88,10 +103,10 @@ class Report:
         head = self.header()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in self.table_rows()]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + f"\n\nValues in %, mean ± {STD}.\n"
 
 
-def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: list[str] | None = None,
+def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: list[Column] | list[str] | None = None,
                  where: dict | None = None) -> Report:
     group_by = list(group_by or DEFAULT_GROUP)
     rows = [r for r in rows if all(str(r.get(k)) == str(v) for k, v in (where or {}).items())]
@@ -99,11 +114,12 @@ def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: l
         raise FeatcacheError("no runs match", "train some with featcache align or featcache sweep")
     unknown = [k for k in group_by if all(k not in r for r in rows)]
     if unknown:
-        keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, float)})
+        keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (float, dict))})
         raise FeatcacheError(f"unknown group key(s) {', '.join(unknown)}", f"config keys: {', '.join(keys)}")
     if metrics is None:
-        metrics = sorted({k for r in rows for k in r if "/" in k and (" R@" in k or " top1" in k)}, key=_natural)
-        metrics = [m for m in metrics if "[" not in m] + [m for m in metrics if "[" in m]
+        metrics = default_columns(rows)
+    elif metrics and isinstance(metrics[0], str):
+        metrics = pick_columns(rows, list(metrics))
     groups: dict[tuple, dict] = {}
     for r in rows:
         key = tuple(str(r.get(k)) for k in group_by)
@@ -111,12 +127,12 @@ def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: l
         g["n"] += 1
         g["runs"].append(r["run"])
         for m in metrics:
-            if m in r:
-                g["values"].setdefault(m, []).append(r[m])
-    return Report(group_by, metrics, list(groups.values()))
+            if m in r["values"]:
+                g["values"].setdefault(m, []).append(r["values"][m])
+    return Report(group_by, list(metrics), list(groups.values()))
 
 
-def write_outputs(report: Report, out_dir: Path, plot_metric: str | None = None) -> list[Path]:
+def write_outputs(report: Report, out_dir: Path, plot_metric: Column | None = None) -> list[Path]:
     """CSV, Markdown and plots of a report into ``out_dir``."""
     from featcache.pipeline.app.plots import metric_bars, metric_lines
 
@@ -124,15 +140,14 @@ def write_outputs(report: Report, out_dir: Path, plot_metric: str | None = None)
     written = [out_dir / "report.csv", out_dir / "report.md"]
     written[0].write_text(report.to_csv())
     written[1].write_text(report.to_markdown())
-    metric = plot_metric or next((m for m in report.metrics if "R@1" in m or "top1" in m), None)
+    metric = plot_metric or report.headline()
     if metric is None:
         return written
     labels = [" / ".join(str(g[k]) for k in report.group_by if k not in ("dataset",)) for g in report.groups]
     means = [100 * float(np.mean(g["values"].get(metric, [np.nan]))) for g in report.groups]
-    stds = [100 * float(np.std(g["values"].get(metric, [0]), ddof=1)) if len(g["values"].get(metric, [])) > 1 else 0.0
-            for g in report.groups]
-    written.append(metric_bars(labels, means, stds, out_dir / "report-bars.png", f"{metric} (%)",
-                               f"{metric}: mean ± std over seeds"))
+    stds = [100 * spread(g["values"].get(metric, [])) for g in report.groups]
+    written.append(metric_bars(labels, means, stds, out_dir / "report-bars.png", f"{metric.short} (%)",
+                               f"{metric.label}: mean ± {STD}"))
     if "pairs" in report.group_by and len({g["pairs"] for g in report.groups}) > 1:
         series: dict[str, tuple[list, list, list]] = {}
         others = [k for k in report.group_by if k != "pairs"]
@@ -142,25 +157,9 @@ def write_outputs(report: Report, out_dir: Path, plot_metric: str | None = None)
             xs.append(_num(g["pairs"]))
             ms.append(m)
             ss.append(s)
-        written.append(metric_lines(series, out_dir / "report-scaling.png", "training pairs", f"{metric} (%)",
-                                    f"{metric} against training pairs"))
+        written.append(metric_lines(series, out_dir / "report-scaling.png", "training pairs", f"{metric.short} (%)",
+                                    f"{metric.label} against training pairs"))
     return written
-
-
-def short_metric(name: str) -> str:
-    """'retrieval/tuxpaint/test-sample120 i2t R@1' -> 'tuxpaint i2t R@1' for narrow tables."""
-    head, _, tail = name.partition(" ")
-    parts = head.split("/")
-    dataset = parts[1] if len(parts) > 1 else head
-    extra = "/" + parts[3] if len(parts) > 3 else ""
-    return f"{dataset}{extra} {tail}".strip()
-
-
-def _natural(name: str):
-    """Sort 'R@5' before 'R@10'."""
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _num(value) -> float:
@@ -170,11 +169,11 @@ def _num(value) -> float:
         return float("inf")  # "None": every pair
 
 
-def layer_pair_rows(rows: list[dict], metric: str) -> tuple[list[str], list[float], list[float]]:
+def layer_pair_rows(rows: list[dict], metric: Column) -> tuple[list[str], list[float], list[float]]:
     """Mean ± std of a metric per trained layer pair (for the per-layer-pair plot)."""
     by: dict[str, list[float]] = {}
     for r in rows:
-        if metric in r:
-            by.setdefault(r["layer_pair"], []).append(100 * r[metric])
+        if metric in r["values"]:
+            by.setdefault(r["layer_pair"], []).append(100 * r["values"][metric])
     labels = sorted(by)
-    return labels, [float(np.mean(by[l])) for l in labels], [float(np.std(by[l])) for l in labels]
+    return labels, [float(np.mean(by[l])) for l in labels], [spread(by[l]) for l in labels]
