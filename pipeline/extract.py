@@ -307,7 +307,11 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     results = [extract_split(cfg, encoder, split, layers, pooling, progress if worker.index == 0 else None,
                              worker, list(splits)) for split in chosen]
     barrier(worker)  # every rank's chunks are written before anyone reports the store complete
-    if worker.count == 1:
-        return results
-    # other workers flagged missing rows in their chunks too: count them from the store
-    return [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]
+    if worker.count > 1:  # other workers flagged missing rows in their chunks too: count them from the store
+        results = [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]
+    for r in results:
+        if r.rows and r.missing_rows == r.rows:
+            raise FeatcacheError(f"no row of {cfg.dataset}/{r.split} could be read: all {r.rows} were recorded as "
+                                 "missing, so nothing usable was stored", "fix the inputs (see the errors without "
+                                 "--skip-bad) and run the same command again")
+    return results

@@ -74,7 +74,7 @@ def _bad_file(path: Path, where: str, what: str, hint: str | None = None) -> Fea
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise _bad_file(path, f" (byte {err.start})", "is not valid UTF-8") from None
     except json.JSONDecodeError as err:
@@ -84,7 +84,7 @@ def _read_json(path: Path):
 def _table_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of a CSV or JSONL file, each line checked as it is read."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise _bad_file(path, f":{line}", "is not valid UTF-8", "save the file as UTF-8") from None
