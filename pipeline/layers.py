@@ -13,20 +13,17 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
+from featcache.pipeline.metrics import normalise
+
 
 def rice_k(n: int) -> int:
     """The Rice rule k = ceil(2 n^(1/3)); 35 for n = 5,000."""
     return max(1, math.ceil(2 * n ** (1 / 3) - 1e-9))
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def knn(x: np.ndarray, k: int) -> np.ndarray:
     """Indices (n, k) of each row's k nearest neighbours by inner product, itself excluded."""
-    x = _normalise(x)
+    x = normalise(x)
     n = len(x)
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")

@@ -29,21 +29,21 @@ class Column:
         """The metric as printed: ``R@1``, ``top1``."""
         return f"R@{self.k}" if self.metric == "recall" else self.metric
 
-    @property
-    def label(self) -> str:
-        """A full, unique label: ``retrieval/tuxpaint/test i2t R@1`` (CSV headers, --metric)."""
+    def _tail(self) -> str:
         rule = "/caption-positives" if self.positives == "caption" else ""
         ref = f" [{self.model}]" if self.model != "run" else ""
         words = " ".join(w for w in (SHORT.get(self.direction, self.direction), self.name) if w)
-        return f"{self.task}/{self.dataset}/{self.split}{rule} {words}{ref}"
+        return f"{rule} {words}{ref}"
+
+    @property
+    def label(self) -> str:
+        """A full, unique label: ``retrieval/tuxpaint/test i2t R@1`` (CSV headers, --metric)."""
+        return f"{self.task}/{self.dataset}/{self.split}{self._tail()}"
 
     @property
     def short(self) -> str:
         """For narrow tables: ``tuxpaint i2t R@1``."""
-        rule = "/caption-positives" if self.positives == "caption" else ""
-        ref = f" [{self.model}]" if self.model != "run" else ""
-        words = " ".join(w for w in (SHORT.get(self.direction, self.direction), self.name) if w)
-        return f"{self.dataset}{rule} {words}{ref}"
+        return f"{self.dataset}{self._tail()}"
 
     def is_headline(self) -> bool:
         """R@1 or top-1: the one number a plot of a report shows by default."""

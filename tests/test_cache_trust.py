@@ -47,6 +47,28 @@ def chunk_files(store: Path, layer: str) -> list[Path]:
     return sorted(files, key=lambda p: int(p.parent.name))
 
 
+@pytest.fixture(scope="module")
+def trained_base(tiny_vit, tiny_bert, tmp_path_factory):
+    """A pair set with both tiny encoders extracted and one run on the last layers, built once."""
+    root = tmp_path_factory.mktemp("trained")
+    pairs = make_pairs(root / "data", n=36)
+    for model in (tiny_vit, tiny_bert):
+        extract(model, pairs, root / "cache")
+    assert align(tiny_vit, tiny_bert, pairs, root / "cache", root / "runs", "--layers", "last").exit_code == 0
+    return root, pairs
+
+
+@pytest.fixture()
+def trained(trained_base, tmp_path):
+    """A private copy of ``trained_base`` for a test that damages it: (pairs, cache, runs)."""
+    import shutil
+
+    root, pairs = trained_base
+    for name in ("cache", "runs"):
+        shutil.copytree(root / name, tmp_path / name)
+    return pairs, tmp_path / "cache", tmp_path / "runs"
+
+
 @pytest.fixture()
 def two_files(tmp_path):
     """Two different data sets that are both called pairs.jsonl."""
@@ -123,12 +145,8 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     assert {f: f.read_bytes() for f in originals} == originals  # the very chunk files, bitwise
 
 
-def test_corrupt_chunk_stops_eval_with_the_chunk_named(tiny_vit, tiny_bert, tmp_path):
-    pairs = make_pairs(tmp_path / "data", n=36)
-    cache, runs = tmp_path / "cache", tmp_path / "runs"
-    for model in (tiny_vit, tiny_bert):
-        extract(model, pairs, cache)
-    assert align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last").exit_code == 0
+def test_corrupt_chunk_stops_eval_with_the_chunk_named(trained):
+    pairs, cache, runs = trained
     test_store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "vit" in p.parts[-2])
     victim = chunk_files(test_store, "block.02")[0]
     data = bytearray(victim.read_bytes())
@@ -234,11 +252,9 @@ def test_data_set_without_val_split_carves_one_and_records_it(tiny_vit, tiny_ber
     assert out.exit_code == 2 and "--split dev" in out.output
 
 
-def test_junk_runs_are_refused_and_leave_nothing(tiny_vit, tiny_bert, tmp_path):
-    pairs = make_pairs(tmp_path / "data", n=36)
-    cache, runs = tmp_path / "cache", tmp_path / "runs"
-    for model in (tiny_vit, tiny_bert):
-        extract(model, pairs, cache)
+def test_junk_runs_are_refused_and_leave_nothing(tiny_vit, tiny_bert, trained_base, tmp_path):
+    root, pairs = trained_base
+    cache, runs = root / "cache", tmp_path / "runs"
     for lam in ("-1", "nan", "inf"):
         out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--lam", lam)
         assert out.exit_code == 2 and "--lam" in out.output
@@ -248,12 +264,8 @@ def test_junk_runs_are_refused_and_leave_nothing(tiny_vit, tiny_bert, tmp_path):
     assert not runs.exists() or not list(runs.iterdir())
 
 
-def test_eval_refuses_stores_made_by_other_weights(tiny_vit, tiny_bert, tmp_path):
-    pairs = make_pairs(tmp_path / "data", n=36)
-    cache, runs = tmp_path / "cache", tmp_path / "runs"
-    for model in (tiny_vit, tiny_bert):
-        extract(model, pairs, cache)
-    assert align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", "last").exit_code == 0
+def test_eval_refuses_stores_made_by_other_weights(trained):
+    pairs, cache, runs = trained
     # the image test store now records other weights: as if rebuilt with --overwrite after training
     store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "model" in p.parts[-2]
                  and FeatureStore.open(p).identity["encoder"]["modality"] == "image")
