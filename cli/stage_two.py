@@ -33,6 +33,12 @@ Levels = typer.Option(1, min=1, help="STRUCTURE random-walk levels L.")
 Lam = typer.Option(10.0, help="STRUCTURE weight lambda (ramped from 0).")
 CheckpointOn = typer.Option("val_clip", help="Checkpoint rule: val_clip | val_total.")
 Device = typer.Option("cpu", help="cpu | cuda | auto")
+Centering = typer.Option("mean", help="R_S centering: none | mean | standard (sweep: a comma list).")
+CenterFirst = typer.Option(False, "--center-first", help="Centre before the L2 normalisation, not after.")
+Similarity = typer.Option("cosine", help="R_S similarity: cosine | rbf | spearman (sweep: a comma list).")
+Gamma = typer.Option(1.0, help="Width of the rbf similarity, exp(-gamma d^2).")
+Margin = typer.Option("0", help="R_S margin: D_l <- max(0, D_l - margin) (sweep: a comma list).")
+FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed random training batch.")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 
@@ -98,6 +104,12 @@ def align(
     batch_size: int = BatchSize,
     lr: float = LearningRate,
     checkpoint_on: str = CheckpointOn,
+    centering: str = Centering,
+    center_first: bool = CenterFirst,
+    similarity: str = Similarity,
+    gamma: float = Gamma,
+    margin: float = typer.Option(0.0, help="R_S margin: D_l <- max(0, D_l - margin)."),
+    fixed_structure: bool = FixedStructure,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -112,7 +124,8 @@ def align(
                         lam_warmup_steps=lam_warmup, temperature=temperature, learn_temperature=learn_temperature,
                         head=head, d_out=d_out, pairs=pairs, seed=seed, epochs=epochs, patience=patience,
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
-                        val_split=val_split)
+                        val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
+                        gamma=gamma, margin=margin, fixed_structure=fixed_structure)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -141,6 +154,12 @@ def sweep(
     levels: int = Levels,
     lam: float = Lam,
     checkpoint_on: str = CheckpointOn,
+    centering: str = Centering,
+    center_first: str = typer.Option("false", "--center-first", help="false | true | false,true"),
+    similarity: str = Similarity,
+    gamma: float = Gamma,
+    margin: str = Margin,
+    fixed_structure: str = typer.Option("false", "--fixed-structure", help="false | true | false,true"),
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -153,18 +172,27 @@ def sweep(
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
-                        checkpoint_on=checkpoint_on, device=device, val_split=val_split)
+                        checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
+    grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
+            "similarity": parse_list(similarity), "margin": parse_list(margin, float),
+            "fixed_structure": parse_list(fixed_structure, _flag)}
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
-                         parse_list(pairs, int) if pairs else None, progress)
+                         parse_list(pairs, int) if pairs else None, progress, grid)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
     if runs:
         from featcache.pipeline.runs import read_json
 
         _print_choices(read_json(runs[0] / "config.json"), layers=False)
     _print_runs(runs)
+
+
+def _flag(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
 
 
 def _print_choices(config: dict, layers: bool = True) -> None:

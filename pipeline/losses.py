@@ -21,10 +21,35 @@ def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * (torch.log(a + EPS) - torch.log(b + EPS))).sum(-1).mean()
 
 
-def _walk(features: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = F.normalize(features.float(), dim=-1)
-    x = x - x.mean(0, keepdim=True)
-    return torch.softmax(x @ x.T / temperature, dim=-1)
+CENTERINGS = ("none", "mean", "standard")
+SIMILARITIES = ("cosine", "rbf", "spearman")
+
+
+def _center(x: torch.Tensor, centering: str) -> torch.Tensor:
+    if centering == "mean":
+        return x - x.mean(0, keepdim=True)
+    if centering == "standard":  # the released code's: unbiased std per dimension
+        return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True)
+    return x
+
+
+def _walk(features: torch.Tensor, temperature: float, centering: str = "mean", center_first: bool = False,
+          similarity: str = "cosine", gamma: float = 1.0) -> torch.Tensor:
+    """Row-softmax of the batch similarity matrix: one step of the random walk over the batch."""
+    x = features.float()
+    if center_first:
+        x = _center(x, centering)
+    x = F.normalize(x, dim=-1)
+    if not center_first:
+        x = _center(x, centering)
+    if similarity == "rbf":  # exp(-gamma ||x_i - x_j||^2), no temperature
+        s = torch.exp(-gamma * torch.cdist(x, x, p=2).pow(2))
+    elif similarity == "spearman":  # hard ranks: no gradient reaches the head through this branch
+        ranks = F.normalize(x.argsort(dim=-1).argsort(dim=-1).float(), dim=-1)
+        s = ranks @ ranks.T / temperature
+    else:
+        s = x @ x.T / temperature
+    return torch.softmax(s, dim=-1)
 
 
 def structure_regularizer(
@@ -34,12 +59,19 @@ def structure_regularizer(
     levels: int = 1,
     weighting: str = "none",
     divergence: str = "reference",
+    centering: str = "mean",
+    center_first: bool = False,
+    similarity: str = "cosine",
+    gamma: float = 1.0,
+    margin: float = 0.0,
 ) -> torch.Tensor:
     """R_S between frozen inputs ``x`` (B, d_in) and head outputs ``z`` (B, d_out), in float32.
 
     ``divergence="reference"`` is the released code's 1/2 [KL(M||Q) + KL(M||P)];
     ``"js"`` the textbook 1/2 [KL(P||M) + KL(Q||M)]. ``weighting`` is "none" (w_l = 1) or
-    "inverse" (w_l = 1/l).
+    "inverse" (w_l = 1/l). The released code's ablation switches: ``centering``
+    none|mean|standard, applied after the L2 normalisation or, with ``center_first``, before
+    it; ``similarity`` cosine|rbf (with ``gamma``)|spearman; ``margin``: D_l <- max(0, D_l - margin).
     """
     if levels < 1:
         raise ValueError("levels must be >= 1")
@@ -47,8 +79,12 @@ def structure_regularizer(
         raise ValueError(f"weighting must be 'none' or 'inverse', got {weighting!r}")
     if divergence not in ("reference", "js"):
         raise ValueError(f"divergence must be 'reference' or 'js', got {divergence!r}")
+    if centering not in CENTERINGS or similarity not in SIMILARITIES:
+        raise ValueError(f"centering must be one of {CENTERINGS} and similarity one of {SIMILARITIES}")
+    walk = dict(temperature=temperature, centering=centering, center_first=center_first, similarity=similarity,
+                gamma=gamma)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        p, q = _walk(x.detach(), temperature), _walk(z, temperature)
+        p, q = _walk(x.detach(), **walk), _walk(z, **walk)
         p_l, q_l = p, q
         total = z.new_zeros((), dtype=torch.float32)
         for level in range(1, levels + 1):
@@ -59,6 +95,8 @@ def structure_regularizer(
                 d = (_kl_rows(m, q_l) + _kl_rows(m, p_l)) / 2
             else:
                 d = (_kl_rows(p_l, m) + _kl_rows(q_l, m)) / 2
+            if margin:
+                d = torch.relu(d - margin)
             total = total + (1.0 / level if weighting == "inverse" else 1.0) * d
         return total / levels
 

@@ -7,6 +7,7 @@ learning rate, and restores the weights of the best validation epoch.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extr
 from featcache.pipeline.heads import AlignmentModel
 from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.losses import clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
 from featcache.pipeline.runs import RunWriter
 
 LOSSES = ("clip", "clip+structure")
@@ -55,6 +56,12 @@ class AlignConfig:
     levels: int = 1
     weighting: str = "none"
     divergence: str = "reference"
+    centering: str = "mean"  # R_S switches of the released code: none | mean | standard
+    center_first: bool = False
+    similarity: str = "cosine"  # cosine | rbf | spearman
+    gamma: float = 1.0  # the rbf similarity's exp(-gamma d^2)
+    margin: float = 0.0
+    fixed_structure: bool = False  # R_S on one fixed random training batch (a reviewer ablation)
     lam: float = 10.0
     lam_warmup_steps: int = 1000
     temperature: float = 0.05
@@ -100,6 +107,14 @@ class AlignConfig:
             raise FeatcacheError(f"--lam must be a finite number >= 0, got {self.lam}")
         if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):
             raise FeatcacheError("weighting must be none|inverse and divergence reference|js")
+        if self.centering not in CENTERINGS:
+            raise FeatcacheError(f"unknown centering {self.centering!r}", f"choose one of: {', '.join(CENTERINGS)}")
+        if self.similarity not in SIMILARITIES:
+            raise FeatcacheError(f"unknown similarity {self.similarity!r}", f"choose one of: {', '.join(SIMILARITIES)}")
+        for name in ("gamma", "margin"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise FeatcacheError(f"--{name} must be a finite number >= 0, got {value}")
 
 
 @dataclass
@@ -193,13 +208,24 @@ def resolve_pair(spec: str, data: CachedData, select: SelectConfig) -> tuple[str
     return image, text, None
 
 
-def _losses(model, cfg: AlignConfig, xi, xt, lam: float):
+def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tensor:
+    """(R_S(img) + R_S(txt)) / 2 on inputs ``xi, xt`` (head outputs computed when not given)."""
+    if zi is None:
+        zi, zt = model(xi, xt)
+    options = dict(levels=cfg.levels, weighting=cfg.weighting, divergence=cfg.divergence, centering=cfg.centering,
+                   center_first=cfg.center_first, similarity=cfg.similarity, gamma=cfg.gamma, margin=cfg.margin)
+    return (structure_regularizer(xi, zi, cfg.temperature, **options)
+            + structure_regularizer(xt, zt, cfg.temperature, **options)) / 2
+
+
+def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = None):
+    """Total, contrastive and regularizer loss of a batch; ``fixed``: the batch R_S is taken on
+    instead (the fixed-structure ablation)."""
     zi, zt = model(xi, xt)
     clip = clip_loss(zi, zt, model.temperature)
     if cfg.loss == "clip":
         return clip, clip, torch.zeros(())
-    reg = (structure_regularizer(xi, zi, cfg.temperature, cfg.levels, cfg.weighting, cfg.divergence)
-           + structure_regularizer(xt, zt, cfg.temperature, cfg.levels, cfg.weighting, cfg.divergence)) / 2
+    reg = _structure(model, cfg, *fixed) if fixed is not None else _structure(model, cfg, xi, xt, zi, zt)
     return clip + lam * reg, clip, reg
 
 
@@ -285,6 +311,10 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
     xi, xt, vi, vt = run.tensors
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(cfg.seed)
+    fixed = None
+    if cfg.fixed_structure:  # drawn once per run, from its own generator so batch order is unchanged
+        pick = torch.randperm(run.rows, generator=torch.Generator().manual_seed(cfg.seed + 1))[:run.batch]
+        fixed = (xi[pick.to(xi.device)], xt[pick.to(xt.device)])
     best = {"epoch": -1, "score": float("inf")}
     best_state = copy.deepcopy(model.state_dict())
     step, start = 0, time.perf_counter()
@@ -297,7 +327,7 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
         for b in range(run.steps_per_epoch):  # the tail that does not fill a batch is dropped this epoch
             idx = order[b * run.batch:(b + 1) * run.batch]
             lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps)
-            total, clip, reg = _losses(model, cfg, xi[idx], xt[idx], lam)
+            total, clip, reg = _losses(model, cfg, xi[idx], xt[idx], lam, fixed)
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -347,13 +377,24 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Pa
 
 
 def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[int],
-          pairs: list[int | None] | None = None, progress=None) -> list[Path]:
-    """Train one run per grid cell; the cache is read once and shared by every cell."""
+          pairs: list[int | None] | None = None, progress=None, grid: dict[str, list] | None = None) -> list[Path]:
+    """Train one run per grid cell; the cache is read once and shared by every cell.
+
+    ``grid`` varies any other AlignConfig fields as well (``{"centering": ["none", "mean"]}``),
+    so an ablation table is one call.
+    """
+    grid = dict(grid or {})
+    unknown = [k for k in grid if k not in AlignConfig.__dataclass_fields__]
+    if unknown:
+        raise FeatcacheError(f"cannot sweep over {', '.join(unknown)}", "name AlignConfig fields")
     data = load_cached(base)
+    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
     runs = []
     for n in pairs or [base.pairs]:
         for layer in layers:
             for loss in losses:
-                for seed in seeds:
-                    runs.append(train(replace(base, layers=layer, loss=loss, seed=seed, pairs=n), data, progress))
+                for cell in cells:
+                    for seed in seeds:
+                        cfg = replace(base, layers=layer, loss=loss, seed=seed, pairs=n, **cell)
+                        runs.append(train(cfg, data, progress))
     return runs

@@ -20,11 +20,30 @@ def ref_clip(u, v, tau):
     return (ce(s) + ce(s.T)) / 2
 
 
-def ref_structure(x, z, tau, levels, weighting, divergence, eps=1e-12):
+def ref_structure(x, z, tau, levels, weighting, divergence, eps=1e-12, centering="mean", center_first=False,
+                  similarity="cosine", gamma=1.0, margin=0.0):
+    def centre(a):
+        if centering == "mean":
+            return a - a.mean(0)
+        if centering == "standard":
+            return (a - a.mean(0)) / a.std(0, ddof=1)
+        return a
+
     def walk(a):
+        if center_first:
+            a = centre(a)
         a = a / np.linalg.norm(a, axis=1, keepdims=True)  # step 1: normalise rows
-        a = a - a.mean(0)  # then centre by the batch mean
-        s = a @ a.T / tau  # step 2: diagonal kept
+        if not center_first:
+            a = centre(a)  # then centre (by default: subtract the batch mean)
+        if similarity == "rbf":
+            d2 = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+            s = np.exp(-gamma * d2)
+        elif similarity == "spearman":
+            r = np.argsort(np.argsort(a, axis=1), axis=1).astype(float)
+            r = r / np.linalg.norm(r, axis=1, keepdims=True)
+            s = r @ r.T / tau
+        else:
+            s = a @ a.T / tau  # step 2: diagonal kept
         e = np.exp(s - s.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)  # step 3: row softmax
 
@@ -37,6 +56,7 @@ def ref_structure(x, z, tau, levels, weighting, divergence, eps=1e-12):
         pl, ql = np.linalg.matrix_power(p, level), np.linalg.matrix_power(q, level)  # step 4
         m = (pl + ql) / 2
         d = (kl(m, ql) + kl(m, pl)) / 2 if divergence == "reference" else (kl(pl, m) + kl(ql, m)) / 2
+        d = max(0.0, d - margin)
         total += (1.0 / level if weighting == "inverse" else 1.0) * d  # step 6
     return total / levels
 
@@ -61,6 +81,24 @@ def test_structure_matches_reference(levels, weighting, divergence):
     want = ref_structure(x, z, 0.5, levels, weighting, divergence)
     assert want > 1e-4  # a non-trivial value, so agreement means something
     assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("switches", [
+    {"centering": "none"}, {"centering": "standard"}, {"centering": "standard", "center_first": True},
+    {"center_first": True}, {"similarity": "rbf"}, {"similarity": "rbf", "gamma": 3.0},
+    {"similarity": "spearman"}, {"margin": 0.01}, {"margin": 10.0}, {"similarity": "spearman", "centering": "none"},
+])
+@pytest.mark.parametrize("levels", [1, 2])
+def test_released_code_switches_match_reference(switches, levels):
+    rng = np.random.default_rng(11 + levels)
+    x, z = rng.normal(size=(20, 10)), rng.normal(size=(20, 7))
+    got = structure_regularizer(torch.tensor(x, dtype=torch.float32), torch.tensor(z, dtype=torch.float32),
+                                0.5, levels, "inverse", "reference", **switches)
+    want = ref_structure(x, z, 0.5, levels, "inverse", "reference", **switches)
+    if switches.get("margin") == 10.0:
+        assert got.item() == 0.0 == want  # the margin swallows the divergence
+    else:
+        assert want > 1e-5 and got.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
 def test_structure_at_paper_temperature_matches_reference():

@@ -125,3 +125,27 @@ def test_cli_align_errors(tiny_cache, tmp_path, argv, needle):
     assert out.exit_code == 2, out.output
     assert needle in out.output and "Traceback" not in out.output
     assert not list((tmp_path / "runs").glob(".partial-*"))  # nothing half-written is left
+
+
+def test_structure_switches_sweep_as_an_ablation_table(tiny_cache, tmp_path):
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["sweep", *common, "--layers", "last", "--loss", "clip+structure", "--seeds", "0",
+                              "--epochs", "2", "--batch-size", "16", "--centering", "none,mean,standard",
+                              "--similarity", "cosine,rbf", "--fixed-structure", "false,true"])
+    assert out.exit_code == 0, out.output
+    configs = [read_json(r / "config.json") for r in list_runs(tmp_path / "runs")]
+    cells = {(c["centering"], c["similarity"], c["fixed_structure"]) for c in configs}
+    assert len(configs) == 12 == len(cells)
+    out = runner.invoke(app, ["align", *common, "--epochs", "2", "--centering", "sideways"])
+    assert out.exit_code == 2 and "unknown centering" in out.output
+
+
+def test_fixed_structure_changes_only_the_regularizer_batch(tiny_cache, tmp_path):
+    a = train(_cfg(tiny_cache, tmp_path, seed=1, loss="clip+structure", lam_warmup_steps=0))
+    b = train(_cfg(tiny_cache, tmp_path, seed=1, loss="clip+structure", lam_warmup_steps=0, fixed_structure=True))
+    c = train(_cfg(tiny_cache, tmp_path, seed=1, loss="clip", fixed_structure=True))
+    d = train(_cfg(tiny_cache, tmp_path, seed=1, loss="clip"))
+    rows = lambda r: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()]
+    assert rows(a)[0]["train_structure"] != rows(b)[0]["train_structure"]
+    assert rows(c) == rows(d)  # without R_S the switch changes nothing, batch order included
