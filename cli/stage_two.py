@@ -39,6 +39,8 @@ Similarity = typer.Option("cosine", help="R_S similarity: cosine | rbf | spearma
 Gamma = typer.Option(1.0, help="Width of the rbf similarity, exp(-gamma d^2).")
 Margin = typer.Option("0", help="R_S margin: D_l <- max(0, D_l - margin) (sweep: a comma list).")
 FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed random training batch.")
+SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
+KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 
@@ -49,9 +51,11 @@ def layers(
     text_model: str = TextModel,
     dataset: str = Dataset,
     split: str = typer.Option("train", help="Split whose pairs are scored."),
-    metric: str = typer.Option("mutual_knn", help="mutual_knn | cka"),
+    metric: str = typer.Option("mutual_knn", help="mutual_knn | cycle_knn | lcs_knn | cknna | cka | unbiased_cka "
+                                                  "| svcca | hcs (hcs is O(n^3): use --n 1000)."),
     n: int = typer.Option(5000, min=3, help="Random pairs scored (fewer if fewer exist)."),
-    k: Optional[int] = typer.Option(None, min=1, help="Neighbours [default: Rice rule ceil(2 n^(1/3))]."),
+    k: Optional[int] = typer.Option(None, min=1, help="Neighbours [default: by --k-rule]."),
+    k_rule: str = typer.Option("rice", help="rice (2 n^(1/3)) | sqrt | sturges (log2 n + 1)."),
     calibrate: int = typer.Option(0, min=0, help="Subtract the mean score over this many shuffled pairings."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Heatmap PNG [default: <cache-dir>/layer-scores/...png]."),
@@ -66,7 +70,7 @@ def layers(
     root = cache_dir_or_default(cache_dir)
     pairs = open_pairs(root, dataset, split, Side(image_model), Side(text_model))
     data = CachedData(pairs, pairs)
-    table = select_layers(data, SelectConfig(metric=metric, n=n, k=k, calibrate=calibrate, seed=seed))
+    table = select_layers(data, SelectConfig(metric=metric, n=n, k=k, k_rule=k_rule, calibrate=calibrate, seed=seed))
     best, last = table.best(), table.last()
     console.print(score_table_view(table, f"{dataset}/{split}"))
     console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
@@ -110,6 +114,8 @@ def align(
     gamma: float = Gamma,
     margin: float = typer.Option(0.0, help="R_S margin: D_l <- max(0, D_l - margin)."),
     fixed_structure: bool = FixedStructure,
+    select_metric: str = SelectMetric,
+    k_rule: str = KRule,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -125,7 +131,8 @@ def align(
                         head=head, d_out=d_out, pairs=pairs, seed=seed, epochs=epochs, patience=patience,
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
-                        gamma=gamma, margin=margin, fixed_structure=fixed_structure)
+                        gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
+                        select_k_rule=k_rule)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -160,6 +167,8 @@ def sweep(
     gamma: float = Gamma,
     margin: str = Margin,
     fixed_structure: str = typer.Option("false", "--fixed-structure", help="false | true | false,true"),
+    select_metric: str = SelectMetric,
+    k_rule: str = KRule,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -172,7 +181,8 @@ def sweep(
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
-                        checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma)
+                        checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
+                        select_metric=select_metric, select_k_rule=k_rule)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),

@@ -1,8 +1,9 @@
 """Layer selection: cross-modal similarity of every (image layer, text layer) pair.
 
-The mutual-kNN score is that of the Platonic Representation Hypothesis (Huh et al., 2024).
-Each layer's neighbour lists depend on that layer alone, so the all-pairs table costs one
-faiss search per layer, not one per pair.
+Any metric of the Platonic Representation Hypothesis set (``featcache.pipeline.alignment``:
+mutual kNN by default, Huh et al., 2024). Each layer's neighbour lists depend on that layer
+alone, so the all-pairs table costs one faiss search per layer, not one per pair.
+``alignment_score``, ``knn``, ``mutual_knn`` and ``linear_cka`` are importable from here.
 """
 
 from __future__ import annotations
@@ -10,53 +11,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import faiss
 import numpy as np
 
-from featcache.pipeline.metrics import normalise
+from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.alignment import (METRICS, alignment_score, k_for, knn, linear_cka,  # noqa: F401
+                                          permuted, prepare)
 
 
 def rice_k(n: int) -> int:
     """The Rice rule k = ceil(2 n^(1/3)); 35 for n = 5,000."""
-    return max(1, math.ceil(2 * n ** (1 / 3) - 1e-9))
-
-
-def knn(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, k) of each row's k nearest neighbours by inner product, itself excluded."""
-    x = normalise(x)
-    n = len(x)
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    _, idx = index.search(x, k + 1)
-    # Self may sit anywhere among exact ties; drop it, or the (k+1)-th when it is absent.
-    not_self = idx != np.arange(n)[:, None]
-    order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
-
-
-def overlap(na: np.ndarray, nb: np.ndarray) -> float:
-    """Mean over rows of |N_a(s) ∩ N_b(s)| / k for two neighbour-index tables."""
-    k = na.shape[1]
-    hits = (na[:, :, None] == nb[:, None, :]).any(-1).sum(-1)
-    return float(hits.mean() / k)
+    return k_for(n, None, "rice")
 
 
 def mutual_knn(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """Mutual k-nearest-neighbour alignment of two feature sets of the same n rows, in [0, 1]."""
-    if len(a) != len(b):
-        raise ValueError(f"a and b need the same rows, got {len(a)} and {len(b)}")
-    return overlap(knn(a, k), knn(b, k))
-
-
-def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
-    """Linear centred kernel alignment (Kornblith et al., 2019)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a, b = a - a.mean(0), b - b.mean(0)
-    cross = np.linalg.norm(a.T @ b) ** 2
-    return float(cross / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b) + 1e-12))
+    return alignment_score(a, b, "mutual_knn", k)
 
 
 @dataclass
@@ -93,12 +62,16 @@ def score_table(
     k: int | None = None,
     calibrate: int = 0,
     seed: int = 0,
+    k_rule: str = "rice",
 ) -> ScoreTable:
-    """Score every (image layer, text layer) pair on the same n rows.
+    """Score every (image layer, text layer) pair on the same n rows, under any metric of
+    ``featcache.pipeline.alignment.METRICS``; one neighbour search per layer.
 
     ``calibrate`` > 0 subtracts the mean score over that many shuffled pairings, which removes
     the part of a score that grows with depth and width by itself.
     """
+    if metric not in METRICS:
+        raise FeatcacheError(f"unknown metric {metric!r}", f"choose one of: {', '.join(METRICS)}")
     n = len(next(iter(image_feats.values())))
     # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
     # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
@@ -107,26 +80,20 @@ def score_table(
                 if float(np.ptp(np.asarray(x, dtype=np.float32), axis=0).max(initial=0)) < 1e-6}
 
     const_img, const_txt = constant(image_feats), constant(text_feats)
+    k = k_for(n, k, k_rule) if METRICS[metric].needs_neighbours else None
+    img = {name: prepare(x, metric, k) for name, x in image_feats.items() if name not in const_img}
+    txt = {name: prepare(x, metric, k) for name, x in text_feats.items() if name not in const_txt}
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
-    if metric == "mutual_knn":
-        k = k or rice_k(n)
-        ni = {name: knn(x, k) for name, x in image_feats.items() if name not in const_img}
-        nt = {name: knn(x, k) for name, x in text_feats.items() if name not in const_txt}
-        inverse = [np.argsort(p) for p in perms]
+    inverse = [np.argsort(p) for p in perms]
+    score = METRICS[metric].score
 
-        def pair_score(a: str, b: str) -> float:
-            s = overlap(ni[a], nt[b])
-            # pairing s with p[s]: the text neighbours of p[s], mapped back to image rows
-            return s - np.mean([overlap(ni[a], inv[nt[b][p]]) for p, inv in zip(perms, inverse)]) if perms else s
-    elif metric == "cka":
-        k = None
+    def pair_score(a: str, b: str) -> float:
+        s = score(img[a], txt[b])
+        # pairing row s with p[s]: the text layer re-paired, its neighbours mapped back to image rows
+        return s - float(np.mean([score(img[a], permuted(txt[b], p, inv)) for p, inv in zip(perms, inverse)])) \
+            if perms else s
 
-        def pair_score(a: str, b: str) -> float:
-            s = linear_cka(image_feats[a], text_feats[b])
-            return s - np.mean([linear_cka(image_feats[a], text_feats[b][p]) for p in perms]) if perms else s
-    else:
-        raise ValueError(f"unknown metric {metric!r}: use mutual_knn or cka")
     img_names, txt_names = list(image_feats), list(text_feats)
     scores = np.array([[np.nan if a in const_img or b in const_txt else pair_score(a, b) for b in txt_names]
                        for a in img_names], dtype=float)

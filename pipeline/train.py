@@ -21,6 +21,7 @@ from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.device import pick_device
 from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, subsample
+from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel
 from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
@@ -34,11 +35,18 @@ LOSSES = ("clip", "clip+structure")
 class SelectConfig:
     """Layer selection defaults of the method page."""
 
-    metric: str = "mutual_knn"  # or "cka"
+    metric: str = "mutual_knn"  # any of featcache.pipeline.alignment.METRICS
     n: int = 5000  # random training pairs scored (fewer if fewer exist)
-    k: int | None = None  # None: Rice rule
+    k: int | None = None  # None: by k_rule
+    k_rule: str = "rice"  # rice | sqrt | sturges
     calibrate: int = 0  # shuffled pairings subtracted (0: raw score)
     seed: int = 0  # fixed, so every training seed selects the same layers
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise FeatcacheError(f"unknown layer metric {self.metric!r}", f"choose one of: {', '.join(METRICS)}")
+        if self.k_rule not in K_RULES[1:]:
+            raise FeatcacheError(f"unknown k rule {self.k_rule!r}", "choose rice, sqrt or sturges, or give --k")
 
 
 @dataclass
@@ -92,6 +100,7 @@ class AlignConfig:
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise FeatcacheError(f"unknown loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
+        self.select.validate()
         if self.checkpoint_on not in ("val_clip", "val_total"):
             raise FeatcacheError(f"unknown checkpoint rule {self.checkpoint_on!r}", "use val_clip or val_total")
         for name in ("levels", "epochs", "batch_size", "d_out"):
@@ -165,12 +174,14 @@ def load_cached(cfg: AlignConfig) -> CachedData:
 
 def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
     """Score every complete (image layer, text layer) pair on up to ``select.n`` training pairs."""
+    select.validate()
+
     def compute() -> ScoreTable:
         train = data.train
         rows = subsample(len(train), select.n, select.seed)
         img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
         txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
-        return score_table(img, txt, select.metric, select.k, select.calibrate, select.seed)
+        return score_table(img, txt, select.metric, select.k, select.calibrate, select.seed, select.k_rule)
 
     return data.memo(("table", repr(select)), compute)
 

@@ -149,3 +149,22 @@ def test_fixed_structure_changes_only_the_regularizer_batch(tiny_cache, tmp_path
     rows = lambda r: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()]
     assert rows(a)[0]["train_structure"] != rows(b)[0]["train_structure"]
     assert rows(c) == rows(d)  # without R_S the switch changes nothing, batch order included
+
+
+def test_layers_and_auto_selection_by_any_metric(tiny_cache, tmp_path):
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"])]
+    for metric, rule in (("cycle_knn", "sqrt"), ("cknna", "sturges"), ("svcca", "rice")):
+        out = runner.invoke(app, ["layers", *common, "--metric", metric, "--k-rule", rule,
+                                  "--out", str(tmp_path / f"{metric}.png")])
+        assert out.exit_code == 0 and metric in out.output, out.output
+        assert read_json(tmp_path / f"{metric}.json")["metric"] == metric
+    out = runner.invoke(app, ["align", *common, "--runs-dir", str(tmp_path / "runs"), "--epochs", "2",
+                              "--select-metric", "unbiased_cka"])
+    assert out.exit_code == 0, out.output
+    run = find_run(tmp_path / "runs")
+    assert read_json(run / "layer_scores.json")["metric"] == "unbiased_cka"
+    assert read_json(run / "config.json")["select"]["metric"] == "unbiased_cka"
+    for bad in (["--metric", "nope"], ["--k-rule", "fibonacci"]):
+        out = runner.invoke(app, ["layers", *common, *bad])
+        assert out.exit_code == 2 and "unknown" in out.output
