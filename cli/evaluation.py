@@ -109,7 +109,7 @@ def _extract_for_run(cfg) -> None:
 @app.command()
 @friendly
 def report(
-    group_by: str = typer.Option("dataset,layers,loss,head,pairs", help="Config keys to group runs by."),
+    group_by: str = typer.Option("dataset,layers,method,loss,head,pairs", help="Config keys to group runs by."),
     where: Optional[list[str]] = typer.Option(None, help="Keep runs with KEY=VALUE (repeatable)."),
     metric: Optional[list[str]] = typer.Option(None, help="Metric columns [default: every R@K and top1]."),
     baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),

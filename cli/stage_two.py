@@ -41,6 +41,7 @@ Margin = typer.Option("0", help="R_S margin: D_l <- max(0, D_l - margin) (sweep:
 FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed random training batch.")
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
+Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 
@@ -116,12 +117,13 @@ def align(
     fixed_structure: bool = FixedStructure,
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
+    method: str = Method,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
 ):
-    """Train alignment heads on the cached features and write a run record."""
+    """Train alignment heads (or fit a training-free method) on the cached features; write a run record."""
     from featcache.pipeline.runs import read_json
     from featcache.pipeline.train import train
 
@@ -132,12 +134,13 @@ def align(
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
                         gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
-                        select_k_rule=k_rule)
+                        select_k_rule=k_rule, method=method)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
     s = read_json(run / "summary.json")
-    console.print(f"run {s['run_id']}: layers {s['image_layer']} x {s['text_layer']}, {s['train_pairs']} pairs, "
+    console.print(f"run {s['run_id']} ({s.get('method', 'heads')}): layers {s['image_layer']} x {s['text_layer']}, "
+                  f"{s['train_pairs']} pairs, "
                   f"best {s['checkpoint_on']} {s['best_val']:.4f} at epoch {s['best_epoch']} "
                   f"({s['epochs_run']} epochs, {s['seconds']:.1f} s)", highlight=False)
     console.print(f"record: {run}", highlight=False, soft_wrap=True)
@@ -169,6 +172,7 @@ def sweep(
     fixed_structure: str = typer.Option("false", "--fixed-structure", help="false | true | false,true"),
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
+    method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -186,7 +190,7 @@ def sweep(
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),
-            "fixed_structure": parse_list(fixed_structure, _flag)}
+            "fixed_structure": parse_list(fixed_structure, _flag), "method": parse_list(method)}
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
@@ -225,12 +229,13 @@ def _print_runs(runs):
     from featcache.pipeline.runs import read_json
 
     table = Table()
-    for col in ("run", "data", "layers", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
+    for col in ("run", "data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
         table.add_column(col)
     for run in runs:
         c, s = read_json(run / "config.json"), read_json(run / "summary.json")
         evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
-        table.add_row(run.name, c["dataset"], f"{c['layers']}: {s['image_layer']} x {s['text_layer']}", c["loss"],
+        table.add_row(run.name, c["dataset"], f"{c['layers']}: {s['image_layer']} x {s['text_layer']}",
+                      c.get("method", "heads"), c["loss"],
                       c["head"], str(s["train_pairs"]), str(c["seed"]), f"{s['best_val']:.4f}", str(s["best_epoch"]),
                       ", ".join(evals))
     console.print(table)

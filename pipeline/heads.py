@@ -58,3 +58,63 @@ class AlignmentModel(nn.Module):
 
     def forward(self, x_image: torch.Tensor, x_text: torch.Tensor):
         return self.image_head(x_image), self.text_head(x_text)
+
+
+# -- the fixed maps of training-free methods (CSA, ASIF, Procrustes) ----------------------------
+class AffineMap(nn.Module):
+    """z = (x - mean) W, on unit rows when ``unit``: a fitted projection (CSA, Procrustes)."""
+
+    def __init__(self, mean: torch.Tensor, weight: torch.Tensor, unit: bool | torch.Tensor = False):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("unit", torch.as_tensor(unit, dtype=torch.bool).reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(x.float(), dim=-1) if bool(self.unit) else x.float()
+        return (x - self.mean) @ self.weight
+
+
+class RelativeMap(nn.Module):
+    """ASIF's relative representation: cosine similarity to each anchor, the top ``k`` kept and
+    raised to ``power``; rows of the two modalities' anchors are the same training pairs."""
+
+    def __init__(self, anchors: torch.Tensor, k: torch.Tensor, power: torch.Tensor):
+        super().__init__()
+        self.register_buffer("anchors", nn.functional.normalize(anchors.float(), dim=-1))
+        self.register_buffer("k", torch.as_tensor(k).long().reshape(()))
+        self.register_buffer("power", torch.as_tensor(power).float().reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sims = nn.functional.normalize(x.float(), dim=-1) @ self.anchors.T
+        top = sims.topk(int(self.k), dim=-1)
+        kept = torch.zeros_like(sims).scatter_(-1, top.indices, top.values.clamp_min(0) ** self.power)
+        return kept
+
+
+class FixedModel(nn.Module):
+    """The two maps of a training-free method, shaped like AlignmentModel for evaluation."""
+
+    def __init__(self, image_head: nn.Module, text_head: nn.Module, temperature: float):
+        super().__init__()
+        self.image_head, self.text_head = image_head, text_head
+        self.register_buffer("log_temperature", torch.tensor(float(temperature)).log())
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def forward(self, x_image: torch.Tensor, x_text: torch.Tensor):
+        return self.image_head(x_image), self.text_head(x_text)
+
+
+def fixed_model_from_state(state: dict, temperature: float) -> FixedModel:
+    """Rebuild a training-free run's maps from its safetensors state (the shapes say which)."""
+    def side(prefix: str) -> nn.Module:
+        if f"{prefix}.anchors" in state:
+            return RelativeMap(state[f"{prefix}.anchors"], state[f"{prefix}.k"], state[f"{prefix}.power"])
+        return AffineMap(state[f"{prefix}.mean"], state[f"{prefix}.weight"], state[f"{prefix}.unit"])
+
+    model = FixedModel(side("image_head"), side("text_head"), temperature)
+    model.load_state_dict(state)
+    return model

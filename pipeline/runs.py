@@ -133,11 +133,13 @@ def load_heads(run_dir: Path):
     """The trained alignment model of a run, rebuilt from config.json and heads.safetensors."""
     from safetensors.torch import load_file
 
-    from featcache.pipeline.heads import AlignmentModel
+    from featcache.pipeline.heads import AlignmentModel, fixed_model_from_state
 
     cfg = read_json(run_dir / "config.json")
     try:
         state = load_file(str(run_dir / "heads.safetensors"))
+        if cfg.get("method", "heads") != "heads":  # a training-free method's fitted maps
+            return fixed_model_from_state(state, cfg["temperature"]).eval(), cfg
         model = AlignmentModel(cfg["head"], state_dim(state, "image_head"), state_dim(state, "text_head"),
                                cfg["d_out"], cfg["temperature"], cfg["learn_temperature"])
         model.load_state_dict(state)

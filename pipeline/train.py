@@ -22,11 +22,13 @@ from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.device import pick_device
 from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, subsample
 from featcache.pipeline.alignment import K_RULES, METRICS
-from featcache.pipeline.heads import AlignmentModel
+from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
 from featcache.pipeline.runs import RunWriter
+from featcache.pipeline.training_free import METHODS, FreeConfig
+from featcache.pipeline.training_free import fit as fit_free
 
 LOSSES = ("clip", "clip+structure")
 
@@ -74,6 +76,8 @@ class AlignConfig:
     lam_warmup_steps: int = 1000
     temperature: float = 0.05
     learn_temperature: bool = False
+    method: str = "heads"  # heads (trained) | procrustes | csa | csa+structure | asif (training-free)
+    free: FreeConfig = field(default_factory=FreeConfig)  # options of the training-free methods
     head: str = "linear"
     d_out: int = 512
     pairs: int | None = None  # subsample training pairs (data-scaling studies)
@@ -98,6 +102,8 @@ class AlignConfig:
         return d
 
     def validate(self) -> None:
+        if self.method != "heads" and self.method not in METHODS:
+            raise FeatcacheError(f"unknown method {self.method!r}", f"choose heads or one of: {', '.join(METHODS)}")
         if self.loss not in LOSSES:
             raise FeatcacheError(f"unknown loss {self.loss!r}", f"choose one of: {', '.join(LOSSES)}")
         self.select.validate()
@@ -373,13 +379,30 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
     }
 
 
+def fit_training_free(run: RunSetup, writer: RunWriter) -> dict:
+    """A training-free method: fit its maps on the run's training pairs, score them once on val."""
+    cfg, start = run.cfg, time.perf_counter()
+    xi, xt, vi, vt = run.tensors
+    image, text, facts = fit_free(cfg.method, xi.cpu().numpy(), xt.cpu().numpy(), cfg.free, cfg.seed)
+    run.model = FixedModel(image, text, cfg.temperature).to(xi.device)
+    val = _evaluate(run.model, replace(cfg, loss="clip"), vi, vt)
+    writer.log({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}})
+    return {
+        "run_id": writer.run_id, "image_layer": run.config["image_layer"], "text_layer": run.config["text_layer"],
+        "method": cfg.method, "fit": facts, "best_epoch": 0, "best_val": val["clip"], "checkpoint_on": "val_clip",
+        "epochs_run": 0, "steps": 0, "seconds": time.perf_counter() - start,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": run.rows,
+    }
+
+
 def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Path:
-    """Train one run and write its record; returns the run directory (none is left on failure)."""
+    """Train (or, for a training-free method, fit) one run and write its record; returns the run
+    directory (none is left on failure)."""
     cfg.validate()
     run = build_run(cfg, data or load_cached(cfg))
     writer = RunWriter(cfg.runs_dir, run.config)
     try:
-        summary = fit(run, writer, progress)
+        summary = fit(run, writer, progress) if cfg.method == "heads" else fit_training_free(run, writer)
     except BaseException:
         writer.abort()
         raise

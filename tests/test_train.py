@@ -168,3 +168,32 @@ def test_layers_and_auto_selection_by_any_metric(tiny_cache, tmp_path):
     for bad in (["--metric", "nope"], ["--k-rule", "fibonacci"]):
         out = runner.invoke(app, ["layers", *common, *bad])
         assert out.exit_code == 2 and "unknown" in out.output
+
+
+@pytest.mark.parametrize("method", ["procrustes", "csa", "csa+structure", "asif"])
+def test_training_free_methods_are_runs_like_any_other(tiny_cache, tmp_path, method):
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["align", *common, "--method", method, "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    run = find_run(tmp_path / "runs")
+    config, summary = read_json(run / "config.json"), read_json(run / "summary.json")
+    assert config["method"] == method == summary["method"] and (run / "heads.safetensors").exists()
+    out = runner.invoke(app, ["eval", "retrieval", *common[6:], "--run", run.name])
+    assert out.exit_code == 0, out.output
+    res = next((run / "eval").glob("retrieval-*.json"))
+    assert all(0 <= v <= 1 for d in read_json(res)["metrics"].values() for v in d.values())
+    model, _ = load_heads(run)
+    assert model.image_head(torch.zeros(2, 32)).shape[0] == 2
+
+
+def test_a_sweep_over_methods_is_a_method_comparison(tiny_cache, tmp_path):
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["sweep", *common, "--layers", "last", "--loss", "clip", "--seeds", "0,1",
+                              "--epochs", "2", "--batch-size", "16", "--method", "heads,csa,asif"])
+    assert out.exit_code == 0, out.output
+    for run in list_runs(tmp_path / "runs"):
+        assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--run", run.name]).exit_code == 0
+    out = runner.invoke(app, ["report", "--runs-dir", str(tmp_path / "runs"), "--group-by", "method"])
+    assert out.exit_code == 0 and "csa" in out.output and "asif" in out.output, out.output

@@ -19,7 +19,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.results import Column, rows_of
 from featcache.pipeline.runs import list_runs, read_eval_results, read_json
 
-DEFAULT_GROUP = ("dataset", "layers", "loss", "head", "pairs")
+DEFAULT_GROUP = ("dataset", "layers", "method", "loss", "head", "pairs")
 STD = "sample std over seeds (ddof=1)"
 
 
@@ -34,6 +34,7 @@ def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
     for run in list_runs(runs_dir):
         cfg, summary = read_json(run / "config.json"), read_json(run / "summary.json")
         row = {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
+        row.setdefault("method", "heads")  # runs from before training-free methods
         row.update(run=run.name, image_layer=summary["image_layer"], text_layer=summary["text_layer"],
                    best_val=summary["best_val"], train_pairs=summary["train_pairs"])
         row["layer_pair"] = f"{summary['image_layer']} x {summary['text_layer']}"
