@@ -24,7 +24,7 @@ def export_hdf5(store: FeatureStore, out: Path | str, force: bool = False) -> Pa
         raise FeatcacheError(f"{out} is a folder", "name the HDF5 file to write, e.g. features.h5")
     if not out.parent.is_dir():
         raise FeatcacheError(f"the folder {out.parent} does not exist", "create it first, or write elsewhere")
-    if str(out.resolve()).startswith(str(Path(str(store.path)).resolve())):
+    if out.resolve().is_relative_to(Path(str(store.path)).resolve()):
         raise FeatcacheError(f"{out} is inside the store {store.path}", "write the HDF5 file outside the store")
     if out.exists() and not force:
         raise FeatcacheError(f"{out} already exists; it was left untouched", "pass --force to replace it")

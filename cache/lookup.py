@@ -9,17 +9,22 @@ Any difference is a one-line error naming the field; a missing store names the e
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
-from featcache.cache.naming import split_dir
+from featcache.cache.naming import safe_component, split_dir
 from featcache.cache.store import FeatureStore
 
 
 class StoreNotFound(FeatcacheError):
     """Nothing is cached for the query: the hint is the extract command that makes it."""
+
+    def __init__(self, message: str, hint: str, query: "StoreQuery"):
+        super().__init__(message, hint)
+        self.query = query
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,8 @@ class StoreQuery:
     source: str | None = None  # the data set as the user wrote it, for the extract command
 
     def extract_command(self, cache_dir: Location | None = None) -> str:
-        split, _, sample = self.split.partition("-sample")
+        limited = re.fullmatch(r"(.*)-sample(\d+)", self.split)
+        split, sample = limited.groups() if limited else (self.split, "")
         cmd = f"featcache extract --model {self.encoder} --layers all --dataset {self.source or self.dataset}"
         cmd += f" --split {split}" + (f" --limit {sample}" if sample else "")
         cmd += f" --pooling {self.pooling}" if self.pooling else ""
@@ -75,8 +81,9 @@ def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
     for path in loc.find_groups(folder):
         try:
             store = FeatureStore.open(path)
-        except FeatcacheError as err:  # an old or broken store: it may be the one asked for
-            unreadable.append(err)
+        except FeatcacheError as err:  # an old or broken store: report it if it is the encoder's own
+            if loc.name(str(path).rstrip("/").rsplit("/", 1)[0]) == safe_component(query.encoder):
+                unreadable.append(err)
             continue
         if query.encoder in _names(store):
             candidates.append(store)
@@ -85,7 +92,7 @@ def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
         raise unreadable[0]
     if not candidates:
         raise StoreNotFound(f"no cached features of {query.encoder} for {query.source or query.dataset}/"
-                             f"{query.split} under {cache_dir}", hint)
+                            f"{query.split} under {cache_dir}", hint, query)
     exact = [s for s in candidates if not mismatches(s, query)]
     if len(exact) == 1:
         return exact[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
 from featcache.cache.store import CorruptChunk, FeatureStore
 
@@ -110,6 +111,7 @@ def verify(paths: list[Location], repair: bool = False) -> list[BadChunk]:
             continue
         bad = verify_store(store)
         if repair and bad:
-            repair_store(store, bad)
+            with all_writers_locked(store.path, str(store.path)):  # never under a running extract
+                repair_store(store, bad)
         found += bad
     return found

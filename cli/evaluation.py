@@ -83,6 +83,11 @@ def eval_classify_cmd(
     try:
         result = eval_classify(cfg)
     except StoreNotFound as err:
+        from featcache.pipeline.cached import dataset_key
+        from featcache.pipeline.evaluate import classify_spec
+
+        if err.query.dataset != dataset_key(classify_spec(cfg)):
+            raise  # the run's own training cache is missing: --extract of this set cannot help
         if not extract:
             raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
         _extract_for_run(cfg)
@@ -109,7 +114,8 @@ def _extract_for_run(cfg) -> None:
 @app.command()
 @friendly
 def report(
-    group_by: str = typer.Option("dataset,layers,method,loss,head,pairs", help="Config keys to group runs by."),
+    group_by: Optional[str] = typer.Option(None, help="Config keys to group runs by [default: dataset, layers, method, "
+                                                       "loss, head, pairs and every other setting that varies]."),
     where: Optional[list[str]] = typer.Option(None, help="Keep runs with KEY=VALUE (repeatable)."),
     metric: Optional[list[str]] = typer.Option(None, help="Metric columns [default: every R@K and top1]."),
     baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),
@@ -129,7 +135,7 @@ def report(
             raise FeatcacheError(f"bad --where {item!r}", "write KEY=VALUE")
         filters[key] = value
     rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
-    rep = build_report(rows, parse_list(group_by), metric or None, filters)
+    rep = build_report(rows, parse_list(group_by) if group_by else None, metric or None, filters)
     table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± sample std over seeds (%)")
     for col in rep.header():
         table.add_column(col, overflow="fold")

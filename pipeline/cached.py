@@ -86,7 +86,7 @@ class ConcatStore:
         return self.parts[0].encoder_identity
 
     @property
-    def attrs_splits(self) -> list[str]:
+    def split_names(self) -> list[str]:
         return sorted(set.intersection(*(set(p.attrs.get("dataset_splits", [])) for p in self.parts)))
 
 
@@ -116,7 +116,7 @@ def dataset_key(spec: str) -> str:
 def dataset_splits(store) -> list[str]:
     """The split names of the data set a store was extracted from."""
     if isinstance(store, ConcatStore):
-        return store.attrs_splits
+        return store.split_names
     return list(store.attrs.get("dataset_splits", []))
 
 

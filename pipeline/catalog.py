@@ -41,7 +41,8 @@ def _content_digest(path: Path) -> str:
     """A short digest of a user data set's resolved path and content (a folder: its file list).
 
     The full content digest is checked when extracting; this one only has to keep different
-    data sets with the same name apart, cheaply, on every read.
+    data sets with the same name apart when stage two reads, without decoding anything (a folder
+    costs one stat per file).
     """
     h = hashlib.sha256(str(path.resolve()).encode() + b"\0")
     try:

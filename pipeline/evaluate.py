@@ -20,6 +20,7 @@ from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, subsample
 from featcache.pipeline.results import result_rows
+from featcache.pipeline.training_free import procrustes
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
 from featcache.pipeline.runs import find_run, load_heads, write_json
 
@@ -105,12 +106,8 @@ def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
     Orthogonal Procrustes when the widths match, least squares otherwise.
     """
     train = training_pairs(run_cfg, cache_dir)
-    x, y = normalise(train.image(run_cfg["image_layer"])), normalise(train.text(run_cfg["text_layer"]))
-    if x.shape[1] == y.shape[1]:
-        u, _, vt = np.linalg.svd(x.T @ y)
-        return (u @ vt).astype(np.float32), "procrustes"
-    w, *_ = np.linalg.lstsq(x, y, rcond=None)
-    return w.astype(np.float32), "least-squares"
+    w, kind = procrustes(train.image(run_cfg["image_layer"]), train.text(run_cfg["text_layer"]))
+    return w.astype(np.float32), kind
 
 
 def _identity(store: FeatureStore) -> dict:

@@ -73,6 +73,8 @@ def score_table(
     if metric not in METRICS:
         raise FeatcacheError(f"unknown metric {metric!r}", f"choose one of: {', '.join(METRICS)}")
     n = len(next(iter(image_feats.values())))
+    if n < 4 and metric in ("cknna", "unbiased_cka"):
+        raise FeatcacheError(f"{metric} needs at least 4 rows (its unbiased HSIC divides by n - 3), got {n}")
     # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
     # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
     def constant(feats: dict) -> set:

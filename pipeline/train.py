@@ -187,7 +187,14 @@ def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
         rows = subsample(len(train), select.n, select.seed)
         img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
         txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
-        return score_table(img, txt, select.metric, select.k, select.calibrate, select.seed, select.k_rule)
+        for feats, store in ((img, train.images), (txt, train.texts)):
+            if not feats:
+                raise FeatcacheError(f"no layer of {store.path} is completely cached", extract_hint(store))
+        table = score_table(img, txt, select.metric, select.k, select.calibrate, select.seed, select.k_rule)
+        if np.isnan(np.asarray(table.scores, dtype=float)).all():
+            raise FeatcacheError(f"every layer pair scored NaN under {select.metric} on {len(rows)} pairs "
+                                 "(layers constant over rows, or too few pairs)", "extract more layers or data")
+        return table
 
     return data.memo(("table", repr(select)), compute)
 
@@ -231,8 +238,8 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
         zi, zt = model(xi, xt)
     options = dict(levels=cfg.levels, weighting=cfg.weighting, divergence=cfg.divergence, centering=cfg.centering,
                    center_first=cfg.center_first, similarity=cfg.similarity, gamma=cfg.gamma, margin=cfg.margin)
-    return (structure_regularizer(xi, zi, cfg.temperature, **options)
-            + structure_regularizer(xt, zt, cfg.temperature, **options)) / 2
+    tau = float(model.temperature)  # the contrastive loss's tau, learnable or not (method.md)
+    return (structure_regularizer(xi, zi, tau, **options) + structure_regularizer(xt, zt, tau, **options)) / 2
 
 
 def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = None):
@@ -250,15 +257,16 @@ def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = N
 def _evaluate(model, cfg, xi, xt) -> dict:
     """Validation losses over batches of the training batch size, weighted by batch length."""
     totals = {"total": 0.0, "clip": 0.0, "structure": 0.0}
-    n = len(xi)
-    for s in range(0, n, cfg.batch_size):
+    scored = 0
+    for s in range(0, len(xi), cfg.batch_size):
         bi, bt = xi[s:s + cfg.batch_size], xt[s:s + cfg.batch_size]
-        if len(bi) < 2:
+        if len(bi) < 2:  # a last batch of one row has no contrastive loss
             continue
         total, clip, reg = _losses(model, cfg, bi, bt, cfg.lam)
         for key, v in (("total", total), ("clip", clip), ("structure", reg)):
             totals[key] += float(v) * len(bi)
-    return {k: v / n for k, v in totals.items()}
+        scored += len(bi)
+    return {k: v / max(scored, 1) for k, v in totals.items()}
 
 
 @dataclass
@@ -421,14 +429,31 @@ def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[i
     unknown = [k for k in grid if k not in AlignConfig.__dataclass_fields__]
     if unknown:
         raise FeatcacheError(f"cannot sweep over {', '.join(unknown)}", "name AlignConfig fields")
+    reads_cache = [k for k in grid if k in DATA_FIELDS]
+    if reads_cache:  # the cache is read once, from base: these would be recorded but not used
+        raise FeatcacheError(f"a sweep reads one cache; it cannot vary {', '.join(reads_cache)}",
+                             "run one sweep per data set, model or split")
     data = load_cached(base)
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] or [{}]
-    runs = []
+    configs: dict[str, AlignConfig] = {}
     for n in pairs or [base.pairs]:
         for layer in layers:
             for loss in losses:
                 for cell in cells:
                     for seed in seeds:
-                        cfg = replace(base, layers=layer, loss=loss, seed=seed, pairs=n, **cell)
-                        runs.append(train(cfg, data, progress))
-    return runs
+                        cfg = _effective(replace(base, layers=layer, loss=loss, seed=seed, pairs=n, **cell), seeds)
+                        configs.setdefault(repr(cfg), cfg)
+    return [train(cfg, data, progress) for cfg in configs.values()]
+
+
+# What selects the cached features themselves: fixed for a whole sweep.
+DATA_FIELDS = ("image_model", "text_model", "image_pooling", "text_pooling", "image_size", "dataset",
+               "train_split", "val_split", "cache_dir", "runs_dir")
+
+
+def _effective(cfg: AlignConfig, seeds: list[int]) -> AlignConfig:
+    """A training-free method ignores the loss, and a deterministic one the seed: one run, not copies."""
+    if cfg.method == "heads":
+        return cfg
+    cfg = replace(cfg, loss="clip")
+    return cfg if cfg.method == "csa+structure" else replace(cfg, seed=seeds[0])

@@ -95,18 +95,23 @@ def _refine(xi, xt, a, b, cfg: FreeConfig, seed: int):
     return out
 
 
+def procrustes(xi: np.ndarray, xt: np.ndarray) -> tuple[np.ndarray, str]:
+    """A map W from unit image rows to unit text rows: orthogonal Procrustes when the widths
+    match, least squares otherwise."""
+    x, y = normalise(xi).astype(np.float64), normalise(xt).astype(np.float64)
+    if x.shape[1] == y.shape[1]:
+        u, _, vt = np.linalg.svd(x.T @ y)
+        return u @ vt, "procrustes"
+    return np.linalg.lstsq(x, y, rcond=None)[0], "least-squares"
+
+
 def fit(method: str, xi: np.ndarray, xt: np.ndarray, cfg: FreeConfig, seed: int = 0):
     """Fit ``method`` on paired training features; returns (image map, text map, facts to record)."""
     if method not in METHODS:
         raise FeatcacheError(f"unknown method {method!r}", f"choose heads or one of: {', '.join(METHODS)}")
     d_i, d_t = xi.shape[1], xt.shape[1]
     if method == "procrustes":
-        x, y = normalise(xi).astype(np.float64), normalise(xt).astype(np.float64)
-        if d_i == d_t:
-            u, _, vt = np.linalg.svd(x.T @ y)
-            w, kind = u @ vt, "orthogonal Procrustes"
-        else:
-            w, kind = np.linalg.lstsq(x, y, rcond=None)[0], "least squares"
+        w, kind = procrustes(xi, xt)
         image = AffineMap(torch.zeros(d_i), torch.from_numpy(w).float(), unit=True)
         return image, AffineMap(torch.zeros(d_t), torch.eye(d_t), unit=True), {"fit": kind}
     if method == "asif":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -89,12 +90,12 @@ def _table_records(path: Path) -> list[tuple[int, dict]]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise _bad_file(path, f":{line}", "is not valid UTF-8", "save the file as UTF-8") from None
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted newlines stay in the caption
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise _bad_file(path, ":1", f"the header must name 'image' and 'caption' columns, got {reader.fieldnames}")
         return [(reader.line_num, rec) for rec in reader]
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is valid inside JSON
         if not line.strip():
             continue
         try:

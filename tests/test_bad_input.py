@@ -278,3 +278,11 @@ def test_interrupted_align_does_not_talk_about_chunks(tiny, tmp_path, monkeypatc
     assert out.exit_code == 130 and "chunk" not in out.output and "nothing half-written" in out.output
     assert not list((tmp_path / "runs").glob("*")) or not [p for p in (tmp_path / "runs").iterdir()
                                                           if not p.name.startswith(".")]
+
+
+def test_csv_quoted_newline_and_jsonl_line_separator_are_kept(images):
+    csv_path = images / "pairs.csv"
+    csv_path.write_text('image,caption,split\n0.png,"line one\nline two",train\n1.png,b,test\n')
+    assert load_dataset(str(csv_path))["train"].texts.texts == ["line one\nline two"]
+    path = jsonl(images, [], raw=(json.dumps(ROW(0, "train", "a\u2028b"), ensure_ascii=False) + "\n").encode())
+    assert load_dataset(str(path))["train"].texts.texts == ["a\u2028b"]

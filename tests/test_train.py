@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import build_tiny_cache
+from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
 from featcache.pipeline.heads import ResidualMLPHead
 from featcache.pipeline.runs import find_run, list_runs, load_heads, read_json
@@ -197,3 +198,16 @@ def test_a_sweep_over_methods_is_a_method_comparison(tiny_cache, tmp_path):
         assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--run", run.name]).exit_code == 0
     out = runner.invoke(app, ["report", "--runs-dir", str(tmp_path / "runs"), "--group-by", "method"])
     assert out.exit_code == 0 and "csa" in out.output and "asif" in out.output, out.output
+
+
+def test_sweeps_never_record_what_they_did_not_read_and_reports_keep_ablations_apart(tiny_cache, tmp_path):
+    from featcache.pipeline.app.report import build_report, run_rows
+
+    with pytest.raises(FeatcacheError, match="cannot vary image_model"):
+        sweep(_cfg(tiny_cache, tmp_path), ["last"], ["clip"], [0], grid={"image_model": ["a", "b"]})
+    runs = sweep(_cfg(tiny_cache, tmp_path, epochs=2), ["last"], ["clip", "clip+structure"], [0, 1],
+                 grid={"method": ["heads", "csa"], "centering": ["none", "mean"]})
+    configs = [read_json(r / "config.json") for r in runs]
+    assert sum(c["method"] == "csa" for c in configs) == 2  # one csa run per centering, not per loss or seed
+    rep = build_report(run_rows(tmp_path / "runs"))
+    assert "centering" in rep.group_by and all(g["n"] <= 2 for g in rep.groups)

@@ -107,12 +107,25 @@ class Report:
         return "\n".join(lines) + f"\n\nValues in %, mean ± {STD}.\n"
 
 
+# Keys that differ between runs of one setting, or say nothing about it: never grouped on by default.
+NOT_SETTINGS = {"seed", "run", "runs_dir", "cache_dir", "best_val", "train_pairs", "image_layer", "text_layer",
+                "layer_pair", "values", "val_pairs", "device"}
+
+
+def default_group(rows: list[dict]) -> list[str]:
+    """DEFAULT_GROUP plus every other setting that varies across the runs, so runs of different
+    ablations are never averaged together as if they were seeds."""
+    varying = sorted(k for k in {k for r in rows for k in r} - NOT_SETTINGS - set(DEFAULT_GROUP)
+                     if len({str(r.get(k)) for r in rows}) > 1)
+    return [k for k in DEFAULT_GROUP if any(k in r for r in rows)] + varying
+
+
 def build_report(rows: list[dict], group_by: list[str] | None = None, metrics: list[Column] | list[str] | None = None,
                  where: dict | None = None) -> Report:
-    group_by = list(group_by or DEFAULT_GROUP)
     rows = [r for r in rows if all(str(r.get(k)) == str(v) for k, v in (where or {}).items())]
     if not rows:
         raise FeatcacheError("no runs match", "train some with featcache align or featcache sweep")
+    group_by = list(group_by or default_group(rows))
     unknown = [k for k in group_by if all(k not in r for r in rows)]
     if unknown:
         keys = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (float, dict))})
