@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -79,7 +80,8 @@ def layers(
     stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")
     from featcache.cache.location import is_url
 
-    png = out or (Path("layer-scores") if is_url(root) else root / "layer-scores") / f"{stem}.png"
+    writable = not is_url(root) and os.access(root, os.W_OK)  # a shared read-only cache: write here instead
+    png = out or (root / "layer-scores" if writable else Path("layer-scores")) / f"{stem}.png"
     layer_heatmap(table, png)
     write_json(png.with_suffix(".json"), table.to_dict())
     console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
