@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
 
 
 def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -16,9 +17,15 @@ def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tenso
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def _kl_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) summed over each row and averaged over rows."""
-    return (a * (torch.log(a + EPS) - torch.log(b + EPS))).sum(-1).mean()
+_LOG2 = math.log(2.0)
+_LOG_EPS = math.log(1e-12)  # method.md's eps inside the logs, kept in log space: log(a + eps)
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) with eps inside the logs, from log-probabilities: summed over each row and
+    averaged over rows. log(a + eps) is logaddexp(log a, log eps): no probability underflows."""
+    eps = torch.full_like(log_a, _LOG_EPS)
+    return (log_a.exp() * (torch.logaddexp(log_a, eps) - torch.logaddexp(log_b, eps))).sum(-1).mean()
 
 
 CENTERINGS = ("none", "mean", "standard")
@@ -35,7 +42,7 @@ def _center(x: torch.Tensor, centering: str) -> torch.Tensor:
 
 def _walk(features: torch.Tensor, temperature: float, centering: str = "mean", center_first: bool = False,
           similarity: str = "cosine", gamma: float = 1.0) -> torch.Tensor:
-    """Row-softmax of the batch similarity matrix: one step of the random walk over the batch."""
+    """Row log-softmax of the batch similarity matrix: log-probabilities of one random-walk step."""
     x = features.float()
     if center_first:
         x = _center(x, centering)
@@ -49,7 +56,7 @@ def _walk(features: torch.Tensor, temperature: float, centering: str = "mean", c
         s = ranks @ ranks.T / temperature
     else:
         s = x @ x.T / temperature
-    return torch.softmax(s, dim=-1)
+    return torch.log_softmax(s, dim=-1)
 
 
 def structure_regularizer(
@@ -83,18 +90,23 @@ def structure_regularizer(
         raise ValueError(f"centering must be one of {CENTERINGS} and similarity one of {SIMILARITIES}")
     walk = dict(temperature=temperature, centering=centering, center_first=center_first, similarity=similarity,
                 gamma=gamma)
+    # In log space: log-softmax, log M by logaddexp, no log(p + eps). Higher levels multiply
+    # probabilities (a matrix power has no cheap log form) and take one clamped log.
     with torch.autocast(device_type=z.device.type, enabled=False):
-        p, q = _walk(x.detach(), **walk), _walk(z, **walk)
-        p_l, q_l = p, q
+        log_p, log_q = _walk(x.detach(), **walk), _walk(z, **walk)
+        p, q = log_p.exp(), log_q.exp()
+        p_l, q_l, log_p_l, log_q_l = p, q, log_p, log_q
+        tiny = torch.finfo(torch.float32).tiny
         total = z.new_zeros((), dtype=torch.float32)
         for level in range(1, levels + 1):
             if level > 1:
                 p_l, q_l = p_l @ p, q_l @ q
-            m = (p_l + q_l) / 2
+                log_p_l, log_q_l = p_l.clamp_min(tiny).log(), q_l.clamp_min(tiny).log()
+            log_m = torch.logaddexp(log_p_l, log_q_l) - _LOG2
             if divergence == "reference":
-                d = (_kl_rows(m, q_l) + _kl_rows(m, p_l)) / 2
+                d = (_kl_rows(log_m, log_q_l) + _kl_rows(log_m, log_p_l)) / 2
             else:
-                d = (_kl_rows(p_l, m) + _kl_rows(q_l, m)) / 2
+                d = (_kl_rows(log_p_l, log_m) + _kl_rows(log_q_l, log_m)) / 2
             if margin:
                 d = torch.relu(d - margin)
             total = total + (1.0 / level if weighting == "inverse" else 1.0) * d

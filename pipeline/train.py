@@ -348,7 +348,7 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
     for epoch in range(cfg.epochs):
         model.train()
         order = torch.randperm(run.rows, generator=gen).to(xi.device)
-        sums = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+        sums_t = torch.zeros(3, device=xi.device)  # running sums stay on the device: no sync per step
         for b in range(run.steps_per_epoch):  # the tail that does not fill a batch is dropped this epoch
             idx = order[b * run.batch:(b + 1) * run.batch]
             lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps)
@@ -359,8 +359,8 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
             opt.step()
             sched.step()
             step += 1
-            for key, v in (("total", total), ("clip", clip), ("structure", reg)):
-                sums[key] += float(v.detach()) / run.steps_per_epoch
+            sums_t += torch.stack([total.detach(), clip.detach(), reg.detach().to(total.device)])
+        sums = dict(zip(("total", "clip", "structure"), (sums_t / run.steps_per_epoch).tolist()))  # one read
         model.eval()
         val = _evaluate(model, cfg, vi, vt)
         if not all(math.isfinite(v) for v in (*sums.values(), *val.values())):
