@@ -123,21 +123,36 @@ def bench_train_step(quick: bool) -> dict:
     model = AlignmentModel("linear", 384, 384, 512, 0.05, False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def step(structure: bool):
+    def prob_space_rs(x, z, tau=0.05, eps=1e-12):
+        """The earlier formulation, for comparison: softmax, then log(p + eps) (level 1)."""
+        def walk(a):
+            a = torch.nn.functional.normalize(a.float(), dim=-1)
+            a = a - a.mean(0, keepdim=True)
+            return torch.softmax(a @ a.T / tau, dim=-1)
+
+        kl = lambda a, c: (a * (torch.log(a + eps) - torch.log(c + eps))).sum(-1).mean()
+        p, q = walk(x.detach()), walk(z)
+        m = (p + q) / 2
+        return (kl(m, q) + kl(m, p)) / 2
+
+    def step(structure):
         zi, zt = model(xi, xt)
         loss = clip_loss(zi, zt, 0.05)
         if structure:
-            loss = loss + 10 * (structure_regularizer(xi, zi, 0.05) + structure_regularizer(xt, zt, 0.05)) / 2
+            loss = loss + 10 * (structure(xi, zi, 0.05) + structure(xt, zt, 0.05)) / 2
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    step(True)
-    t_clip = timed(lambda: step(False), repeat=3)
-    t_struct = timed(lambda: step(True), repeat=3)
-    out = {"batch": b, "clip_step_s": t_clip, "clip_structure_step_s": t_struct, "ratio": t_struct / t_clip}
-    print(f"train step at batch {b}: clip {t_clip * 1000:.0f} ms, clip+structure {t_struct * 1000:.0f} ms, "
-          f"ratio {out['ratio']:.2f}")
+    step(structure_regularizer)
+    times = [(timed(lambda: step(None)), timed(lambda: step(structure_regularizer)), timed(lambda: step(prob_space_rs)))
+             for _ in range(3)]  # alternating, median of 3
+    t_clip, t_struct, t_prob = (float(np.median(t)) for t in zip(*times))
+    out = {"batch": b, "clip_step_s": t_clip, "clip_structure_step_s": t_struct, "ratio": t_struct / t_clip,
+           "prob_space_structure_step_s": t_prob, "log_vs_prob_space": t_struct / t_prob}
+    print(f"train step at batch {b}: clip {t_clip * 1000:.0f} ms, clip+structure {t_struct * 1000:.0f} ms "
+          f"(log space; probability space {t_prob * 1000:.0f} ms), ratio to clip {out['ratio']:.2f}, "
+          f"log/probability space {out['log_vs_prob_space']:.2f}")
     return out
 
 
