@@ -192,12 +192,28 @@ def study(
     batch_size: int = typer.Option(128, min=2),
     checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
     n_boot: int = typer.Option(2000, min=100),
+    dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
+    pairs: Optional[str] = typer.Option(None, help="A scaling study: training-pair counts, e.g. 50,100,250,500,all."),
+    layers: str = typer.Option("last,auto", help="Layer choices compared: last, auto or both."),
     cache_dir: Optional[str] = CacheDir,
 ):
-    """Splits x seeds on Tux Paint with paired bootstrap intervals (see docs/results.md)."""
-    from featcache.pipeline.app.study import StudyConfig, run_study, to_markdown
+    """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
+    from featcache.pipeline.app.study import StudyConfig, run_study, scaling_markdown, to_markdown
 
-    cfg = StudyConfig(out=out, salts=tuple(v.strip() for v in salts.split(",")), seeds=tuple(parse_list(seeds, int)),
-                      epochs=epochs, patience=patience, batch_size=batch_size, checkpoint_on=checkpoint_on,
-                      n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir))
-    console.print(to_markdown(run_study(cfg, progress_bar)), highlight=False)
+    sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
+    chosen = parse_list(layers)
+    if not chosen or any(v not in ("last", "auto") for v in chosen):
+        raise FeatcacheError(f"bad --layers {layers!r}", "use last, auto or last,auto")
+    cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")),
+                      seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
+                      checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
+                      pairs=sizes, configs=tuple((lay, loss) for lay in chosen for loss in ("clip", "clip+structure")))
+    summary = run_study(cfg, progress_bar)
+    console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 2:
+        raise ValueError(value)
+    return n

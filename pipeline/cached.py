@@ -175,7 +175,11 @@ def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Sid
 
 
 def subsample(n: int, size: int | None, seed: int) -> np.ndarray:
-    """A reproducible random subset of ``size`` of ``n`` rows (all rows, in order, if None)."""
+    """A reproducible random subset of ``size`` of ``n`` rows (all rows, in order, if None).
+
+    Nested across sizes: a prefix of one seeded permutation, so for a seed the 100 rows
+    contain the 50 (a data-scaling series adds pairs, it never redraws them).
+    """
     if size is None or size >= n:
         return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])

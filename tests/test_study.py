@@ -24,3 +24,47 @@ def test_paired_bootstrap_intervals():
     row = next(r for r in summary["table"] if r["layers"] == "auto" and r["loss"] == "clip")
     assert row["i2t R@1"][0] == pytest.approx(60, abs=8) and row["i2t R@1"][1] > 0
     assert "| auto | clip |" in to_markdown(summary)
+
+
+def test_subsets_are_nested_across_sizes():
+    from featcache.pipeline.cached import subsample
+
+    for seed in (0, 1, 7):
+        small, large = set(subsample(500, 50, seed)), set(subsample(500, 100, seed))
+        assert len(small) == 50 and small <= large
+    assert set(subsample(500, 50, 0)) != set(subsample(500, 50, 1))
+
+
+def test_scaling_summary_gain_shrinks_and_intervals_cover_the_truth():
+    from featcache.pipeline.app.study import scaling_markdown, summarise_scaling
+
+    rng = np.random.default_rng(1)
+    cfg = StudyConfig(salts=("", "1"), seeds=(0, 1), ks=(1,), n_boot=300, pairs=(50, None),
+                      configs=(("auto", "clip"), ("auto", "clip+structure")))
+    p = {(50, "auto", "clip"): 0.2, (50, "auto", "clip+structure"): 0.5,
+         (None, "auto", "clip"): 0.6, (None, "auto", "clip+structure"): 0.6}
+    ranks = {key: {s: {r: _ranks(p[key], rng, n=200) for r in cfg.seeds} for s in cfg.salts} for key in p}
+    scaling = summarise_scaling(ranks, cfg)
+    small, full = scaling["sizes"]
+    assert small["pairs"] == 50 and full["pairs"] == "all"
+    gain = lambda size: next(c for c in size["comparisons"] if c["comparison"].startswith("STRUCTURE"))
+    assert gain(small)["ci95"][0] > 15 and gain(small)["relative_gain_percent"] == pytest.approx(150, abs=40)
+    assert gain(full)["ci95"][0] < 0 < gain(full)["ci95"][1]
+    point, lo, hi = small["bands"]["auto/clip+structure R@1"]
+    assert lo < 50 < hi and point == pytest.approx(50, abs=6)
+    assert "### 50 training pairs" in scaling_markdown(scaling)
+
+
+def test_scaling_study_end_to_end_on_a_tiny_cache(tmp_path):
+    from conftest import build_tiny_cache
+    from featcache.pipeline.app.study import run_study
+
+    tiny = build_tiny_cache(tmp_path, n=72)
+    cfg = StudyConfig(out=tmp_path / "study", dataset=str(tiny["pairs"]), salts=("",), seeds=(0, 1), ks=(1, 10),
+                      epochs=3, patience=3, batch_size=16, n_boot=100, cache_dir=tiny["cache"], pairs=(10, 20, None),
+                      configs=(("auto", "clip"), ("auto", "clip+structure")), image_model=tiny["vit"],
+                      text_model=tiny["bert"])
+    scaling = run_study(cfg)
+    assert [s["pairs"] for s in scaling["sizes"]] == [10, 20, "all"]
+    assert (tmp_path / "study" / "scaling.png").stat().st_size > 1000
+    assert "Relative gain of STRUCTURE" in (tmp_path / "study" / "scaling.md").read_text()

@@ -46,6 +46,10 @@ class StudyConfig:
     n_boot: int = 2000
     cache_dir: Path = field(default_factory=default_cache_dir)
     device: str = "auto"
+    pairs: tuple[int | None, ...] = ()  # a scaling study over training-pair counts (None: all)
+    image_model: str = "dinov2"
+    text_model: str = "minilm"
+    configs: tuple[tuple[str, str], ...] = tuple(CONFIGS)  # (layers, loss) cells
 
 
 def _spec(dataset: str, salt: str) -> str:
@@ -53,26 +57,30 @@ def _spec(dataset: str, salt: str) -> str:
 
 
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
-    """Train and evaluate every (split salt, layers, loss, seed); returns first-correct ranks."""
+    """Train and evaluate every (pairs, layers, loss, split salt, seed); returns first-correct
+    ranks keyed ``ranks[(pairs, layers, loss)][salt][seed]``."""
     ranks: dict = {}
     for salt in cfg.salts:
         spec = _spec(cfg.dataset, salt)
-        for model in ("dinov2", "minilm"):
+        for model in (cfg.image_model, cfg.text_model):
             if progress_factory:
                 with progress_factory() as p:
                     extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
             else:
                 extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device))
         runs_dir = cfg.out / "runs" / (salt or "default")
-        base = AlignConfig(dataset=spec, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
+        base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
                            checkpoint_on=cfg.checkpoint_on, cache_dir=cfg.cache_dir, runs_dir=runs_dir)
-        load_cached(base)  # fail early with the extract command if something is missing
-        runs = sweep(base, ["last", "auto"], ["clip", "clip+structure"], list(cfg.seeds))
+        layers = sorted({layer for layer, _ in cfg.configs}, key=["last", "auto"].index)
+        losses = sorted({loss for _, loss in cfg.configs})
+        runs = sweep(base, layers, losses, list(cfg.seeds), list(cfg.pairs) or None)
         for run in runs:
             c = read_json(run / "config.json")
+            if (c["layers"], c["loss"]) not in cfg.configs:
+                continue
             res = eval_retrieval(RetrievalConfig(run=str(run), split="test", cache_dir=cfg.cache_dir,
                                                  runs_dir=runs_dir, ks=tuple(sorted(set(cfg.ks) | {10}))))
-            key = (c["layers"], c["loss"])
+            key = (c["pairs"], c["layers"], c["loss"])
             ranks.setdefault(key, {}).setdefault(salt, {})[c["seed"]] = {
                 d: np.asarray(v) for d, v in res["first_correct_rank"].items()}
     return ranks
@@ -82,11 +90,31 @@ def _hits(r: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
     return (r["image_to_text"] < k).astype(float), (r["text_to_image"] < k).astype(float)
 
 
+def _bootstrap(diffs: dict, salts: list, seeds: list, n_boot: int, rng) -> tuple[float, float, float]:
+    """Point and 95% interval of the mean of per-item values ``diffs[salt][seed] = (i2t, t2i)``,
+    resampling splits, seeds within a split, and test items within a split."""
+    point = float(np.mean([np.mean(np.concatenate(diffs[s][r])) for s in salts for r in seeds]))
+    boot = np.empty(n_boot)
+    for i in range(n_boot):
+        vals = []
+        for s in rng.choice(salts, size=len(salts)):
+            n_i2t, n_t2i = len(diffs[s][seeds[0]][0]), len(diffs[s][seeds[0]][1])
+            items = (rng.integers(0, n_i2t, n_i2t), rng.integers(0, n_t2i, n_t2i))
+            for r in rng.choice(seeds, size=len(seeds)):
+                d = diffs[s][r]
+                vals.append((d[0][items[0]].mean() + d[1][items[1]].mean()) / 2)
+        boot[i] = np.mean(vals)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
 def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
+    """Mean ± std per configuration and paired differences with bootstrap intervals; keys of
+    ``ranks`` are (layers, loss)."""
     rng = np.random.default_rng(seed)
     salts, seeds = list(cfg.salts), list(cfg.seeds)
     table = []
-    for key in CONFIGS:
+    for key in [k for k in CONFIGS if k in ranks]:
         row = {"layers": key[0], "loss": key[1]}
         for k in cfg.ks:
             for d, name in ((0, "i2t"), (1, "t2i")):
@@ -96,28 +124,41 @@ def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
 
     comparisons = []
     for label, a, b in COMPARISONS:
+        if a not in ranks or b not in ranks:
+            continue
         for k in cfg.ks:
             # per (salt, seed): per-item paired differences, both directions
             diffs = {s: {r: [ha - hb for ha, hb in zip(_hits(ranks[a][s][r], k), _hits(ranks[b][s][r], k))]
                          for r in seeds} for s in salts}
-            point = float(np.mean([np.mean(np.concatenate(diffs[s][r])) for s in salts for r in seeds]))
-            boot = np.empty(cfg.n_boot)
-            for i in range(cfg.n_boot):
-                vals = []
-                for s in rng.choice(salts, size=len(salts)):
-                    n_i2t, n_t2i = len(diffs[s][seeds[0]][0]), len(diffs[s][seeds[0]][1])
-                    items = (rng.integers(0, n_i2t, n_i2t), rng.integers(0, n_t2i, n_t2i))
-                    for r in rng.choice(seeds, size=len(seeds)):
-                        d = diffs[s][r]
-                        vals.append((d[0][items[0]].mean() + d[1][items[1]].mean()) / 2)
-                boot[i] = np.mean(vals)
-            lo, hi = np.percentile(boot, [2.5, 97.5])
+            point, lo, hi = _bootstrap(diffs, salts, seeds, cfg.n_boot, rng)
+            base = float(np.mean([np.mean(np.concatenate(_hits(ranks[b][s][r], k))) for s in salts for r in seeds]))
             comparisons.append({"comparison": label, "a": list(a), "b": list(b), "metric": f"mean R@{k} (i2t, t2i)",
-                                "difference_points": 100 * point, "ci95": [100 * float(lo), 100 * float(hi)]})
+                                "difference_points": 100 * point, "ci95": [100 * lo, 100 * hi],
+                                "relative_gain_percent": 100 * point / base if base else float("nan")})
+    first = next(iter(ranks))
     return {"table": table, "comparisons": comparisons, "salts": salts, "seeds": seeds,
             "checkpoint_on": cfg.checkpoint_on, "epochs": cfg.epochs, "patience": cfg.patience,
             "batch_size": cfg.batch_size, "n_boot": cfg.n_boot,
-            "test_items": {s or "default": int(len(ranks[CONFIGS[0]][s][seeds[0]]["image_to_text"])) for s in salts}}
+            "test_items": {s or "default": int(len(ranks[first][s][seeds[0]]["image_to_text"])) for s in salts}}
+
+
+def summarise_scaling(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
+    """One summary per training-pair count, each with a 95% interval of every configuration's
+    mean R@K (for the bands of the scaling plot)."""
+    rng = np.random.default_rng(seed)
+    salts, seeds = list(cfg.salts), list(cfg.seeds)
+    sizes = []
+    for n in sorted({key[0] for key in ranks}, key=lambda v: float("inf") if v is None else v):
+        sub = {key[1:]: v for key, v in ranks.items() if key[0] == n}
+        summary = summarise(sub, cfg, seed)
+        bands = {}
+        for key, per in sub.items():
+            for k in cfg.ks:
+                hits = {s: {r: list(_hits(per[s][r], k)) for r in seeds} for s in salts}
+                point, lo, hi = _bootstrap(hits, salts, seeds, cfg.n_boot, rng)
+                bands[f"{key[0]}/{key[1]} R@{k}"] = [100 * point, 100 * lo, 100 * hi]
+        sizes.append({"pairs": "all" if n is None else n, **summary, "bands": bands})
+    return {"sizes": sizes, "dataset": cfg.dataset}
 
 
 def to_markdown(summary: dict) -> str:
@@ -134,10 +175,44 @@ def to_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaling_markdown(scaling: dict) -> str:
+    parts = []
+    for size in scaling["sizes"]:
+        parts.append(f"### {size['pairs']} training pairs\n\n" + to_markdown(size))
+        gains = [c for c in size["comparisons"] if c["comparison"].startswith("STRUCTURE")]
+        parts.append("".join(f"Relative gain of STRUCTURE ({c['metric']}): {c['relative_gain_percent']:+.0f}%\n"
+                             for c in gains))
+    return "\n".join(parts)
+
+
+def scaling_plot(scaling: dict, path: Path, k: int = 1) -> Path:
+    from featcache.pipeline.app.plots import metric_lines
+
+    series: dict[str, tuple[list, list, list]] = {}
+    n_max = max(s["pairs"] for s in scaling["sizes"] if s["pairs"] != "all") * 2 if any(
+        s["pairs"] != "all" for s in scaling["sizes"]) else 1
+    for size in scaling["sizes"]:
+        x = n_max if size["pairs"] == "all" else size["pairs"]
+        for label, (point, lo, hi) in size["bands"].items():
+            if label.endswith(f"R@{k}"):
+                xs, ms, ss = series.setdefault(label.removesuffix(f" R@{k}"), ([], [], []))
+                xs.append(x)
+                ms.append(point)
+                ss.append((hi - lo) / 2)
+    return metric_lines(series, path, "training pairs (log; rightmost: all)", f"mean R@{k} (%), 95% interval",
+                        f"{scaling['dataset']}: R@{k} against training pairs")
+
+
 def run_study(cfg: StudyConfig, progress_factory=None) -> dict:
     ranks = collect(cfg, progress_factory)
-    summary = summarise(ranks, cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.pairs:
+        summary = summarise_scaling(ranks, cfg)
+        write_json(cfg.out / "scaling.json", summary)
+        (cfg.out / "scaling.md").write_text(scaling_markdown(summary))
+        scaling_plot(summary, cfg.out / "scaling.png")
+        return summary
+    summary = summarise({key[1:]: v for key, v in ranks.items()}, cfg)
     write_json(cfg.out / "study.json", summary)
     (cfg.out / "study.md").write_text(to_markdown(summary))
     return summary
