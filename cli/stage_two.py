@@ -175,6 +175,8 @@ def sweep(
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
     method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
+    shard: Optional[str] = typer.Option(None, help="I/N: train every N-th cell from the I-th [default: from torchrun "
+                                                   "or a Slurm array]; report over the shared runs dir combines them."),
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -196,7 +198,7 @@ def sweep(
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
-                         parse_list(pairs, int) if pairs else None, progress, grid)
+                         parse_list(pairs, int) if pairs else None, progress, grid, shard)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
     if runs:
         from featcache.pipeline.runs import read_json

@@ -27,6 +27,7 @@ from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
 from featcache.pipeline.runs import RunWriter
+from featcache.pipeline.workers import grid_worker
 from featcache.pipeline.training_free import METHODS, FreeConfig
 from featcache.pipeline.training_free import fit as fit_free
 
@@ -419,12 +420,15 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Pa
 
 
 def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[int],
-          pairs: list[int | None] | None = None, progress=None, grid: dict[str, list] | None = None) -> list[Path]:
+          pairs: list[int | None] | None = None, progress=None, grid: dict[str, list] | None = None,
+          shard: str | None = None) -> list[Path]:
     """Train one run per grid cell; the cache is read once and shared by every cell.
 
     ``grid`` varies any other AlignConfig fields as well (``{"centering": ["none", "mean"]}``),
-    so an ablation table is one call.
+    so an ablation table is one call. ``shard`` "I/N" (or torchrun / a Slurm array, detected)
+    trains only cells c with c mod N == I, in the grid's fixed order, into the shared runs dir.
     """
+    worker = grid_worker(shard)
     grid = dict(grid or {})
     unknown = [k for k in grid if k not in AlignConfig.__dataclass_fields__]
     if unknown:
@@ -443,7 +447,7 @@ def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[i
                     for seed in seeds:
                         cfg = _effective(replace(base, layers=layer, loss=loss, seed=seed, pairs=n, **cell), seeds)
                         configs.setdefault(repr(cfg), cfg)
-    return [train(cfg, data, progress) for cfg in configs.values()]
+    return [train(cfg, data, progress) for cfg in worker.share(list(configs.values()))]
 
 
 # What selects the cached features themselves: fixed for a whole sweep.

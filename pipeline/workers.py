@@ -32,6 +32,10 @@ class Worker:
     def own(self, chunks: list[int]) -> list[int]:
         return [b for b in chunks if b % self.count == self.index]
 
+    def share(self, items: list) -> list:
+        """Every N-th item from the I-th: this worker's cells of a sweep grid in its fixed order."""
+        return items[self.index::self.count]
+
     def steal_order(self, chunks: list[int]) -> list[int]:
         """Other workers' chunks, from the far end, for when this worker's own are done."""
         return [b for b in reversed(chunks) if b % self.count != self.index]
@@ -55,6 +59,21 @@ def from_environment() -> Worker:
     if world <= 1:
         return Worker()
     return Worker(int(os.environ["RANK"]), world, True, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def grid_worker(spec: str | None) -> Worker:
+    """Which share of a sweep's cells this process trains: ``--shard I/N``, else torchrun's
+    RANK/WORLD_SIZE, else a Slurm array's SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else all."""
+    if spec:
+        return parse_shard(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return Worker(int(os.environ["RANK"]), world)
+    count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    if count > 1:  # task ids may start at any offset: index from the minimum
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return Worker(int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, count)
+    return Worker()
 
 
 def init_distributed(worker: Worker, device_type: str) -> None:

@@ -211,3 +211,25 @@ def test_sweeps_never_record_what_they_did_not_read_and_reports_keep_ablations_a
     assert sum(c["method"] == "csa" for c in configs) == 2  # one csa run per centering, not per loss or seed
     rep = build_report(run_rows(tmp_path / "runs"))
     assert "centering" in rep.group_by and all(g["n"] <= 2 for g in rep.groups)
+
+
+def test_sweep_shards_split_the_grid_and_combine_to_the_whole(tiny_cache, tmp_path, monkeypatch):
+    argv = lambda runs: ["sweep", "--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"],
+                         "--dataset", str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]),
+                         "--runs-dir", str(runs), "--layers", "last;auto", "--loss", "clip", "--seeds", "0,1,2",
+                         "--epochs", "2", "--batch-size", "16"]
+    assert runner.invoke(app, argv(tmp_path / "one")).exit_code == 0
+    assert runner.invoke(app, [*argv(tmp_path / "shared"), "--shard", "0/2"]).exit_code == 0
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")  # the second share found from a Slurm array
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert runner.invoke(app, argv(tmp_path / "shared")).exit_code == 0
+
+    def cells(runs_dir):
+        out = {}
+        for run in list_runs(runs_dir):
+            c = read_json(run / "config.json")
+            out[(c["layers"], c["seed"])] = (run / "metrics.jsonl").read_text()
+        return out
+
+    one, shared = cells(tmp_path / "one"), cells(tmp_path / "shared")
+    assert len(one) == 6 and one == shared  # the same cells, the same metrics
