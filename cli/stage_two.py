@@ -43,6 +43,7 @@ FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
+Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard (metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 
@@ -120,6 +121,7 @@ def align(
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
     method: str = Method,
+    log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -136,7 +138,7 @@ def align(
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
                         gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
-                        select_k_rule=k_rule, method=method)
+                        select_k_rule=k_rule, method=method, log=log)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -177,6 +179,7 @@ def sweep(
     method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
     shard: Optional[str] = typer.Option(None, help="I/N: train every N-th cell from the I-th [default: from torchrun "
                                                    "or a Slurm array]; report over the shared runs dir combines them."),
+    log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
@@ -190,7 +193,7 @@ def sweep(
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
-                        select_metric=select_metric, select_k_rule=k_rule)
+                        select_metric=select_metric, select_k_rule=k_rule, log=log)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),

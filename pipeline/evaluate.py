@@ -20,9 +20,10 @@ from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, subsample
 from featcache.pipeline.results import result_rows
+from featcache.pipeline.trackers import make_tracker
 from featcache.pipeline.training_free import procrustes
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
-from featcache.pipeline.runs import find_run, load_heads, write_json
+from featcache.pipeline.runs import find_run, load_heads, read_json, write_json
 
 POSITIVE_RULES = ("image", "caption")
 
@@ -121,6 +122,9 @@ def _write_result(run_dir: Path, result: dict) -> Path:
     """One JSON per (run, task, data set, split, positive rule), with its typed rows."""
     key = (result["run_id"], result["task"], dataset_key(result["dataset"]), result["split"], result["positive_rule"])
     rows = result_rows(*key, result["metrics"])
+    tracker = make_tracker(read_json(run_dir / "config.json").get("log", "none"), run_dir)
+    tracker.log(0, {f"eval/{r.column.label}": r.value for r in rows})  # the final recalls beside the curves
+    tracker.close()
     if "baseline" in result:
         rows += result_rows(*key, result["baseline"]["metrics"], model=result["baseline"]["method"])
     result["rows"] = [r.to_dict() for r in rows]

@@ -22,7 +22,7 @@ def new_run_id(config: dict) -> str:
 
 
 class RunWriter:
-    def __init__(self, runs_dir: Path, config: dict):
+    def __init__(self, runs_dir: Path, config: dict, tracker: str = "none"):
         self.runs_dir = Path(runs_dir)
         self.run_id = new_run_id(config)
         self.final = self.runs_dir / self.run_id
@@ -35,14 +35,22 @@ class RunWriter:
         self.tmp.mkdir(parents=True)
         write_json(self.tmp / "config.json", config)
         self._metrics = open(self.tmp / "metrics.jsonl", "w")
+        from featcache.pipeline.trackers import make_tracker
+
+        self.tracker = make_tracker(tracker, self.tmp)  # inside the run dir, renamed with it
 
     def log(self, record: dict) -> None:
+        """One metrics.jsonl line (the record of truth), mirrored to the run's tracker."""
+        from featcache.pipeline.trackers import scalars
+
         self._metrics.write(json.dumps(record) + "\n")
+        self.tracker.log(int(record.get("epoch", 0)), scalars(record))
 
     def finish(self, summary: dict, tensors: dict, extra_files: dict[str, dict] | None = None) -> Path:
         from safetensors.torch import save_file
 
         self._metrics.close()
+        self.tracker.close()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.tmp / "heads.safetensors"))
         for name, data in (extra_files or {}).items():
             write_json(self.tmp / name, data)
@@ -52,6 +60,7 @@ class RunWriter:
 
     def abort(self) -> None:
         self._metrics.close()
+        self.tracker.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

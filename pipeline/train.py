@@ -27,6 +27,7 @@ from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
 from featcache.pipeline.runs import RunWriter
+from featcache.pipeline.trackers import TRACKERS
 from featcache.pipeline.workers import grid_worker
 from featcache.pipeline.training_free import METHODS, FreeConfig
 from featcache.pipeline.training_free import fit as fit_free
@@ -91,6 +92,7 @@ class AlignConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
+    log: str = "none"  # experiment tracker: none | tensorboard (metrics.jsonl is always written)
     device: str = "cpu"
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -103,6 +105,8 @@ class AlignConfig:
         return d
 
     def validate(self) -> None:
+        if self.log not in TRACKERS:
+            raise FeatcacheError(f"unknown tracker {self.log!r}", f"choose one of: {', '.join(TRACKERS)}")
         if self.method != "heads" and self.method not in METHODS:
             raise FeatcacheError(f"unknown method {self.method!r}", f"choose heads or one of: {', '.join(METHODS)}")
         if self.loss not in LOSSES:
@@ -409,7 +413,7 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Pa
     directory (none is left on failure)."""
     cfg.validate()
     run = build_run(cfg, data or load_cached(cfg))
-    writer = RunWriter(cfg.runs_dir, run.config)
+    writer = RunWriter(cfg.runs_dir, run.config, cfg.log)
     try:
         summary = fit(run, writer, progress) if cfg.method == "heads" else fit_training_free(run, writer)
     except BaseException:

@@ -233,3 +233,25 @@ def test_sweep_shards_split_the_grid_and_combine_to_the_whole(tiny_cache, tmp_pa
 
     one, shared = cells(tmp_path / "one"), cells(tmp_path / "shared")
     assert len(one) == 6 and one == shared  # the same cells, the same metrics
+
+
+def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["align", *common, "--epochs", "4", "--patience", "10", "--batch-size", "16",
+                              "--log", "tensorboard"])
+    assert out.exit_code == 0, out.output
+    run = find_run(tmp_path / "runs")
+    assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--no-baseline"]).exit_code == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/clip", "train/structure", "val/clip", "val/total", "lambda", "lr"} <= tags
+    assert [e.step for e in events.Scalars("val/clip")] == [0, 1, 2, 3]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("val/clip")] == pytest.approx([l["val_clip"] for l in lines])
+    assert any(t.startswith("eval/retrieval/") and t.endswith("R@1") for t in tags)
+    out = runner.invoke(app, ["align", *common, "--epochs", "1", "--log", "mlflow"])
+    assert out.exit_code == 2 and "unknown tracker" in out.output
