@@ -14,7 +14,8 @@ from rich.console import Console
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help texts say "[default: ...]" and "[env ...]" literally, not as markup.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cache every layer of frozen encoders once; align and evaluate on the cache.")
 
 
@@ -39,7 +40,7 @@ def _setup() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate an aligned run on cached features.")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Evaluate an aligned run on cached features.")
 app.add_typer(eval_app, name="eval")
 # Wide tables even when piped to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 140)
