@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
-from featcache.cache.naming import safe_component, split_dir
+from featcache.cache.naming import safe_component, split_dir, split_label
 from featcache.cache.store import FeatureStore
 
 
@@ -63,8 +63,8 @@ def mismatches(store: FeatureStore, query: StoreQuery) -> list[str]:
     want_pooling = query.pooling or defaults.get("pooling")
     want_size = {None: defaults.get("image_size"), -1: defaults.get("pretrained_image_size")}.get(
         query.image_size, query.image_size)
-    label = data["split"] if not data.get("limit") else f"{data['split']}-sample{data['limit']}"
-    checks = [("dataset.name", data["name"], query.dataset), ("dataset.split", label, query.split),
+    checks = [("dataset.name", data["name"], query.dataset),
+              ("dataset.split", split_label(data["split"], data.get("limit")), query.split),
               ("encoder.pooling", enc["pooling"], want_pooling)]
     if enc.get("modality") == "image":
         checks.append(("encoder.preprocessing.image_size", _image_size(store), want_size))

@@ -23,6 +23,7 @@ a :class:`CorruptChunk` naming the store, layer and chunk, never a silent NaN or
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import numpy as np
@@ -42,6 +43,11 @@ _ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 # "marked done but no object" always means a lost chunk. This is a runtime setting, not
 # stored metadata, so every write goes through it.
 _WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+
+
+def _checksum_failed(err: ValueError) -> bool:
+    """zarr's crc32c codec raises a plain ValueError; this tells it from other value errors."""
+    return "checksum" in str(err)
 
 
 class CorruptChunk(FeatcacheError):
@@ -71,14 +77,22 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def extract_command(attrs: dict, layers: str | None = None, overwrite: bool = False) -> str:
+    """The extract command that built a store, from what it records of itself (a format-1 store
+    records no command: it is pieced together from the identity), asking for ``layers``."""
+    command = attrs.get("command")
+    if not command:
+        ident = attrs.get("identity", {})
+        enc, data = ident.get("encoder", {}), ident.get("dataset", {})
+        command = (f"featcache extract --model {enc.get('name', 'MODEL')} --dataset {data.get('name', 'DATASET')} "
+                   f"--split {data.get('split', 'SPLIT')} --layers all")
+    if layers:
+        command = re.sub(r"--layers \S+", f"--layers {layers}", command)
+    return command + (" --overwrite" if overwrite else "")
+
+
 def rebuild_command(attrs: dict) -> str:
-    """The extract command that rebuilds a store, from what it records of itself."""
-    if attrs.get("command"):
-        return f"{attrs['command']} --overwrite"
-    ident = attrs.get("identity", {})
-    enc, data = ident.get("encoder", {}), ident.get("dataset", {})
-    return (f"featcache extract --model {enc.get('name', 'MODEL')} --dataset {data.get('name', 'DATASET')} "
-            f"--split {data.get('split', 'SPLIT')} --layers all --overwrite")
+    return extract_command(attrs, overwrite=True)
 
 
 def _open_group(path: Location) -> zarr.Group:
@@ -236,13 +250,13 @@ class FeatureStore:
         try:
             return np.asarray(array[selection])
         except ValueError as err:
-            if "checksum" not in str(err):
+            if not _checksum_failed(err):
                 raise
             raise FeatcacheError(f"{self.path}: the array {name!r} fails its checksum",
                                  f"run: featcache verify {self.path}; if the damage is outside the layer "
                                  f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
 
-    def _whole(self, name: str) -> np.ndarray:
+    def whole(self, name: str) -> np.ndarray:
         """A shared array (ids, groups, texts, missing), every one of its chunks present.
 
         These are written in full when the store is created, so an absent chunk is a lost one:
@@ -257,7 +271,7 @@ class FeatureStore:
         return self._decoded(name)
 
     def _text(self, name: str) -> list[str]:
-        return [str(s) for s in self._whole(name)] if self.rows else []
+        return [str(s) for s in self.whole(name)] if self.rows else []
 
     @property
     def ids(self) -> list[str]:
@@ -279,7 +293,7 @@ class FeatureStore:
 
     @property
     def missing(self) -> np.ndarray:
-        return self._whole("missing").astype(bool)
+        return self.whole("missing").astype(bool)
 
     # -- writing ---------------------------------------------------------------------------
     def ensure_layers(self, names: list[str]) -> None:
@@ -352,7 +366,7 @@ class FeatureStore:
         try:
             return np.asarray(self.array(array)[self.chunk_slice(chunk)], dtype=dtype)
         except ValueError as err:
-            if "checksum" not in str(err):
+            if not _checksum_failed(err):
                 raise
             raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, "fails its checksum") from None
 
@@ -381,7 +395,7 @@ class FeatureStore:
         try:
             return np.asarray(self.array(array)[:], dtype=dtype)
         except ValueError as err:
-            if "checksum" not in str(err):
+            if not _checksum_failed(err):
                 raise
         for chunk in range(self.n_chunks):  # find the bad chunk, to name it
             self.read_chunk(array, chunk)

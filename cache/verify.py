@@ -48,7 +48,7 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
         if name == "texts" and store.texts_absent:
             continue
         try:  # the shared row arrays; a bad chunk of ``missing`` is repairable and found per chunk below
-            store.array("missing") if name == "missing" else store._whole(name)
+            store.array("missing") if name == "missing" else store.whole(name)
         except FeatcacheError as err:
             bad.append(BadChunk(path, name, None, f"{err.message.split(': ', 1)[-1]} (not repairable: "
                                                   "rebuild the store)"))

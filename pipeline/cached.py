@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import encoder_key
-from featcache.cache.store import FeatureStore
+from featcache.cache.store import FeatureStore, extract_command
 from featcache.pipeline.catalog import canonical_name, is_combined
 from featcache.pipeline.datasets import hash_unit
 
@@ -104,8 +103,7 @@ def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> Feature
 def extract_hint(store, layers: str = "all") -> str:
     """The extract command(s) that built ``store``, asking for ``layers``."""
     parts = store.parts if isinstance(store, ConcatStore) else [store]
-    cmds = [re.sub(r"--layers \S+", f"--layers {layers}", p.attrs.get("command", "featcache extract")) for p in parts]
-    return "run: " + " && ".join(cmds)
+    return "run: " + " && ".join(extract_command(p.attrs, layers) for p in parts)
 
 
 def dataset_key(spec: str) -> str:
@@ -172,6 +170,15 @@ def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Sid
                              "is this a pair data set? classification sets are evaluated with featcache eval classify")
     img_rows, txt_rows = (np.asarray(x, dtype=np.int64) for x in zip(*pairs))
     return PairedFeatures(images, texts, img_rows, txt_rows)
+
+
+def require_finite(x: np.ndarray, store, layer: str) -> np.ndarray:
+    """``x`` (features of ``layer`` read from ``store``, missing rows left out), refused if any
+    value is NaN or infinite: a damaged store never trains or scores in silence."""
+    if not np.isfinite(x).all():
+        raise FeatcacheError(f"layer {layer} of {store.path} holds non-finite values in rows not marked missing",
+                             f"run: featcache verify {store.path}")
+    return x
 
 
 def subsample(n: int, size: int | None, seed: int) -> np.ndarray:

@@ -18,12 +18,12 @@ from featcache.cache.lookup import check_same_encoder
 from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, subsample
+from featcache.pipeline.cached import Side, dataset_key, open_pairs, open_store, require_finite, subsample
 from featcache.pipeline.results import result_rows
 from featcache.pipeline.trackers import make_tracker
 from featcache.pipeline.training_free import procrustes
 from featcache.pipeline.metrics import class_embeddings, normalise, retrieval_ranks, zero_shot
-from featcache.pipeline.runs import find_run, load_heads, read_json, write_json
+from featcache.pipeline.runs import find_run, load_heads, write_json
 
 POSITIVE_RULES = ("image", "caption")
 
@@ -94,13 +94,6 @@ def training_pairs(run_cfg: dict, cache_dir: Path):
     return train.subset(subsample(len(train), run_cfg.get("pairs"), run_cfg["seed"]))
 
 
-def _finite(x: np.ndarray, store, layer: str) -> np.ndarray:
-    if not np.isfinite(x).all():
-        raise FeatcacheError(f"layer {layer} of {store.path} holds non-finite values in rows not marked missing",
-                             f"run: featcache verify {store.path}")
-    return x
-
-
 def fit_reference(run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
     """An untrained reference map from image to text features, fit on the run's training pairs.
 
@@ -118,11 +111,11 @@ def _identity(store: FeatureStore) -> dict:
             "dataset_sha256": ident["dataset"]["sha256"], "rows": store.rows}
 
 
-def _write_result(run_dir: Path, result: dict) -> Path:
+def _write_result(run_dir: Path, run_cfg: dict, result: dict) -> Path:
     """One JSON per (run, task, data set, split, positive rule), with its typed rows."""
     key = (result["run_id"], result["task"], dataset_key(result["dataset"]), result["split"], result["positive_rule"])
     rows = result_rows(*key, result["metrics"])
-    tracker = make_tracker(read_json(run_dir / "config.json").get("log", "none"), run_dir)
+    tracker = make_tracker(run_cfg.get("log", "none"), run_dir)
     tracker.log(0, {f"eval/{r.column.label}": r.value for r in rows})  # the final recalls beside the curves
     tracker.close()
     if "baseline" in result:
@@ -177,8 +170,8 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     texts = open_store(cfg.cache_dir, dataset, cfg.split, text)
     check_run_stores(run_cfg, images, texts, f"{dataset}/{cfg.split}")
     image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
-    xi = _finite(images.read(run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
-    xt = _finite(texts.read(run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
+    xi = require_finite(images.read(run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
+    xt = require_finite(texts.read(run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
 
     ranks = {}
 
@@ -203,7 +196,7 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     if cfg.baseline:
         w, method = fit_reference(run_cfg, cfg.cache_dir)
         result["baseline"] = {"method": method, "metrics": score(normalise(normalise(xi) @ w), normalise(xt))}
-    result["path"] = str(_write_result(run_dir, result))
+    result["path"] = str(_write_result(run_dir, run_cfg, result))
     return result
 
 
@@ -232,8 +225,8 @@ def eval_classify(cfg: ClassifyConfig) -> dict:
     keep = ~images.missing
     labels = np.asarray([index[g] for g in images.groups])[keep]
     prompt_class = np.asarray([index[g] for g in prompts.groups])
-    xi = _finite(images.read(layers[0])[keep], images, layers[0])
-    xt = _finite(prompts.read(layers[1])[~prompts.missing], prompts, layers[1])
+    xi = require_finite(images.read(layers[0])[keep], images, layers[0])
+    xt = require_finite(prompts.read(layers[1])[~prompts.missing], prompts, layers[1])
     prompt_class = prompt_class[~prompts.missing]
     result = {
         "task": "classify", "dataset": dataset, "split": split_label(cfg.split, cfg.limit), "classes": len(classes),
@@ -248,5 +241,5 @@ def eval_classify(cfg: ClassifyConfig) -> dict:
         w, method = fit_reference(run_cfg, cfg.cache_dir)
         ref = zero_shot(normalise(normalise(xi) @ w), labels, class_embeddings(normalise(xt), prompt_class, len(classes)))
         result["baseline"] = {"method": method, "metrics": ref}
-    result["path"] = str(_write_result(run_dir, result))
+    result["path"] = str(_write_result(run_dir, run_cfg, result))
     return result

@@ -20,7 +20,8 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.device import pick_device
-from featcache.pipeline.cached import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, subsample
+from featcache.pipeline.cached import (PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, require_finite,
+                                       subsample)
 from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, score_table
@@ -282,25 +283,22 @@ class RunSetup:
     config: dict  # what config.json records
     table: ScoreTable | None
     tensors: tuple  # train image, train text, val image, val text (on the device)
-    model: AlignmentModel
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
+    model: AlignmentModel | FixedModel | None  # None until a training-free method is fitted
+    opt: torch.optim.Optimizer | None
+    sched: torch.optim.lr_scheduler.LRScheduler | None
     rows: int
     batch: int
     steps_per_epoch: int
 
 
-def _checked_tensors(cfg: AlignConfig, data: CachedData, layers: tuple[str, str], rows: np.ndarray, device):
+def _checked_tensors(data: CachedData, layers: tuple[str, str], rows: np.ndarray, device):
     """The four feature matrices of a run, refused if any value is not finite."""
     out = []
     for split, modality, layer, pick in (("train", "image", layers[0], rows), ("train", "text", layers[1], rows),
                                          ("val", "image", layers[0], None), ("val", "text", layers[1], None)):
         x = data.features(split, modality, layer)
-        x = x if pick is None else x[pick]
-        if not np.isfinite(x).all():
-            store = getattr(data.train if split == "train" else data.val, f"{modality}s")
-            raise FeatcacheError(f"the {modality} features of layer {layer} in {store.path} hold non-finite values",
-                                 f"run: featcache verify {store.path}")
+        store = getattr(data.train if split == "train" else data.val, f"{modality}s")
+        x = require_finite(x if pick is None else x[pick], store, layer)
         out.append(torch.from_numpy(np.ascontiguousarray(x)).to(device))
     return tuple(out)
 
@@ -314,17 +312,19 @@ def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
                              "training needs at least 2 of each", "use a larger data set or a larger --pairs")
     image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
     torch.manual_seed(cfg.seed)
-    tensors = _checked_tensors(cfg, data, (image_layer, text_layer), rows, device)
-    model = AlignmentModel(cfg.head, tensors[0].shape[1], tensors[1].shape[1], cfg.d_out, cfg.temperature,
-                           cfg.learn_temperature).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay)
+    tensors = _checked_tensors(data, (image_layer, text_layer), rows, device)
     batch = min(cfg.batch_size, len(rows))
     steps_per_epoch = max(1, len(rows) // batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    # Cosine decay once over the whole budget; the configured lr is the peak, never overridden.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    model = opt = sched = None  # a training-free method fits its own maps (fit_training_free)
+    if cfg.method == "heads":
+        model = AlignmentModel(cfg.head, tensors[0].shape[1], tensors[1].shape[1], cfg.d_out, cfg.temperature,
+                               cfg.learn_temperature).to(device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                                weight_decay=cfg.weight_decay)
+        total_steps = steps_per_epoch * cfg.epochs
+        # Cosine decay once over the whole budget; the configured lr is the peak, never overridden.
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     config = cfg.to_dict() | {
         "image_layer": image_layer, "text_layer": text_layer, "train_pairs": int(len(rows)),
         "val_pairs": int(len(tensors[2])), "validation": data.validation,

@@ -189,10 +189,10 @@ def scaling_plot(scaling: dict, path: Path, k: int = 1) -> Path:
     from featcache.pipeline.app.plots import metric_lines
 
     series: dict[str, tuple[list, list, list]] = {}
-    n_max = max(s["pairs"] for s in scaling["sizes"] if s["pairs"] != "all") * 2 if any(
-        s["pairs"] != "all" for s in scaling["sizes"]) else 1
+    counts = [s["pairs"] for s in scaling["sizes"] if s["pairs"] != "all"]
+    x_all = 2 * max(counts) if counts else 1  # "all" has no single count across splits: drawn rightmost
     for size in scaling["sizes"]:
-        x = n_max if size["pairs"] == "all" else size["pairs"]
+        x = x_all if size["pairs"] == "all" else size["pairs"]
         for label, (point, lo, hi) in size["bands"].items():
             if label.endswith(f"R@{k}"):
                 xs, ms, ss = series.setdefault(label.removesuffix(f" R@{k}"), ([], [], []))
