@@ -7,6 +7,7 @@ The registry is filled explicitly from ``builtin_data.ENTRIES``; users add their
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
@@ -44,17 +45,24 @@ def _content_digest(path: Path) -> str:
     data sets with the same name apart when stage two reads, without decoding anything (a folder
     costs one stat per file).
     """
-    h = hashlib.sha256(str(path.resolve()).encode() + b"\0")
     try:
         if path.is_dir():
+            h = hashlib.sha256(str(path.resolve()).encode() + b"\0")
             for f in sorted(path.rglob("*")):
                 if f.is_file():
                     h.update(f"{f.relative_to(path)}\0{f.stat().st_size}\0".encode())
-        else:
-            h.update(path.read_bytes())
+            return h.hexdigest()[:8]
+        st = path.stat()  # a file is hashed once per (path, mtime, size): stage two asks several times
+        return _file_digest(str(path.resolve()), st.st_mtime_ns, st.st_size)
     except OSError as err:
         raise FeatcacheError(f"cannot read the data set {path}: {err.strerror} ({err.filename})",
                              "point --dataset at a readable file or folder of your data") from None
+
+
+@lru_cache(maxsize=64)
+def _file_digest(resolved: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256(resolved.encode() + b"\0")
+    h.update(Path(resolved).read_bytes())
     return h.hexdigest()[:8]
 
 

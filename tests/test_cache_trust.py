@@ -400,3 +400,17 @@ def test_more_option_and_name_checks(tiny_vit, tiny_bert, tmp_path):
 
 def extract_raw(model, dataset, cache, *extra):
     return invoke("extract", "--model", f"hf:{model}", "--dataset", dataset, "--cache-dir", cache, *extra)
+
+
+def test_a_user_data_set_name_follows_its_content(tmp_path):
+    import os
+
+    from featcache.pipeline.catalog import canonical_name
+
+    path = make_pairs(tmp_path / "d", n=6)
+    first = canonical_name(str(path))
+    assert canonical_name(str(path)) == first and first.startswith("pairs.")
+    path.write_text(path.read_text().replace("circle", "CIRCLE"))  # same size, new content
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a distinct mtime even on coarse clocks
+    assert canonical_name(str(path)) != first
