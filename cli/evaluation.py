@@ -194,20 +194,29 @@ def study(
     n_boot: int = typer.Option(2000, min=100),
     dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
     pairs: Optional[str] = typer.Option(None, help="A scaling study: training-pair counts, e.g. 50,100,250,500,all."),
-    layers: str = typer.Option("last,auto", help="Layer choices compared: last, auto or both."),
+    layers: Optional[str] = typer.Option(None, help="Layer choices compared: last, auto or both [default: last,auto]."),
+    variants: Optional[str] = typer.Option(
+        None, help="Instead of --layers, named rows to compare: methods (trained heads, CSA, CSA + R_S, ASIF, "
+                   "Procrustes), switches (one row per R_S switch) or recipe; comma-separated."),
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
-    from featcache.pipeline.app.study import StudyConfig, run_study, scaling_markdown, to_markdown
+    from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
 
     sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
-    chosen = parse_list(layers)
-    if not chosen or any(v not in ("last", "auto") for v in chosen):
-        raise FeatcacheError(f"bad --layers {layers!r}", "use last, auto or last,auto")
+    if variants is not None and layers is not None:
+        raise FeatcacheError("--layers and --variants both given", "use one: --variants sets the layers of each row")
+    if variants is not None:
+        rows = variant_set(parse_list(variants))
+    else:
+        chosen = parse_list(layers or "last,auto")
+        if not chosen or any(v not in ("last", "auto") for v in chosen):
+            raise FeatcacheError(f"bad --layers {layers!r}", "use last, auto or last,auto")
+        rows = tuple(recipe(lay, loss) for lay in chosen for loss in ("clip", "clip+structure"))
     cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")),
                       seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
                       checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
-                      pairs=sizes, configs=tuple((lay, loss) for lay in chosen for loss in ("clip", "clip+structure")))
+                      pairs=sizes, configs=rows)
     summary = run_study(cfg, progress_bar)
     console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
 

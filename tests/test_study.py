@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from featcache.pipeline.app.study import CONFIGS, StudyConfig, summarise, to_markdown
+from featcache.pipeline.app.study import CONFIGS, StudyConfig, recipe, summarise, to_markdown
 
 
 def _ranks(p_hit: float, rng, n=40):
@@ -13,8 +13,8 @@ def _ranks(p_hit: float, rng, n=40):
 def test_paired_bootstrap_intervals():
     rng = np.random.default_rng(0)
     cfg = StudyConfig(salts=("", "1", "2"), seeds=(0, 1, 2), ks=(1,), n_boot=300)
-    p = {("last", "clip"): 0.2, ("last", "clip+structure"): 0.2, ("auto", "clip"): 0.6, ("auto", "clip+structure"): 0.6}
-    ranks = {key: {s: {r: _ranks(p[key], rng) for r in cfg.seeds} for s in cfg.salts} for key in CONFIGS}
+    p = {"last/clip": 0.2, "last/clip+structure": 0.2, "auto/clip": 0.6, "auto/clip+structure": 0.6}
+    ranks = {v.name: {s: {r: _ranks(p[v.name], rng) for r in cfg.seeds} for s in cfg.salts} for v in CONFIGS}
     summary = summarise(ranks, cfg)
     by = {c["comparison"]: c for c in summary["comparisons"]}
     structure = by["STRUCTURE vs without (auto layers)"]
@@ -23,7 +23,7 @@ def test_paired_bootstrap_intervals():
     assert layers["difference_points"] == pytest.approx(40, abs=8) and layers["ci95"][0] > 20
     row = next(r for r in summary["table"] if r["layers"] == "auto" and r["loss"] == "clip")
     assert row["i2t R@1"][0] == pytest.approx(60, abs=8) and row["i2t R@1"][1] > 0
-    assert "| auto | clip |" in to_markdown(summary)
+    assert "| auto/clip |" in to_markdown(summary)
 
 
 def test_subsets_are_nested_across_sizes():
@@ -40,9 +40,9 @@ def test_scaling_summary_gain_shrinks_and_intervals_cover_the_truth():
 
     rng = np.random.default_rng(1)
     cfg = StudyConfig(salts=("", "1"), seeds=(0, 1), ks=(1,), n_boot=300, pairs=(50, None),
-                      configs=(("auto", "clip"), ("auto", "clip+structure")))
-    p = {(50, "auto", "clip"): 0.2, (50, "auto", "clip+structure"): 0.5,
-         (None, "auto", "clip"): 0.6, (None, "auto", "clip+structure"): 0.6}
+                      configs=(recipe("auto", "clip"), recipe("auto", "clip+structure")))
+    p = {(50, "auto/clip"): 0.2, (50, "auto/clip+structure"): 0.5,
+         (None, "auto/clip"): 0.6, (None, "auto/clip+structure"): 0.6}
     ranks = {key: {s: {r: _ranks(p[key], rng, n=200) for r in cfg.seeds} for s in cfg.salts} for key in p}
     scaling = summarise_scaling(ranks, cfg)
     small, full = scaling["sizes"]
@@ -62,9 +62,46 @@ def test_scaling_study_end_to_end_on_a_tiny_cache(tmp_path):
     tiny = build_tiny_cache(tmp_path, n=72)
     cfg = StudyConfig(out=tmp_path / "study", dataset=str(tiny["pairs"]), salts=("",), seeds=(0, 1), ks=(1, 10),
                       epochs=3, patience=3, batch_size=16, n_boot=100, cache_dir=tiny["cache"], pairs=(10, 20, None),
-                      configs=(("auto", "clip"), ("auto", "clip+structure")), image_model=tiny["vit"],
+                      configs=(recipe("auto", "clip"), recipe("auto", "clip+structure")), image_model=tiny["vit"],
                       text_model=tiny["bert"])
     scaling = run_study(cfg)
     assert [s["pairs"] for s in scaling["sizes"]] == [10, 20, "all"]
     assert (tmp_path / "study" / "scaling.png").stat().st_size > 1000
     assert "Relative gain of STRUCTURE" in (tmp_path / "study" / "scaling.md").read_text()
+
+
+def test_ablation_rows_compare_against_the_full_recipe():
+    from featcache.pipeline.app.study import FULL, METHODS, SWITCHES, comparisons_for, variant_set
+
+    rows = variant_set(["methods", "switches"])
+    names = [v.name for v in rows]
+    assert len(names) == len(set(names)) == len(METHODS) + len(SWITCHES) - 1  # the full recipe once
+    pairs = comparisons_for(names)
+    assert {b for _, a, b in pairs if a == FULL} == set(names) - {FULL}
+    assert ("STRUCTURE vs without (auto layers)", FULL, "auto/clip") in pairs
+    with pytest.raises(Exception, match="unknown variant set"):
+        variant_set(["method"])
+
+
+def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path):
+    """Training-free rows stand for every seed; a switch row trains with its switch recorded."""
+    from conftest import build_tiny_cache
+    from featcache.pipeline.app.study import Variant, run_study
+    from featcache.pipeline.runs import list_runs, read_json
+
+    tiny = build_tiny_cache(tmp_path, n=72)
+    rows = (recipe("auto", "clip"), recipe("auto", "clip+structure"),
+            Variant.of("csa", layers="auto", loss="clip", method="csa"),
+            Variant.of("R_S centering=none", layers="auto", loss="clip+structure", centering="none"))
+    cfg = StudyConfig(out=tmp_path / "study", dataset=str(tiny["pairs"]), salts=("",), seeds=(0, 1), ks=(1,),
+                      epochs=3, patience=3, batch_size=16, n_boot=100, cache_dir=tiny["cache"], configs=rows,
+                      image_model=tiny["vit"], text_model=tiny["bert"])
+    summary = run_study(cfg)
+    assert [r["variant"] for r in summary["table"]] == [v.name for v in rows]
+    assert {c["b"] for c in summary["comparisons"]} == {"auto/clip", "csa", "R_S centering=none"}
+    configs = [read_json(r / "config.json") for r in list_runs(tmp_path / "study" / "runs" / "default")]
+    assert sum(c["method"] == "csa" for c in configs) == 1  # deterministic: fitted once, stands for both seeds
+    assert sum(c["centering"] == "none" for c in configs) == 2
+    csa = next(r for r in summary["table"] if r["variant"] == "csa")
+    assert csa["i2t R@1"][1] == 0.0  # the same run for both seeds
+    assert "| R_S centering=none |" in (tmp_path / "study" / "study.md").read_text()

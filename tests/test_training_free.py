@@ -28,6 +28,25 @@ def test_cca_matches_the_definition():
     assert u.T @ v / n == pytest.approx(np.diag(rho), abs=1e-8)
 
 
+def test_cca_matches_cca_zoo_up_to_sign():
+    """The authors' own CCA dependency gives the same correlations and projections (up to sign
+    and per-component scale, which each library normalises its own way)."""
+    linear = pytest.importorskip("cca_zoo.linear", reason="cca-zoo is in the test extra")
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(500, 3))
+    x = np.hstack([z, rng.normal(size=(500, 6))]) @ rng.normal(size=(9, 9))
+    y = np.hstack([z + 0.5 * rng.normal(size=(500, 3)), rng.normal(size=(500, 4))]) @ rng.normal(size=(7, 7))
+    mx, my, a, b, rho = cca(x, y, dims=5, ridge=0.0)
+    zoo = linear.CCA(n_components=5).fit([x, y])
+    zu, zv = zoo.transform([x, y])
+    zoo_rho = np.array([np.corrcoef(zu[:, i], zv[:, i])[0, 1] for i in range(5)])
+    assert rho == pytest.approx(zoo_rho, abs=1e-6)
+    unit = lambda m: (m - m.mean(0)) / m.std(0)
+    for ours, theirs in (((x - mx) @ a, zu), ((y - my) @ b, zv)):
+        sign = np.sign(np.sum(unit(ours) * unit(theirs), axis=0))
+        assert unit(ours) * sign == pytest.approx(unit(theirs), abs=1e-6)
+
+
 def test_asif_keeps_the_top_k_similarities_raised_to_p():
     anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     head = RelativeMap(anchors, torch.tensor(2), torch.tensor(3.0))

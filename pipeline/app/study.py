@@ -1,35 +1,93 @@
 """How much of a difference is real? Splits x seeds, with paired bootstrap intervals.
 
 With a few hundred test pairs a Recall@K moves several points between seeds and more between
-splits. The study redraws the Tux Paint hash split with several salts, trains the grid
-layers {last, auto} x loss {clip, clip+structure} x seeds on each, and reports:
+splits. The study redraws the Tux Paint hash split with several salts, trains every variant
+(by default the recipe grid layers {last, auto} x loss {clip, clip+structure}; the ablation sets
+add the training-free methods and the R_S switches) x seeds on each, and reports:
 
-- mean ± std over every (split, seed) cell per configuration;
-- paired differences between configurations with a 95% bootstrap interval that resamples
-  splits, seeds within a split, and test items within a split.
+- mean ± std over every (split, seed) cell per variant;
+- paired differences between variants with a 95% bootstrap interval that resamples splits,
+  seeds within a split, and test items within a split.
 
 Selection uses the validation split only (layers on train pairs, checkpoints on validation loss).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.runs import read_json, write_json
-from featcache.pipeline.train import AlignConfig, load_cached, sweep
+from featcache.pipeline.train import AlignConfig, sweep
 
-CONFIGS = [("last", "clip"), ("last", "clip+structure"), ("auto", "clip"), ("auto", "clip+structure")]
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a study: a name and the AlignConfig fields it sets (layers, loss, method, R_S
+    switches...). Everything it does not set comes from the study's base config."""
+
+    name: str
+    fields: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, name: str | None = None, **fields) -> "Variant":
+        return cls(name or f"{fields['layers']}/{fields['loss']}", tuple(sorted(fields.items())))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+def recipe(layers: str, loss: str) -> Variant:
+    return Variant.of(layers=layers, loss=loss)
+
+
+CONFIGS = tuple(recipe(layers, loss) for layers, loss in
+                [("last", "clip"), ("last", "clip+structure"), ("auto", "clip"), ("auto", "clip+structure")])
+FULL = "auto/clip+structure"  # the paper's recipe: the reference row of the ablations
 COMPARISONS = [
-    ("STRUCTURE vs without (auto layers)", ("auto", "clip+structure"), ("auto", "clip")),
-    ("selected vs last layers (clip+structure)", ("auto", "clip+structure"), ("last", "clip+structure")),
-    ("full recipe vs last-layer CLIP", ("auto", "clip+structure"), ("last", "clip")),
+    ("STRUCTURE vs without (auto layers)", FULL, "auto/clip"),
+    ("selected vs last layers (clip+structure)", FULL, "last/clip+structure"),
+    ("full recipe vs last-layer CLIP", FULL, "last/clip"),
 ]
+# The ablation rows: the methods of the paper's comparison (training-free ones at the selected
+# layers), and one row per R_S switch of the released code's ablation configs (method.md).
+METHODS = (recipe("last", "clip"), recipe("auto", "clip"), recipe("auto", "clip+structure"),
+           *(Variant.of(name, layers="auto", loss="clip", method=name)
+             for name in ("csa", "csa+structure", "asif", "procrustes")))
+SWITCHES = (recipe("auto", "clip+structure"),
+            *(Variant.of(f"R_S {name}", layers="auto", loss="clip+structure", **fields) for name, fields in [
+                ("centering=none", {"centering": "none"}), ("centering=standard", {"centering": "standard"}),
+                ("centre first", {"center_first": True}), ("similarity=rbf", {"similarity": "rbf"}),
+                ("similarity=spearman", {"similarity": "spearman"}), ("fixed structure", {"fixed_structure": True})]))
+VARIANT_SETS = {"recipe": CONFIGS, "methods": METHODS, "switches": SWITCHES}
+
+
+def variant_set(names: list[str]) -> tuple[Variant, ...]:
+    """The union of named variant sets, in order, each variant once."""
+    unknown = [n for n in names if n not in VARIANT_SETS]
+    if unknown or not names:
+        raise FeatcacheError(f"unknown variant set {', '.join(unknown) or '(none)'}",
+                             f"choose from: {', '.join(VARIANT_SETS)}")
+    chosen = {v.name: v for n in names for v in VARIANT_SETS[n]}
+    return tuple(chosen.values())
+
+
+def comparisons_for(names: list[str]) -> list[tuple[str, str, str]]:
+    """The recipe's three paired comparisons, and every other row against the full recipe."""
+    pairs = [c for c in COMPARISONS if c[1] in names and c[2] in names]
+    seen = {(a, b) for _, a, b in pairs}
+    for name in names:
+        if name != FULL and FULL in names and (FULL, name) not in seen:
+            pairs.append((f"full recipe vs {name}", FULL, name))
+    return pairs
 
 
 @dataclass
@@ -49,7 +107,7 @@ class StudyConfig:
     pairs: tuple[int | None, ...] = ()  # a scaling study over training-pair counts (None: all)
     image_model: str = "dinov2"
     text_model: str = "minilm"
-    configs: tuple[tuple[str, str], ...] = tuple(CONFIGS)  # (layers, loss) cells
+    configs: tuple[Variant, ...] = CONFIGS  # the rows compared
 
 
 def _spec(dataset: str, salt: str) -> str:
@@ -57,8 +115,9 @@ def _spec(dataset: str, salt: str) -> str:
 
 
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
-    """Train and evaluate every (pairs, layers, loss, split salt, seed); returns first-correct
-    ranks keyed ``ranks[(pairs, layers, loss)][salt][seed]``."""
+    """Train and evaluate every (pairs, variant, split salt, seed); returns first-correct ranks
+    keyed ``ranks[(pairs, variant name)][salt][seed]``. A deterministic training-free method is
+    fitted once per split and stands for every seed."""
     ranks: dict = {}
     for salt in cfg.salts:
         spec = _spec(cfg.dataset, salt)
@@ -71,18 +130,20 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
         runs_dir = cfg.out / "runs" / (salt or "default")
         base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
                            checkpoint_on=cfg.checkpoint_on, cache_dir=cfg.cache_dir, runs_dir=runs_dir)
-        layers = sorted({layer for layer, _ in cfg.configs}, key=["last", "auto"].index)
-        losses = sorted({loss for _, loss in cfg.configs})
-        runs = sweep(base, layers, losses, list(cfg.seeds), list(cfg.pairs) or None)
-        for run in runs:
-            c = read_json(run / "config.json")
-            if (c["layers"], c["loss"]) not in cfg.configs:
-                continue
-            res = eval_retrieval(RetrievalConfig(run=str(run), split="test", cache_dir=cfg.cache_dir,
-                                                 runs_dir=runs_dir, ks=tuple(sorted(set(cfg.ks) | {10}))))
-            key = (c["pairs"], c["layers"], c["loss"])
-            ranks.setdefault(key, {}).setdefault(salt, {})[c["seed"]] = {
-                d: np.asarray(v) for d, v in res["first_correct_rank"].items()}
+        for variant in cfg.configs:
+            fields = variant.settings
+            layers, loss = fields.pop("layers"), fields.pop("loss")
+            runs = sweep(replace(base, **fields), [layers], [loss], list(cfg.seeds), list(cfg.pairs) or None)
+            per_seed: dict = {}
+            for run in runs:
+                c = read_json(run / "config.json")
+                res = eval_retrieval(RetrievalConfig(run=str(run), split="test", cache_dir=cfg.cache_dir,
+                                                     runs_dir=runs_dir, ks=tuple(sorted(set(cfg.ks) | {10}))))
+                per_seed.setdefault(c["pairs"], {})[c["seed"]] = {
+                    d: np.asarray(v) for d, v in res["first_correct_rank"].items()}
+            for n, by_seed in per_seed.items():
+                only = next(iter(by_seed.values())) if len(by_seed) == 1 else None
+                ranks.setdefault((n, variant.name), {})[salt] = {r: by_seed.get(r, only) for r in cfg.seeds}
     return ranks
 
 
@@ -109,30 +170,29 @@ def _bootstrap(diffs: dict, salts: list, seeds: list, n_boot: int, rng) -> tuple
 
 
 def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
-    """Mean ± std per configuration and paired differences with bootstrap intervals; keys of
-    ``ranks`` are (layers, loss)."""
+    """Mean ± std per variant and paired differences with bootstrap intervals; keys of ``ranks``
+    are variant names."""
     rng = np.random.default_rng(seed)
     salts, seeds = list(cfg.salts), list(cfg.seeds)
+    names = [v.name for v in cfg.configs if v.name in ranks]
     table = []
-    for key in [k for k in CONFIGS if k in ranks]:
-        row = {"layers": key[0], "loss": key[1]}
+    for variant in [v for v in cfg.configs if v.name in ranks]:
+        row = {"variant": variant.name, **{k: v for k, v in variant.fields}}
         for k in cfg.ks:
             for d, name in ((0, "i2t"), (1, "t2i")):
-                vals = [100 * _hits(ranks[key][s][r], k)[d].mean() for s in salts for r in seeds]
+                vals = [100 * _hits(ranks[variant.name][s][r], k)[d].mean() for s in salts for r in seeds]
                 row[f"{name} R@{k}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
         table.append(row)
 
     comparisons = []
-    for label, a, b in COMPARISONS:
-        if a not in ranks or b not in ranks:
-            continue
+    for label, a, b in comparisons_for(names):
         for k in cfg.ks:
             # per (salt, seed): per-item paired differences, both directions
             diffs = {s: {r: [ha - hb for ha, hb in zip(_hits(ranks[a][s][r], k), _hits(ranks[b][s][r], k))]
                          for r in seeds} for s in salts}
             point, lo, hi = _bootstrap(diffs, salts, seeds, cfg.n_boot, rng)
             base = float(np.mean([np.mean(np.concatenate(_hits(ranks[b][s][r], k))) for s in salts for r in seeds]))
-            comparisons.append({"comparison": label, "a": list(a), "b": list(b), "metric": f"mean R@{k} (i2t, t2i)",
+            comparisons.append({"comparison": label, "a": a, "b": b, "metric": f"mean R@{k} (i2t, t2i)",
                                 "difference_points": 100 * point, "ci95": [100 * lo, 100 * hi],
                                 "relative_gain_percent": 100 * point / base if base else float("nan")})
     first = next(iter(ranks))
@@ -149,14 +209,14 @@ def summarise_scaling(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
     salts, seeds = list(cfg.salts), list(cfg.seeds)
     sizes = []
     for n in sorted({key[0] for key in ranks}, key=lambda v: float("inf") if v is None else v):
-        sub = {key[1:]: v for key, v in ranks.items() if key[0] == n}
+        sub = {key[1]: v for key, v in ranks.items() if key[0] == n}
         summary = summarise(sub, cfg, seed)
         bands = {}
         for key, per in sub.items():
             for k in cfg.ks:
                 hits = {s: {r: list(_hits(per[s][r], k)) for r in seeds} for s in salts}
                 point, lo, hi = _bootstrap(hits, salts, seeds, cfg.n_boot, rng)
-                bands[f"{key[0]}/{key[1]} R@{k}"] = [100 * point, 100 * lo, 100 * hi]
+                bands[f"{key} R@{k}"] = [100 * point, 100 * lo, 100 * hi]
         sizes.append({"pairs": "all" if n is None else n, **summary, "bands": bands})
     return {"sizes": sizes, "dataset": cfg.dataset}
 
@@ -164,9 +224,9 @@ def summarise_scaling(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
 def to_markdown(summary: dict) -> str:
     ks = sorted({int(c.split("@")[1]) for row in summary["table"] for c in row if "@" in c})
     cols = [f"{d} R@{k}" for k in ks for d in ("i2t", "t2i")]
-    lines = ["| layers | loss | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in summary["table"]:
-        lines.append(f"| {row['layers']} | {row['loss']} | "
+        lines.append(f"| {row['variant']} | "
                      + " | ".join(f"{row[c][0]:.1f} ± {row[c][1]:.1f}" for c in cols) + " |")
     lines += ["", "| comparison | metric | difference (points) | 95% bootstrap CI |", "|---|---|---|---|"]
     for c in summary["comparisons"]:
@@ -212,7 +272,7 @@ def run_study(cfg: StudyConfig, progress_factory=None) -> dict:
         (cfg.out / "scaling.md").write_text(scaling_markdown(summary))
         scaling_plot(summary, cfg.out / "scaling.png")
         return summary
-    summary = summarise({key[1:]: v for key, v in ranks.items()}, cfg)
+    summary = summarise({key[1]: v for key, v in ranks.items()}, cfg)
     write_json(cfg.out / "study.json", summary)
     (cfg.out / "study.md").write_text(to_markdown(summary))
     return summary
