@@ -198,6 +198,9 @@ def study(
     variants: Optional[str] = typer.Option(
         None, help="Instead of --layers, named rows to compare: methods (trained heads, CSA, CSA + R_S, ASIF, "
                    "Procrustes), switches (one row per R_S switch) or recipe; comma-separated."),
+    lam_warmup_steps: Optional[int] = typer.Option(
+        None, min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
+                          "ramp out of a scaling study, where a ramp in steps is a different share of each size's run."),
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
@@ -216,7 +219,7 @@ def study(
     cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")),
                       seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
                       checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
-                      pairs=sizes, configs=rows)
+                      pairs=sizes, configs=rows, lam_warmup_steps=lam_warmup_steps)
     summary = run_study(cfg, progress_bar)
     console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
 

@@ -105,3 +105,10 @@ def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path):
     csa = next(r for r in summary["table"] if r["variant"] == "csa")
     assert csa["i2t R@1"][1] == 0.0  # the same run for both seeds
     assert "| R_S centering=none |" in (tmp_path / "study" / "study.md").read_text()
+
+
+def test_a_salt_redraws_every_part_of_a_combined_data_set():
+    from featcache.pipeline.app.study import _spec
+
+    assert _spec("tuxpaint+openmoji", "1") == "tuxpaint:salt=1+openmoji:salt=1"
+    assert _spec("tuxpaint", "2") == "tuxpaint:salt=2" and _spec("tuxpaint+openmoji", "") == "tuxpaint+openmoji"

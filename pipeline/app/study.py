@@ -22,6 +22,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir
+from featcache.pipeline.catalog import is_combined
 from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract import ExtractConfig, extract
 from featcache.pipeline.runs import read_json, write_json
@@ -108,10 +109,18 @@ class StudyConfig:
     image_model: str = "dinov2"
     text_model: str = "minilm"
     configs: tuple[Variant, ...] = CONFIGS  # the rows compared
+    # None keeps the trainer's ramp (1,000 steps, the paper's). A scaling study may set 0 (full
+    # lambda from the first step): a ramp counted in steps is a different share of a short run
+    # at each size, which confounds the gain with the ramp.
+    lam_warmup_steps: int | None = None
 
 
 def _spec(dataset: str, salt: str) -> str:
-    return dataset if not salt else f"{dataset}:salt={salt}"
+    """The data set redrawn with ``salt``; every part of a combined ``a+b`` gets the same salt."""
+    if not salt:
+        return dataset
+    parts = dataset.split("+") if is_combined(dataset) else [dataset]
+    return "+".join(f"{p}:salt={salt}" for p in parts)
 
 
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
@@ -130,6 +139,8 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
         runs_dir = cfg.out / "runs" / (salt or "default")
         base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
                            checkpoint_on=cfg.checkpoint_on, cache_dir=cfg.cache_dir, runs_dir=runs_dir)
+        if cfg.lam_warmup_steps is not None:
+            base = replace(base, lam_warmup_steps=cfg.lam_warmup_steps)
         for variant in cfg.configs:
             fields = variant.settings
             layers, loss = fields.pop("layers"), fields.pop("loss")
@@ -198,7 +209,7 @@ def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
     first = next(iter(ranks))
     return {"table": table, "comparisons": comparisons, "salts": salts, "seeds": seeds,
             "checkpoint_on": cfg.checkpoint_on, "epochs": cfg.epochs, "patience": cfg.patience,
-            "batch_size": cfg.batch_size, "n_boot": cfg.n_boot,
+            "batch_size": cfg.batch_size, "n_boot": cfg.n_boot, "lam_warmup_steps": cfg.lam_warmup_steps,
             "test_items": {s or "default": int(len(ranks[first][s][seeds[0]]["image_to_text"])) for s in salts}}
 
 
