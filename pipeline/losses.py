@@ -27,6 +27,7 @@ def _log_eps(log_a: torch.Tensor) -> torch.Tensor:
 
 
 CENTERINGS = ("none", "mean", "standard")
+_STD_FLOOR = 1e-6
 SIMILARITIES = ("cosine", "rbf", "spearman")
 
 
@@ -34,7 +35,9 @@ def _center(x: torch.Tensor, centering: str) -> torch.Tensor:
     if centering == "mean":
         return x - x.mean(0, keepdim=True)
     if centering == "standard":  # the released code's: unbiased std per dimension
-        return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True)
+        # A dimension constant over the batch (MiniLM's block.05 has one on Tux Paint) would be
+        # 0/0 = NaN there; the floor leaves it at (about) zero, and changes nothing where std > 1e-6.
+        return (x - x.mean(0, keepdim=True)) / x.std(0, keepdim=True).clamp_min(_STD_FLOOR)
     return x
 
 

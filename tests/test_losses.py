@@ -126,3 +126,16 @@ def test_lambda_ramp():
     assert lambda_at(500, 10, 1000) == pytest.approx(5)
     assert lambda_at(5000, 10, 1000) == 10
     assert lambda_at(3, 10, 0) == 10
+
+
+@pytest.mark.parametrize("center_first", [False, True])
+def test_standard_centering_survives_a_constant_dimension(center_first):
+    """Real features can hold a dimension that never varies (MiniLM block.05 on Tux Paint):
+    standardising it must not turn the loss or its gradient into NaN."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    x[:, 3] = 0.25  # constant over the batch
+    z = torch.randn(32, 8, requires_grad=True)
+    value = structure_regularizer(x, z, 0.07, centering="standard", center_first=center_first)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
