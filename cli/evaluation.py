@@ -201,6 +201,9 @@ def study(
     lam_warmup_steps: Optional[int] = typer.Option(
         None, min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
                           "ramp out of a scaling study, where a ramp in steps is a different share of each size's run."),
+    merge: Optional[str] = typer.Option(
+        None, help="Summarise studies run apart (say one --salts each, on several machines): their --out "
+                   "folders, comma-separated; nothing is trained."),
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
@@ -220,7 +223,7 @@ def study(
                       seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
                       checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
                       pairs=sizes, configs=rows, lam_warmup_steps=lam_warmup_steps)
-    summary = run_study(cfg, progress_bar)
+    summary = run_study(cfg, progress_bar, [Path(d) for d in parse_list(merge)] if merge else None)
     console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
 
 

@@ -1,5 +1,7 @@
 """The study's statistics on hand-made ranks."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -83,13 +85,20 @@ def test_ablation_rows_compare_against_the_full_recipe():
         variant_set(["method"])
 
 
-def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path):
-    """Training-free rows stand for every seed; a switch row trains with its switch recorded."""
+def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path, monkeypatch):
+    """Training-free rows stand for every seed; a switch row trains with its switch recorded;
+    a complete cache is read without loading an encoder (extract is never called)."""
     from conftest import build_tiny_cache
+    from featcache.pipeline.app import study
     from featcache.pipeline.app.study import Variant, run_study
     from featcache.pipeline.runs import list_runs, read_json
 
     tiny = build_tiny_cache(tmp_path, n=72)
+
+    def no_extract(*args, **kwargs):
+        raise AssertionError("the cache is complete: nothing to extract")
+
+    monkeypatch.setattr(study, "extract", no_extract)
     rows = (recipe("auto", "clip"), recipe("auto", "clip+structure"),
             Variant.of("csa", layers="auto", loss="clip", method="csa"),
             Variant.of("R_S centering=none", layers="auto", loss="clip+structure", centering="none"))
@@ -112,3 +121,20 @@ def test_a_salt_redraws_every_part_of_a_combined_data_set():
 
     assert _spec("tuxpaint+openmoji", "1") == "tuxpaint:salt=1+openmoji:salt=1"
     assert _spec("tuxpaint", "2") == "tuxpaint:salt=2" and _spec("tuxpaint+openmoji", "") == "tuxpaint+openmoji"
+
+
+def test_studies_run_apart_merge_into_the_same_summary(tmp_path):
+    from featcache.pipeline.app.study import merge_ranks, run_study, save_ranks
+
+    rng = np.random.default_rng(2)
+    cfg = StudyConfig(salts=("", "1"), seeds=(0, 1), ks=(1,), n_boot=200)
+    ranks = {(None, v.name): {s: {r: _ranks(0.3, rng) for r in cfg.seeds} for s in cfg.salts} for v in CONFIGS}
+    for salt in cfg.salts:  # one study per salt, as on two machines
+        (tmp_path / f"s{salt}").mkdir()
+        save_ranks({k: {salt: v[salt]} for k, v in ranks.items()}, tmp_path / f"s{salt}" / "ranks.json")
+    merged = run_study(replace(cfg, salts=("",), out=tmp_path / "all"), merge=[tmp_path / "s", tmp_path / "s1"])
+    assert merged == summarise({k[1]: v for k, v in ranks.items()}, cfg)
+    with pytest.raises(Exception, match="more than one"):
+        merge_ranks([tmp_path / "s", tmp_path / "s"], cfg)
+    with pytest.raises(Exception, match="lack"):
+        merge_ranks([tmp_path / "s"], replace(cfg, seeds=(0, 1, 2)))

@@ -22,6 +22,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir
+from featcache.pipeline.cached import Side, dataset_splits, open_store
 from featcache.pipeline.catalog import is_combined
 from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract import ExtractConfig, extract
@@ -123,6 +124,36 @@ def _spec(dataset: str, salt: str) -> str:
     return "+".join(f"{p}:salt={salt}" for p in parts)
 
 
+def _cached(cfg: StudyConfig, spec: str, model: str) -> bool:
+    """Whether the splits a study reads (train, test, and val where the data set has one) are
+    cached, complete, for ``model``. Read as stage two reads, by the names the stores recorded:
+    neither the encoder's weights nor the data set's files are needed to find out."""
+    try:
+        train = open_store(cfg.cache_dir, spec, "train", Side(model))
+        splits = ["train", "test"] + (["val"] if "val" in dataset_splits(train) else [])
+        for split in splits:
+            store = open_store(cfg.cache_dir, spec, split, Side(model))
+            parts = getattr(store, "parts", [store])  # a+b: each part's own store
+            if not all(p.is_complete(layer) for p in parts for layer in p.layers):
+                return False
+    except FeatcacheError:
+        return False
+    return True
+
+
+def _ensure_cached(cfg: StudyConfig, spec: str, progress_factory=None) -> None:
+    """Extract what is not cached yet. A machine that holds a copied cache but not the weights
+    (a GPU node, say) runs the study without loading an encoder."""
+    for model in (cfg.image_model, cfg.text_model):
+        if _cached(cfg, spec, model):
+            continue
+        if progress_factory:
+            with progress_factory() as p:
+                extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
+        else:
+            extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device))
+
+
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
     """Train and evaluate every (pairs, variant, split salt, seed); returns first-correct ranks
     keyed ``ranks[(pairs, variant name)][salt][seed]``. A deterministic training-free method is
@@ -130,12 +161,7 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
     ranks: dict = {}
     for salt in cfg.salts:
         spec = _spec(cfg.dataset, salt)
-        for model in (cfg.image_model, cfg.text_model):
-            if progress_factory:
-                with progress_factory() as p:
-                    extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
-            else:
-                extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device))
+        _ensure_cached(cfg, spec, progress_factory)
         runs_dir = cfg.out / "runs" / (salt or "default")
         base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
                            checkpoint_on=cfg.checkpoint_on, cache_dir=cfg.cache_dir, runs_dir=runs_dir)
@@ -274,9 +300,69 @@ def scaling_plot(scaling: dict, path: Path, k: int = 1) -> Path:
                         f"{scaling['dataset']}: R@{k} against training pairs")
 
 
-def run_study(cfg: StudyConfig, progress_factory=None) -> dict:
-    ranks = collect(cfg, progress_factory)
+RANKS_FILE = "ranks.json"
+
+
+def save_ranks(ranks: dict, path: Path) -> None:
+    """A study's raw result, the first-correct rank of every test item per (pairs, variant,
+    salt, seed), as plain JSON: studies run apart (one split salt per machine) are then
+    summarised together by :func:`merge_ranks`."""
+    rows = [{"pairs": n, "variant": name, "salt": salt, "seed": seed, **{d: v.tolist() for d, v in dirs.items()}}
+            for (n, name), per_salt in ranks.items() for salt, per_seed in per_salt.items()
+            for seed, dirs in per_seed.items()]
+    write_json(path, {"rows": rows})
+
+
+def load_ranks(path: Path) -> dict:
+    ranks: dict = {}
+    try:
+        rows = read_json(path)["rows"]
+        for r in rows:
+            ranks.setdefault((r["pairs"], r["variant"]), {}).setdefault(r["salt"], {})[r["seed"]] = {
+                d: np.asarray(r[d]) for d in ("image_to_text", "text_to_image")}
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise FeatcacheError(f"cannot read study ranks from {path}: {err}",
+                             "point --merge at folders written by featcache study") from None
+    return ranks
+
+
+def merge_ranks(dirs: list[Path], cfg: StudyConfig) -> tuple[dict, StudyConfig]:
+    """The union of several studies' ranks, and the config whose salts cover them. Each
+    (pairs, variant, salt, seed) may come from one study only, and every variant of ``cfg``
+    must be there for every salt and seed."""
+    ranks: dict = {}
+    salts: list[str] = []
+    for d in dirs:
+        for key, per_salt in load_ranks(Path(d) / RANKS_FILE).items():
+            for salt, per_seed in per_salt.items():
+                mine = ranks.setdefault(key, {}).setdefault(salt, {})
+                twice = set(mine) & set(per_seed)
+                if twice:
+                    raise FeatcacheError(f"{key[1]} salt {salt!r} seed {min(twice)} is in more than one of the "
+                                         "merged studies", "merge studies of different salts or seeds")
+                mine.update(per_seed)
+                salts += [] if salt in salts else [salt]
+    merged = replace(cfg, salts=tuple(salts))
+    for v in cfg.configs:
+        for n in (cfg.pairs or (None,)):
+            for salt in salts:
+                missing = [r for r in cfg.seeds if r not in ranks.get((n, v.name), {}).get(salt, {})]
+                if missing:
+                    raise FeatcacheError(f"the merged studies lack {v.name} (pairs {n or 'all'}) for salt "
+                                         f"{salt!r}, seed {missing[0]}", "merge studies run with the same "
+                                         "--variants, --pairs and --seeds")
+    return ranks, merged
+
+
+def run_study(cfg: StudyConfig, progress_factory=None, merge: list[Path] | None = None) -> dict:
+    """Train and evaluate (or, with ``merge``, read the ranks of studies run apart), then
+    summarise into ``cfg.out``."""
+    if merge:
+        ranks, cfg = merge_ranks(merge, cfg)
+    else:
+        ranks = collect(cfg, progress_factory)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    save_ranks(ranks, cfg.out / RANKS_FILE)
     if cfg.pairs:
         summary = summarise_scaling(ranks, cfg)
         write_json(cfg.out / "scaling.json", summary)
