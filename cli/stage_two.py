@@ -166,7 +166,8 @@ def sweep(
     batch_size: int = BatchSize,
     lr: float = LearningRate,
     levels: int = Levels,
-    lam: float = Lam,
+    lam: str = typer.Option("10", help="STRUCTURE weight lambda (ramped from 0), a comma list."),
+    temperature: str = typer.Option("0.05", help="Temperature tau, a comma list."),
     checkpoint_on: str = CheckpointOn,
     centering: str = Centering,
     center_first: str = typer.Option("false", "--center-first", help="false | true | false,true"),
@@ -179,6 +180,9 @@ def sweep(
     method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
     shard: Optional[str] = typer.Option(None, help="I/N: train every N-th cell from the I-th [default: from torchrun "
                                                    "or a Slurm array]; report over the shared runs dir combines them."),
+    vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
+                                   help="Train cells that differ only in seed, lambda, tau or pairs as one batched "
+                                        "model; each still writes its own run."),
     log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
@@ -191,17 +195,18 @@ def sweep(
     from featcache.pipeline.train import sweep as run_sweep
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
-                        patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
+                        patience=patience, batch_size=batch_size, lr=lr, levels=levels,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
                         select_metric=select_metric, select_k_rule=k_rule, log=log)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
-    grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
+    grid = {"lam": parse_list(lam, float), "temperature": parse_list(temperature, float),
+            "centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),
             "fixed_structure": parse_list(fixed_structure, _flag), "method": parse_list(method)}
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
-                         parse_list(pairs, int) if pairs else None, progress, grid, shard)
+                         parse_list(pairs, int) if pairs else None, progress, grid, shard, vectorize)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
     if runs:
         from featcache.pipeline.runs import read_json

@@ -243,7 +243,7 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
     if zi is None:
         zi, zt = model(xi, xt)
     options = structure_options(cfg)
-    tau = float(model.temperature)  # the contrastive loss's tau, learnable or not (method.md)
+    tau = model.temperature.detach()  # the contrastive loss's tau, learnable or not (method.md); no host read
     return (structure_regularizer(xi, zi, tau, **options) + structure_regularizer(xt, zt, tau, **options)) / 2
 
 
@@ -267,17 +267,16 @@ def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = N
 @torch.no_grad()
 def _evaluate(model, cfg, xi, xt) -> dict:
     """Validation losses over batches of the training batch size, weighted by batch length."""
-    totals = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+    totals = torch.zeros(3, dtype=torch.float64, device=xi.device)  # summed on the device, read once
     scored = 0
     for s in range(0, len(xi), cfg.batch_size):
         bi, bt = xi[s:s + cfg.batch_size], xt[s:s + cfg.batch_size]
         if len(bi) < 2:  # a last batch of one row has no contrastive loss
             continue
         total, clip, reg = _losses(model, cfg, bi, bt, cfg.lam)
-        for key, v in (("total", total), ("clip", clip), ("structure", reg)):
-            totals[key] += float(v) * len(bi)
+        totals += torch.stack([total, clip, reg.to(total.device)]).double() * len(bi)
         scored += len(bi)
-    return {k: v / max(scored, 1) for k, v in totals.items()}
+    return dict(zip(("total", "clip", "structure"), (totals / max(scored, 1)).tolist()))
 
 
 @dataclass

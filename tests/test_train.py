@@ -303,3 +303,34 @@ def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, 
     assert any(t.startswith("eval/retrieval/") and t.endswith("R@1") for t in tags)
     out = runner.invoke(app, ["align", *common, "--epochs", "1", "--log", "mlflow"])
     assert out.exit_code == 2 and "unknown tracker" in out.output
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_no_host_reads_inside_the_step_loop(tiny_cache, tmp_path, monkeypatch, vectorize):
+    """Losses stay on the device during an epoch: the number of device-to-host reads does not
+    grow with the steps per epoch (one read per epoch), sequential or stacked."""
+    import sys
+    from pathlib import Path
+
+    import featcache.pipeline
+
+    ours = str(Path(featcache.pipeline.__file__).parent)  # reads made by featcache's code (torch's
+    reads = []  # AdamW reads its step counter, which it keeps on the host on purpose)
+
+    def counted(name, original):
+        def read(self, *a, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                reads.append(name)
+            return original(self, *a, **k)
+        return read
+
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+    def count(batch_size):
+        reads.clear()
+        sweep(_cfg(tiny_cache, tmp_path / str(batch_size), epochs=3, patience=10, batch_size=batch_size,
+                   layers="last"), ["last"], ["clip+structure"], [0, 1], vectorize=vectorize)
+        return len(reads)
+
+    assert count(24) == count(8)  # 2 and 6 steps per epoch
