@@ -43,6 +43,8 @@ FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
+Compile = typer.Option("auto", "--compile", help="torch.compile the losses: auto (CUDA only) | on | off; "
+                                                "falls back to eager with a warning where it fails.")
 Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard (metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
@@ -121,6 +123,7 @@ def align(
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
     method: str = Method,
+    compile: str = Compile,
     log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
@@ -138,7 +141,7 @@ def align(
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
                         gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
-                        select_k_rule=k_rule, method=method, log=log)
+                        select_k_rule=k_rule, method=method, log=log, compile=compile)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -183,6 +186,7 @@ def sweep(
     vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
                                    help="Train cells that differ only in seed, lambda, tau or pairs as one batched "
                                         "model; each still writes its own run."),
+    compile: str = Compile,
     log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
@@ -197,7 +201,7 @@ def sweep(
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
-                        select_metric=select_metric, select_k_rule=k_rule, log=log)
+                        select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
     grid = {"lam": parse_list(lam, float), "temperature": parse_list(temperature, float),
             "centering": parse_list(centering), "center_first": parse_list(center_first, _flag),

@@ -26,7 +26,8 @@ from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.losses import (CENTERINGS, COMPILE, SIMILARITIES, clip_loss, compile_wanted, lambda_at,
+                                      maybe_compile, structure_regularizer)
 from featcache.pipeline.runs import RunWriter
 from featcache.pipeline.trackers import TRACKERS
 from featcache.pipeline.workers import grid_worker
@@ -94,6 +95,7 @@ class AlignConfig:
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
     log: str = "none"  # experiment tracker: none | tensorboard (metrics.jsonl is always written)
+    compile: str = "auto"  # torch.compile of the losses: auto (CUDA only) | on | off
     device: str = "cpu"
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -128,6 +130,8 @@ class AlignConfig:
             raise FeatcacheError(f"--lam must be a finite number >= 0, got {self.lam}")
         if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):
             raise FeatcacheError("weighting must be none|inverse and divergence reference|js")
+        if self.compile not in COMPILE:
+            raise FeatcacheError(f"unknown compile mode {self.compile!r}", f"choose one of: {', '.join(COMPILE)}")
         if self.centering not in CENTERINGS:
             raise FeatcacheError(f"unknown centering {self.centering!r}", f"choose one of: {', '.join(CENTERINGS)}")
         if self.similarity not in SIMILARITIES:
@@ -244,7 +248,18 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
         zi, zt = model(xi, xt)
     options = structure_options(cfg)
     tau = model.temperature.detach()  # the contrastive loss's tau, learnable or not (method.md); no host read
-    return (structure_regularizer(xi, zi, tau, **options) + structure_regularizer(xt, zt, tau, **options)) / 2
+    rs = structure_function(compile_wanted(cfg.compile, zi.device))
+    return (rs(xi, zi, tau, **options) + rs(xt, zt, tau, **options)) / 2
+
+
+_STRUCTURE: dict[bool, object] = {}
+
+
+def structure_function(compiled: bool):
+    """structure_regularizer, compiled (once per process) or eager."""
+    if compiled not in _STRUCTURE:
+        _STRUCTURE[compiled] = maybe_compile(structure_regularizer, compiled)
+    return _STRUCTURE[compiled]
 
 
 def structure_options(cfg: AlignConfig) -> dict:

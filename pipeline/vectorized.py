@@ -31,7 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from featcache.pipeline.device import pick_device
 from featcache.pipeline.heads import AlignmentModel
-from featcache.pipeline.losses import clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.losses import clip_loss, compile_wanted, lambda_at, maybe_compile, structure_regularizer
 from featcache.pipeline.runs import RunWriter
 from featcache.pipeline.train import (AlignConfig, CachedData, RunPlan, _checked_tensors, check_finite,
                                       cosine_factor, epoch_record, fit_summary, new_model, plan_run,
@@ -174,8 +174,10 @@ def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]
     xi, xt, vi, vt = tensors
     device = xi.device
     stack = _Stack(models, cfg0)
-    losses = vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0))
-    val_losses = vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0), in_dims=(0, 0, None, None, 0))
+    compiled = compile_wanted(cfg0.compile, device)  # the whole stacked loss, forward and backward
+    losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0)), compiled)
+    val_losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0),
+                                    in_dims=(0, 0, None, None, 0)), compiled)
     active = list(range(len(plans)))  # stack position -> cell
     gens = [torch.Generator().manual_seed(p.cfg.seed) for p in plans]
     lam_max = torch.tensor([p.cfg.lam for p in plans], dtype=torch.float32, device=device)
