@@ -169,3 +169,18 @@ def test_compiled_structure_equals_eager_forward_and_backward():
     assert values[0][0] == pytest.approx(ref_structure(x.double().numpy(), z0.double().numpy(), 0.5, 2, "none",
                                                        "reference"), rel=1e-4)
     assert torch.allclose(values[1][1], values[0][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("switches", [
+    {}, {"centering": "standard", "center_first": True}, {"similarity": "rbf", "gamma": 2.0},
+    {"similarity": "spearman"}, {"levels": 2, "weighting": "inverse", "divergence": "js", "margin": 0.001},
+])
+def test_structure_under_vmap_equals_each_cell(switches):
+    """Vectorised sweep cells take R_S through torch.func.vmap: every switch must batch exactly."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x, z, tau = torch.randn(3, 16, 10), torch.randn(3, 16, 6), torch.tensor([0.05, 0.1, 0.5])
+    got = vmap(lambda a, b, t: structure_regularizer(a, b, t, **switches))(x, z, tau)
+    want = torch.stack([structure_regularizer(x[c], z[c], float(tau[c]), **switches) for c in range(3)])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
