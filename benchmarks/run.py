@@ -267,9 +267,77 @@ def bench_scaling(quick: bool) -> dict:
     return out
 
 
+def bench_vectorized_sweep(quick: bool) -> dict:
+    """Seeds x lambda grids on Tux Paint (12 and 96 cells, clip+structure, one layer pair) trained
+    as stacked cells (vectorised sweep) and one by one, against one run of the same config."""
+    from featcache.pipeline.train import AlignConfig, load_cached, sweep, train
+
+    epochs = 2 if quick else 10
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = AlignConfig(runs_dir=Path(tmp), epochs=epochs, patience=epochs, loss="clip+structure", layers="auto")
+        try:
+            load_cached(cfg)
+        except Exception as err:
+            print(f"vectorized_sweep: skipped ({err}); extract dinov2 and minilm on tuxpaint first")
+            return {"skipped": str(err)}
+        grid12 = dict(seeds=[0, 1, 2], grid={"lam": [1.0, 3.0, 10.0, 30.0]})
+        grid96 = dict(seeds=list(range(8)), grid={"lam": [1.0, 3.0, 10.0, 30.0], "temperature": [0.03, 0.05, 0.1]})
+        run = lambda g, vec: sweep(cfg, ["auto"], ["clip+structure"], g["seeds"], grid=g["grid"], vectorize=vec)
+        t_one = timed(lambda: train(cfg))
+        t_vec12 = timed(lambda: run(grid12, True))
+        t_seq12 = timed(lambda: run(grid12, False))
+        t_vec96 = timed(lambda: run(grid96, True))
+    out = {"epochs": epochs, "one_run_s": t_one, "grid12_vectorized_s": t_vec12, "grid12_sequential_s": t_seq12,
+           "grid96_vectorized_s": t_vec96, "ratio12_vectorized": t_vec12 / t_one, "ratio12_sequential": t_seq12 / t_one,
+           "ratio96_vectorized": t_vec96 / t_one}
+    print(f"vectorized sweep: {epochs} epochs, tuxpaint, clip+structure, auto layers: one run {t_one:.1f}s; "
+          f"12 cells stacked {t_vec12:.1f}s ({out['ratio12_vectorized']:.1f}x), one by one {t_seq12:.1f}s "
+          f"({out['ratio12_sequential']:.1f}x); 96 cells stacked {t_vec96:.1f}s ({out['ratio96_vectorized']:.1f}x)")
+    return out
+
+
+def bench_structure_compile(quick: bool) -> dict:
+    """A clip+structure step with R_S eager and through torch.compile, against a clip step
+    (linear heads 384 -> 512; alternating, median of 3; compile time reported apart)."""
+    from featcache.pipeline.heads import AlignmentModel
+    from featcache.pipeline.losses import clip_loss, maybe_compile, structure_regularizer
+
+    b = 1024 if quick else 4096
+    torch.manual_seed(0)
+    xi, xt = torch.randn(b, 384, device=DEVICE), torch.randn(b, 384, device=DEVICE)
+    model = AlignmentModel("linear", 384, 384, 512, 0.05, False).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = maybe_compile(structure_regularizer, True)
+
+    def step(rs):
+        zi, zt = model(xi, xt)
+        loss = clip_loss(zi, zt, 0.05)
+        if rs:
+            loss = loss + 10 * (rs(xi, zi, 0.05) + rs(xt, zt, 0.05)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    t_compile = timed(lambda: step(compiled))  # the first call compiles (forward and backward)
+    step(structure_regularizer)
+    times = [(timed(lambda: step(None)), timed(lambda: step(structure_regularizer)), timed(lambda: step(compiled)))
+             for _ in range(3)]
+    t_clip, t_eager, t_comp = (float(np.median(t)) for t in zip(*times))
+    out = {"batch": b, "device": DEVICE, "clip_step_s": t_clip, "eager_structure_step_s": t_eager,
+           "compiled_structure_step_s": t_comp, "first_compiled_step_s": t_compile,
+           "ratio_eager": t_eager / t_clip, "ratio_compiled": t_comp / t_clip}
+    print(f"R_S compile at batch {b} on {DEVICE}: clip {t_clip * 1000:.0f} ms; clip+structure eager "
+          f"{t_eager * 1000:.0f} ms ({out['ratio_eager']:.2f}x), compiled {t_comp * 1000:.0f} ms "
+          f"({out['ratio_compiled']:.2f}x); first compiled step {t_compile:.1f}s")
+    return out
+
+
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
            "sweep": bench_sweep, "retrieval": bench_retrieval, "checksum_read": bench_checksum_read,
-           "scaling": bench_scaling}
+           "scaling": bench_scaling, "vectorized_sweep": bench_vectorized_sweep,
+           "structure_compile": bench_structure_compile}
 
 
 def main() -> None:

@@ -43,6 +43,8 @@ FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
+Compile = typer.Option("auto", "--compile", help="torch.compile the losses: auto (CUDA only) | on | off; "
+                                                "falls back to eager with a warning where it fails.")
 Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard (metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
@@ -121,6 +123,7 @@ def align(
     select_metric: str = SelectMetric,
     k_rule: str = KRule,
     method: str = Method,
+    compile: str = Compile,
     log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
@@ -138,7 +141,7 @@ def align(
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
                         gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
-                        select_k_rule=k_rule, method=method, log=log)
+                        select_k_rule=k_rule, method=method, log=log, compile=compile)
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -166,7 +169,8 @@ def sweep(
     batch_size: int = BatchSize,
     lr: float = LearningRate,
     levels: int = Levels,
-    lam: float = Lam,
+    lam: str = typer.Option("10", help="STRUCTURE weight lambda (ramped from 0), a comma list."),
+    temperature: str = typer.Option("0.05", help="Temperature tau, a comma list."),
     checkpoint_on: str = CheckpointOn,
     centering: str = Centering,
     center_first: str = typer.Option("false", "--center-first", help="false | true | false,true"),
@@ -179,6 +183,10 @@ def sweep(
     method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
     shard: Optional[str] = typer.Option(None, help="I/N: train every N-th cell from the I-th [default: from torchrun "
                                                    "or a Slurm array]; report over the shared runs dir combines them."),
+    vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
+                                   help="Train cells that differ only in seed, lambda, tau or pairs as one batched "
+                                        "model; each still writes its own run."),
+    compile: str = Compile,
     log: str = Log,
     device: str = Device,
     val_split: str = ValSplit,
@@ -191,17 +199,18 @@ def sweep(
     from featcache.pipeline.train import sweep as run_sweep
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
-                        patience=patience, batch_size=batch_size, lr=lr, levels=levels, lam=lam,
+                        patience=patience, batch_size=batch_size, lr=lr, levels=levels,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
-                        select_metric=select_metric, select_k_rule=k_rule, log=log)
+                        select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]
-    grid = {"centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
+    grid = {"lam": parse_list(lam, float), "temperature": parse_list(temperature, float),
+            "centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),
             "fixed_structure": parse_list(fixed_structure, _flag), "method": parse_list(method)}
     start = time.perf_counter()
     with progress_bar() as progress:
         runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
-                         parse_list(pairs, int) if pairs else None, progress, grid, shard)
+                         parse_list(pairs, int) if pairs else None, progress, grid, shard, vectorize)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
     if runs:
         from featcache.pipeline.runs import read_json

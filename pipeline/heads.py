@@ -53,8 +53,13 @@ class AlignmentModel(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        # A learnable temperature is clamped as in CLIP (logit scale at most 100).
-        return self.log_temperature.exp().clamp_min(0.01)
+        return self.temperature_of(self.log_temperature)
+
+    @staticmethod
+    def temperature_of(log_temperature: torch.Tensor) -> torch.Tensor:
+        """tau from its log; a learnable one is clamped as in CLIP (logit scale at most 100).
+        Static so that batched cells (stacked parameters) use the same rule."""
+        return log_temperature.exp().clamp_min(0.01)
 
     def forward(self, x_image: torch.Tensor, x_text: torch.Tensor):
         return self.image_head(x_image), self.text_head(x_text)

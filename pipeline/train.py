@@ -26,7 +26,8 @@ from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.losses import CENTERINGS, SIMILARITIES, clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.losses import (CENTERINGS, COMPILE, SIMILARITIES, clip_loss, compile_wanted, lambda_at,
+                                      maybe_compile, structure_regularizer)
 from featcache.pipeline.runs import RunWriter
 from featcache.pipeline.trackers import TRACKERS
 from featcache.pipeline.workers import grid_worker
@@ -94,6 +95,7 @@ class AlignConfig:
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
     log: str = "none"  # experiment tracker: none | tensorboard (metrics.jsonl is always written)
+    compile: str = "auto"  # torch.compile of the losses: auto (CUDA only) | on | off
     device: str = "cpu"
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -128,6 +130,8 @@ class AlignConfig:
             raise FeatcacheError(f"--lam must be a finite number >= 0, got {self.lam}")
         if self.weighting not in ("none", "inverse") or self.divergence not in ("reference", "js"):
             raise FeatcacheError("weighting must be none|inverse and divergence reference|js")
+        if self.compile not in COMPILE:
+            raise FeatcacheError(f"unknown compile mode {self.compile!r}", f"choose one of: {', '.join(COMPILE)}")
         if self.centering not in CENTERINGS:
             raise FeatcacheError(f"unknown centering {self.centering!r}", f"choose one of: {', '.join(CENTERINGS)}")
         if self.similarity not in SIMILARITIES:
@@ -242,10 +246,26 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
     """(R_S(img) + R_S(txt)) / 2 on inputs ``xi, xt`` (head outputs computed when not given)."""
     if zi is None:
         zi, zt = model(xi, xt)
-    options = dict(levels=cfg.levels, weighting=cfg.weighting, divergence=cfg.divergence, centering=cfg.centering,
-                   center_first=cfg.center_first, similarity=cfg.similarity, gamma=cfg.gamma, margin=cfg.margin)
-    tau = float(model.temperature)  # the contrastive loss's tau, learnable or not (method.md)
-    return (structure_regularizer(xi, zi, tau, **options) + structure_regularizer(xt, zt, tau, **options)) / 2
+    options = structure_options(cfg)
+    tau = model.temperature.detach()  # the contrastive loss's tau, learnable or not (method.md); no host read
+    rs = structure_function(compile_wanted(cfg.compile, zi.device))
+    return (rs(xi, zi, tau, **options) + rs(xt, zt, tau, **options)) / 2
+
+
+_STRUCTURE: dict[bool, object] = {}
+
+
+def structure_function(compiled: bool):
+    """structure_regularizer, compiled (once per process) or eager."""
+    if compiled not in _STRUCTURE:
+        _STRUCTURE[compiled] = maybe_compile(structure_regularizer, compiled)
+    return _STRUCTURE[compiled]
+
+
+def structure_options(cfg: AlignConfig) -> dict:
+    """The R_S switches of a config, as structure_regularizer takes them."""
+    return dict(levels=cfg.levels, weighting=cfg.weighting, divergence=cfg.divergence, centering=cfg.centering,
+                center_first=cfg.center_first, similarity=cfg.similarity, gamma=cfg.gamma, margin=cfg.margin)
 
 
 def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = None):
@@ -262,17 +282,16 @@ def _losses(model, cfg: AlignConfig, xi, xt, lam: float, fixed: tuple | None = N
 @torch.no_grad()
 def _evaluate(model, cfg, xi, xt) -> dict:
     """Validation losses over batches of the training batch size, weighted by batch length."""
-    totals = {"total": 0.0, "clip": 0.0, "structure": 0.0}
+    totals = torch.zeros(3, dtype=torch.float64, device=xi.device)  # summed on the device, read once
     scored = 0
     for s in range(0, len(xi), cfg.batch_size):
         bi, bt = xi[s:s + cfg.batch_size], xt[s:s + cfg.batch_size]
         if len(bi) < 2:  # a last batch of one row has no contrastive loss
             continue
         total, clip, reg = _losses(model, cfg, bi, bt, cfg.lam)
-        for key, v in (("total", total), ("clip", clip), ("structure", reg)):
-            totals[key] += float(v) * len(bi)
+        totals += torch.stack([total, clip, reg.to(total.device)]).double() * len(bi)
         scored += len(bi)
-    return {k: v / max(scored, 1) for k, v in totals.items()}
+    return dict(zip(("total", "clip", "structure"), (totals / max(scored, 1)).tolist()))
 
 
 @dataclass
@@ -303,36 +322,92 @@ def _checked_tensors(data: CachedData, layers: tuple[str, str], rows: np.ndarray
     return tuple(out)
 
 
-def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
-    """Choose layers and pairs, load the tensors, and build the model, optimiser and schedule."""
-    device = pick_device(cfg.device)
+@dataclass
+class RunPlan:
+    """What a run trains on, decided before any tensor is built: layers, training rows, batching."""
+
+    cfg: AlignConfig
+    image_layer: str
+    text_layer: str
+    table: ScoreTable | None
+    rows: np.ndarray  # indices into the training pairs
+    batch: int
+    steps_per_epoch: int
+
+    def config(self, data: CachedData, val_pairs: int) -> dict:
+        """What config.json records."""
+        config = self.cfg.to_dict() | {
+            "image_layer": self.image_layer, "text_layer": self.text_layer, "train_pairs": int(len(self.rows)),
+            "val_pairs": int(val_pairs), "validation": data.validation,
+            "cache": {"train": data.train.identities(), "val": data.val.identities()},
+        }
+        if self.table is not None:  # auto: which layers it chose among (complete ones only)
+            config["layers_considered"] = {"image": self.table.image_layers, "text": self.table.text_layers}
+        return config
+
+
+def plan_run(cfg: AlignConfig, data: CachedData) -> RunPlan:
+    """Choose layers and pairs (the layer table is computed once per sweep)."""
     rows = subsample(len(data.train), cfg.pairs, cfg.seed)
     if len(rows) < 2 or len(data.val) < 2:
         raise FeatcacheError(f"{cfg.dataset}: {len(rows)} training and {len(data.val)} validation pairs; "
                              "training needs at least 2 of each", "use a larger data set or a larger --pairs")
     image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
-    torch.manual_seed(cfg.seed)
-    tensors = _checked_tensors(data, (image_layer, text_layer), rows, device)
     batch = min(cfg.batch_size, len(rows))
-    steps_per_epoch = max(1, len(rows) // batch)
+    return RunPlan(cfg, image_layer, text_layer, table, rows, batch, max(1, len(rows) // batch))
+
+
+def new_model(cfg: AlignConfig, d_image: int, d_text: int, device) -> AlignmentModel:
+    """The heads a run starts from: seeded by the run's seed alone, so a batched cell starts
+    from exactly the weights its sequential run would."""
+    torch.manual_seed(cfg.seed)
+    return AlignmentModel(cfg.head, d_image, d_text, cfg.d_out, cfg.temperature, cfg.learn_temperature).to(device)
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """The learning-rate multiplier: cosine decay once over the whole budget (the configured lr is the peak)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
+    """Choose layers and pairs, load the tensors, and build the model, optimiser and schedule."""
+    device = pick_device(cfg.device)
+    plan = plan_run(cfg, data)
+    torch.manual_seed(cfg.seed)  # as before for every method (a training-free fit may draw from torch)
+    tensors = _checked_tensors(data, (plan.image_layer, plan.text_layer), plan.rows, device)
     model = opt = sched = None  # a training-free method fits its own maps (fit_training_free)
     if cfg.method == "heads":
-        model = AlignmentModel(cfg.head, tensors[0].shape[1], tensors[1].shape[1], cfg.d_out, cfg.temperature,
-                               cfg.learn_temperature).to(device)
+        model = new_model(cfg, tensors[0].shape[1], tensors[1].shape[1], device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                                 weight_decay=cfg.weight_decay)
-        total_steps = steps_per_epoch * cfg.epochs
-        # Cosine decay once over the whole budget; the configured lr is the peak, never overridden.
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    config = cfg.to_dict() | {
-        "image_layer": image_layer, "text_layer": text_layer, "train_pairs": int(len(rows)),
-        "val_pairs": int(len(tensors[2])), "validation": data.validation,
-        "cache": {"train": data.train.identities(), "val": data.val.identities()},
+        total_steps = plan.steps_per_epoch * cfg.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total_steps))
+    return RunSetup(cfg, plan.config(data, len(tensors[2])), plan.table, tensors, model, opt, sched, len(plan.rows),
+                    plan.batch, plan.steps_per_epoch)
+
+
+def epoch_record(epoch: int, step: int, lr: float, lam: float, train: dict, val: dict) -> dict:
+    """One metrics.jsonl line of a trained run."""
+    return {"epoch": epoch, "step": step, "lr": lr, "lambda": lam, **{f"train_{k}": v for k, v in train.items()},
+            **{f"val_{k}": v for k, v in val.items()}}
+
+
+def check_finite(epoch: int, train: dict, val: dict) -> None:
+    if not all(math.isfinite(v) for v in (*train.values(), *val.values())):
+        raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {train['total']}, "
+                             f"val {val['total']}); no run was recorded",
+                             "lower --lr or --lam, or check the features with featcache verify")
+
+
+def fit_summary(run_id: str, config: dict, cfg: AlignConfig, best: dict, epochs_run: int, steps: int,
+                seconds: float, train_pairs: int) -> dict:
+    """summary.json of a trained run."""
+    return {
+        "run_id": run_id, "image_layer": config["image_layer"], "text_layer": config["text_layer"],
+        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
+        "epochs_run": epochs_run, "steps": steps, "seconds": seconds,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": train_pairs,
     }
-    if table is not None:  # auto: which layers it chose among (complete ones only)
-        config["layers_considered"] = {"image": table.image_layers, "text": table.text_layers}
-    return RunSetup(cfg, config, table, tensors, model, opt, sched, len(rows), batch, steps_per_epoch)
 
 
 def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
@@ -368,28 +443,19 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
         sums = dict(zip(("total", "clip", "structure"), (sums_t / run.steps_per_epoch).tolist()))  # one read
         model.eval()
         val = _evaluate(model, cfg, vi, vt)
-        if not all(math.isfinite(v) for v in (*sums.values(), *val.values())):
-            raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {sums['total']}, "
-                                 f"val {val['total']}); no run was recorded",
-                                 "lower --lr or --lam, or check the features with featcache verify")
+        check_finite(epoch, sums, val)
         score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
         if score < best["score"]:
             best = {"epoch": epoch, "score": score}
             best_state = copy.deepcopy(model.state_dict())
-        writer.log({"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0],
-                    "lambda": lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
-                    **{f"train_{k}": v for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()}})
+        writer.log(epoch_record(epoch, step, sched.get_last_lr()[0], lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
+                                sums, val))
         if task is not None:
             progress.update(task, advance=1)
         if epoch - best["epoch"] >= cfg.patience:
             break
     model.load_state_dict(best_state)
-    return {
-        "run_id": writer.run_id, "image_layer": run.config["image_layer"], "text_layer": run.config["text_layer"],
-        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
-        "epochs_run": epoch + 1, "steps": step, "seconds": time.perf_counter() - start,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": run.rows,
-    }
+    return fit_summary(writer.run_id, run.config, cfg, best, epoch + 1, step, time.perf_counter() - start, run.rows)
 
 
 def fit_training_free(run: RunSetup, writer: RunWriter) -> dict:
@@ -425,12 +491,14 @@ def train(cfg: AlignConfig, data: CachedData | None = None, progress=None) -> Pa
 
 def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[int],
           pairs: list[int | None] | None = None, progress=None, grid: dict[str, list] | None = None,
-          shard: str | None = None) -> list[Path]:
+          shard: str | None = None, vectorize: bool = True) -> list[Path]:
     """Train one run per grid cell; the cache is read once and shared by every cell.
 
     ``grid`` varies any other AlignConfig fields as well (``{"centering": ["none", "mean"]}``),
     so an ablation table is one call. ``shard`` "I/N" (or torchrun / a Slurm array, detected)
     trains only cells c with c mod N == I, in the grid's fixed order, into the shared runs dir.
+    ``vectorize`` trains cells that differ only in seed, lambda, tau or pair count as one batched
+    model (featcache.pipeline.vectorized); each still writes its own run, equal to its sequential one.
     """
     worker = grid_worker(shard)
     grid = dict(grid or {})
@@ -451,7 +519,12 @@ def sweep(base: AlignConfig, layers: list[str], losses: list[str], seeds: list[i
                     for seed in seeds:
                         cfg = _effective(replace(base, layers=layer, loss=loss, seed=seed, pairs=n, **cell), seeds)
                         configs.setdefault(repr(cfg), cfg)
-    return [train(cfg, data, progress) for cfg in worker.share(list(configs.values()))]
+    mine = worker.share(list(configs.values()))
+    if vectorize:
+        from featcache.pipeline.vectorized import train_cells
+
+        return train_cells(mine, data, progress)
+    return [train(cfg, data, progress) for cfg in mine]
 
 
 # What selects the cached features themselves: fixed for a whole sweep.

@@ -139,3 +139,61 @@ def test_standard_centering_survives_a_constant_dimension(center_first):
     value = structure_regularizer(x, z, 0.07, centering="standard", center_first=center_first)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+
+
+def test_compile_falls_back_to_eager_when_unavailable(monkeypatch):
+    from featcache.pipeline.losses import maybe_compile
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x, z = torch.randn(12, 6), torch.randn(12, 4, requires_grad=True)
+    rs = maybe_compile(structure_regularizer, True)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        got = rs(x, z, 0.1)
+    assert got.item() == structure_regularizer(x, z, 0.1).item()
+    got.backward()
+    assert z.grad is not None
+
+
+def test_compiled_structure_equals_eager_forward_and_backward():
+    """torch.compile of R_S (off by default on a CPU, auto on CUDA) keeps its value and gradient."""
+    import warnings
+
+    from featcache.pipeline.losses import maybe_compile
+
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=(24, 12)), dtype=torch.float32)
+    z0 = torch.tensor(rng.normal(size=(24, 6)), dtype=torch.float32)
+    rs = maybe_compile(structure_regularizer, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback here would test nothing
+        try:
+            values = []
+            for f in (structure_regularizer, rs):
+                z = z0.clone().requires_grad_()
+                v = f(x, z, 0.5, 2)
+                v.backward()
+                values.append((v.item(), z.grad))
+        except RuntimeWarning as err:
+            pytest.skip(f"torch.compile unavailable on this machine: {err}")
+    assert values[1][0] == pytest.approx(values[0][0], rel=1e-5, abs=1e-7)
+    assert values[0][0] == pytest.approx(ref_structure(x.double().numpy(), z0.double().numpy(), 0.5, 2, "none",
+                                                       "reference"), rel=1e-4)
+    assert torch.allclose(values[1][1], values[0][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("switches", [
+    {}, {"centering": "standard", "center_first": True}, {"similarity": "rbf", "gamma": 2.0},
+    {"similarity": "spearman"}, {"levels": 2, "weighting": "inverse", "divergence": "js", "margin": 0.001},
+])
+def test_structure_under_vmap_equals_each_cell(switches):
+    """Vectorised sweep cells take R_S through torch.func.vmap: every switch must batch exactly."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x, z, tau = torch.randn(3, 16, 10), torch.randn(3, 16, 6), torch.tensor([0.05, 0.1, 0.5])
+    got = vmap(lambda a, b, t: structure_regularizer(a, b, t, **switches))(x, z, tau)
+    want = torch.stack([structure_regularizer(x[c], z[c], float(tau[c]), **switches) for c in range(3)])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -228,11 +228,59 @@ def test_sweep_shards_split_the_grid_and_combine_to_the_whole(tiny_cache, tmp_pa
         out = {}
         for run in list_runs(runs_dir):
             c = read_json(run / "config.json")
-            out[(c["layers"], c["seed"])] = (run / "metrics.jsonl").read_text()
+            out[(c["layers"], c["seed"])] = _rows(run)
         return out
 
     one, shared = cells(tmp_path / "one"), cells(tmp_path / "shared")
-    assert len(one) == 6 and one == shared  # the same cells, the same metrics
+    assert len(one) == 6 and one.keys() == shared.keys()  # the same cells
+    for key in one:  # the same metrics (cells stacked six or three at a time: equal to float rounding)
+        _assert_same_curves(one[key], shared[key])
+
+
+def _rows(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_curves(a: list[dict], b: list[dict], tol: float = 1e-4):
+    assert len(a) == len(b) and all(ra.keys() == rb.keys() for ra, rb in zip(a, b))
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=tol, rel=0), (k, ra, rb)
+
+
+def test_vectorized_cells_equal_their_sequential_runs(tiny_cache, tmp_path):
+    """Cells stacked in one batched model (seeds x lambda x tau x pair counts) against the same
+    configs trained one by one: the same records, curves, early stops, weights and recalls."""
+    from safetensors.torch import load_file
+
+    from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
+
+    grid = {"lam": [1.0, 10.0], "temperature": [0.05, 0.1]}
+    runs = {}
+    for mode in ("seq", "vec"):
+        base = _cfg(tiny_cache, tmp_path / mode, epochs=12, patience=3, lr=3e-2, layers="last")
+        runs[mode] = sweep(base, ["last"], ["clip+structure"], [0, 1], [40, 44], grid=grid,
+                           vectorize=mode == "vec")
+    assert len(runs["seq"]) == len(runs["vec"]) == 16
+    stopped, batched = set(), set()
+    for seq, vec in zip(runs["seq"], runs["vec"]):
+        cs, cv = read_json(seq / "config.json"), read_json(vec / "config.json")
+        assert cs.pop("runs_dir") != cv.pop("runs_dir") and cs == cv  # the same cell, recorded the same way
+        ss, sv = read_json(seq / "summary.json"), read_json(vec / "summary.json")
+        batched.add(sv.pop("batched_cells"))
+        for key in ("best_epoch", "epochs_run", "steps", "train_pairs", "image_layer", "checkpoint_on"):
+            assert ss[key] == sv[key], key
+        assert ss["best_val"] == pytest.approx(sv["best_val"], abs=1e-4)
+        stopped.add(ss["epochs_run"] < 12)
+        _assert_same_curves(_rows(seq), _rows(vec))
+        ws, wv = load_file(str(seq / "heads.safetensors")), load_file(str(vec / "heads.safetensors"))
+        assert ws.keys() == wv.keys() and all(torch.allclose(ws[k], wv[k], atol=1e-4, rtol=0) for k in ws)
+        recalls = [eval_retrieval(RetrievalConfig(run=str(r), baseline=False, cache_dir=tiny_cache["cache"],
+                                                  runs_dir=r.parent))["metrics"] for r in (seq, vec)]
+        for direction in recalls[0]:
+            assert recalls[0][direction] == pytest.approx(recalls[1][direction], abs=1e-4)
+    assert stopped == {True, False}  # some cells stopped early inside the stack, others ran on
+    assert batched == {16}  # one stack: 40 and 44 pairs both give 2 steps of 16
 
 
 def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, tmp_path):
@@ -255,3 +303,34 @@ def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, 
     assert any(t.startswith("eval/retrieval/") and t.endswith("R@1") for t in tags)
     out = runner.invoke(app, ["align", *common, "--epochs", "1", "--log", "mlflow"])
     assert out.exit_code == 2 and "unknown tracker" in out.output
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_no_host_reads_inside_the_step_loop(tiny_cache, tmp_path, monkeypatch, vectorize):
+    """Losses stay on the device during an epoch: the number of device-to-host reads does not
+    grow with the steps per epoch (one read per epoch), sequential or stacked."""
+    import sys
+    from pathlib import Path
+
+    import featcache.pipeline
+
+    ours = str(Path(featcache.pipeline.__file__).parent)  # reads made by featcache's code (torch's
+    reads = []  # AdamW reads its step counter, which it keeps on the host on purpose)
+
+    def counted(name, original):
+        def read(self, *a, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                reads.append(name)
+            return original(self, *a, **k)
+        return read
+
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+    def count(batch_size):
+        reads.clear()
+        sweep(_cfg(tiny_cache, tmp_path / str(batch_size), epochs=3, patience=10, batch_size=batch_size,
+                   layers="last"), ["last"], ["clip+structure"], [0, 1], vectorize=vectorize)
+        return len(reads)
+
+    assert count(24) == count(8)  # 2 and 6 steps per epoch
