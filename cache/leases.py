@@ -107,8 +107,14 @@ class _S3:
         cond = {"IfMatch": match} if match else {"IfNoneMatch": "*"}
         try:
             return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **cond)["ETag"]
-        except (FileExistsError, FileNotFoundError):
+        except FileExistsError:
             raise _LostRace() from None
+        except FileNotFoundError:
+            if match:  # the lease vanished since it was read (released, or removed by --overwrite)
+                raise _LostRace() from None
+            raise FeatcacheError(f"cannot write to s3://{self.bucket}: the bucket does not exist",
+                                 "create it, or check --cache-dir and the endpoint (AWS_ENDPOINT_URL or "
+                                 "--storage-option endpoint_url=...)") from None
         except OSError as err:  # 412 PreconditionFailed, 409 ConditionalRequestConflict
             code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):

@@ -291,15 +291,14 @@ def test_a_stalled_heartbeat_stops_the_writer_before_its_next_chunk(tiny_vit, s3
 
 # -- configuration and hostile input --------------------------------------------------------------
 
-def test_endpoint_from_the_command_line(tiny_vit, s3_cache, s3_endpoint, tmp_path):
+def test_endpoint_from_the_command_line(tiny_vit, s3_cache, s3_endpoint, tmp_path, monkeypatch):
     """Without AWS_ENDPOINT_URL, --storage-option endpoint_url=... reaches the same server."""
     pairs = make_pairs(tmp_path / "data", n=12)
-    env = {k: v for k, v in _env().items() if k != "AWS_ENDPOINT_URL"}
-    out = subprocess.run(_cli("--storage-option", f"endpoint_url={s3_endpoint}",
-                              *_tiny_argv(tiny_vit, pairs, s3_cache)), env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert FeatureStore.open(next(find_stores(s3_cache))).is_complete()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    out = runner.invoke(app, ["--storage-option", f"endpoint_url={s3_endpoint}", *_tiny_argv(tiny_vit, pairs, s3_cache)])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["--storage-option", f"endpoint_url={s3_endpoint}", "ls", "--cache-dir", s3_cache])
+    assert out.exit_code == 0 and "yes" in out.output, out.output
     out = runner.invoke(app, ["--storage-option", "endpoint_url", "ls", "--cache-dir", s3_cache])
     assert out.exit_code == 2 and "bad --storage-option" in out.output
 
