@@ -318,7 +318,7 @@ def bench_s3(quick: bool) -> dict:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     t_local, t_s3 = min(times["local"]), min(times["s3"])
-    out = {"rows": n, "batch": batch, "layers": layers, "chunks_objects_per_store": objects,
+    out = {"rows": n, "batch": batch, "layers": layers, "objects_per_store": objects,
            "local_extract_s": t_local, "s3_extract_s": t_s3, "ratio": t_s3 / t_local,
            "local_runs_s": times["local"], "s3_runs_s": times["s3"],
            "local_read_s": times["local_read"], "s3_read_s": times["s3_read"],
