@@ -92,6 +92,7 @@ def tux_local(tmp_path_factory):
 
 # -- the whole path ------------------------------------------------------------------------------
 
+@pytest.mark.real
 @requires_real
 def test_extract_ls_verify_align_eval_on_s3(s3_cache, tmp_path):
     for model in ("dinov2", "minilm"):  # every layer of 8 Tux Paint test images (and their captions)
@@ -157,6 +158,7 @@ def _wait_done(cache: str, at_least: int, proc, timeout: float = 120) -> None:
     raise AssertionError(f"the writer did not finish {at_least} chunk(s) (exit {proc.poll()})")
 
 
+@pytest.mark.real
 @requires_real
 def test_sigkill_during_extract_then_resume_is_bitwise_equal_to_local(tux_local, s3_cache):
     proc = subprocess.Popen(_cli("extract", *TUX, "--cache-dir", s3_cache), env=_env(FEATCACHE_SLOW_BATCH_S="0.5"),
@@ -175,6 +177,7 @@ def test_sigkill_during_extract_then_resume_is_bitwise_equal_to_local(tux_local,
     assert not leases.shard_lease_urls(str(store.path))  # released
 
 
+@pytest.mark.real
 @requires_real
 def test_two_shard_writers_at_once_complete_one_store(tux_local, s3_cache):
     procs = [subprocess.Popen(_cli("extract", *TUX, "--shard", f"{i}/2", "--cache-dir", s3_cache), env=_env(),
