@@ -334,10 +334,72 @@ def bench_structure_compile(quick: bool) -> dict:
     return out
 
 
+def bench_s3(quick: bool) -> dict:
+    """Extraction into s3:// (moto's S3 server on 127.0.0.1, through s3fs) against a local directory,
+    same rows, alternating, best of 2; then reading every layer back from each."""
+    import logging
+    import uuid
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from featcache.cache.store import FeatureStore, find_stores
+    from featcache.pipeline.catalog import load_dataset
+    from featcache.pipeline.encoders import load_encoder
+    from featcache.pipeline.extract import ExtractConfig, extract
+
+    n, batch = (32 if quick else 128), 32
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    fs = s3fs.S3FileSystem()
+    try:
+        enc = load_encoder(MODEL, DEVICE)
+        split = load_dataset("tuxpaint")["train"].limited(n)
+        images = [split.images.load(i) for i in range(n)]  # warm the file cache
+        enc.forward(enc.prepare_images(images[:batch]), ["block.11"], "cls")  # warm-up
+        times = {"local": [], "s3": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(2):
+                for kind in ("local", "s3"):
+                    if kind == "s3":
+                        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+                        fs.mkdir(bucket)
+                        cache = f"s3://{bucket}/cache"
+                    else:
+                        cache = Path(tmp) / uuid.uuid4().hex[:8]
+                    cfg = ExtractConfig(model=MODEL, dataset="tuxpaint", splits=["train"], limit=n, batch_size=batch,
+                                        cache_dir=cache, device=DEVICE)
+                    times[kind].append(timed(lambda: extract(cfg)))
+                    store = FeatureStore.open(next(find_stores(cache)))
+                    times[kind + "_read"] = timed(lambda: [store.read(name) for name in store.layers])
+                    objects = len(fs.find(str(store.path))) if kind == "s3" else None
+        layers = len(store.layers)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    t_local, t_s3 = min(times["local"]), min(times["s3"])
+    out = {"rows": n, "batch": batch, "layers": layers, "objects_per_store": objects,
+           "local_extract_s": t_local, "s3_extract_s": t_s3, "ratio": t_s3 / t_local,
+           "local_runs_s": times["local"], "s3_runs_s": times["s3"],
+           "local_read_s": times["local_read"], "s3_read_s": times["s3_read"],
+           "read_ratio": times["s3_read"] / times["local_read"]}
+    print(f"s3: {n} tuxpaint images, {MODEL} on {DEVICE}, all {layers} layers, batch {batch}: extract into a local "
+          f"directory {t_local:.2f}s, into s3:// (moto on 127.0.0.1) {t_s3:.2f}s, ratio {out['ratio']:.3f}; "
+          f"reading every layer back {times['local_read']:.2f}s vs {times['s3_read']:.2f}s ({objects} objects)")
+    return out
+
+
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
            "sweep": bench_sweep, "retrieval": bench_retrieval, "checksum_read": bench_checksum_read,
            "scaling": bench_scaling, "vectorized_sweep": bench_vectorized_sweep,
-           "structure_compile": bench_structure_compile}
+           "structure_compile": bench_structure_compile, "s3": bench_s3}
 
 
 def main() -> None:

@@ -3,14 +3,52 @@
 Stores are opened through zarr, which understands both; the few file operations featcache
 needs besides (exists, remove, size, find) go through this module so the rest of the code does
 not care which it is.
+
+Object-store options (an S3-compatible endpoint, credentials, a profile) come the usual fsspec
+and boto ways: ``AWS_ENDPOINT_URL`` and the other ``AWS_*`` variables, fsspec's own
+``FSSPEC_S3_ENDPOINT_URL``-style configuration, or ``featcache --storage-option KEY=VALUE``,
+which :func:`set_storage_options` records for every filesystem this process opens.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 Location = Path | str
+
+# Options for URL filesystems, from the command line (``--storage-option``); empty: fsspec's and
+# boto's own configuration alone decide.
+_STORAGE_OPTIONS: dict = {}
+
+
+def parse_storage_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs; a value that reads as JSON (true, 3, {"a": 1}) is taken as such."""
+    from featcache.cache.errors import FeatcacheError
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FeatcacheError(f"bad --storage-option {item!r}",
+                                 "write KEY=VALUE, e.g. --storage-option endpoint_url=http://127.0.0.1:9000")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def set_storage_options(options: dict) -> None:
+    """Use ``options`` for every URL filesystem opened from now on (the CLI sets them per command)."""
+    _STORAGE_OPTIONS.clear()
+    _STORAGE_OPTIONS.update(options)
+
+
+def storage_options(location: Location) -> dict | None:
+    """What zarr and fsspec are given for ``location``: None for a local path."""
+    return dict(_STORAGE_OPTIONS) if is_url(location) else None
 
 
 def is_url(location: Location) -> bool:
@@ -36,9 +74,18 @@ def name(location: Location) -> str:
 
 
 def _fs(url: str):
+    """The filesystem and path of ``url``, with listings fresh: other processes write the same
+    bucket, and s3fs would otherwise answer ``exists`` from a listing it cached earlier."""
     from fsspec.core import url_to_fs
 
-    return url_to_fs(url)
+    fs, path = url_to_fs(url, **_STORAGE_OPTIONS)
+    fs.invalidate_cache()
+    return fs, path
+
+
+def filesystem(url: str):
+    """The fsspec filesystem and bucket-relative path behind a URL (for leases)."""
+    return _fs(url)
 
 
 def has_group(location: Location) -> bool:

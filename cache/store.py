@@ -97,7 +97,7 @@ def rebuild_command(attrs: dict) -> str:
 
 def _open_group(path: Location) -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode="r+")
+        return zarr.open_group(str(path), mode="r+", storage_options=loc.storage_options(path))
     except Exception as err:  # zarr raises JSON, value and key errors for damaged metadata
         raise FeatcacheError(f"the metadata of the store {path} cannot be read ({type(err).__name__})",
                              "remove the store, or rebuild it with the same featcache extract command "
@@ -111,6 +111,9 @@ class FeatureStore:
         self.path = loc.as_location(path)
         self.group = group
         self.attrs = dict(group.attrs)
+        # Called before every chunk write: the writer's lock or lease check
+        # (featcache.cache.locks.store_lock), so a writer that lost its lease writes nothing more.
+        self.fence = lambda: None
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -173,7 +176,7 @@ class FeatureStore:
                     )
                 return store
         loc.make_parent(path)
-        group = zarr.open_group(str(path), mode="w")
+        group = zarr.open_group(str(path), mode="w", storage_options=loc.storage_options(path))
         n = len(ids)
         chunk = max(1, min(chunk_rows, n))
         with zarr.config.set(_WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
@@ -329,10 +332,12 @@ class FeatureStore:
         recomputing this chunk.
         """
         sl = self.chunk_slice(chunk)
+        self.fence()
         with zarr.config.set(_WRITE_EVERY_CHUNK):
             self.array("missing")[sl] = missing
             for name, values in features.items():
                 self.array(f"layers/{name}")[sl] = values
+            self.fence()  # the data may have taken long: still ours before anything is marked done
             for name in features:
                 self.array(f"done/{name}")[chunk] = True
 

@@ -20,10 +20,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(storage_option: list[str] = typer.Option(
+        [], "--storage-option", metavar="KEY=VALUE",
+        help="An fsspec option for s3:// and other URL caches, e.g. endpoint_url=http://127.0.0.1:9000 "
+             "(repeatable; given before the command).")) -> None:
     """Before any command (not at import): featcache draws its own progress and messages, and
     prints its warnings (a skipped broken run, say) as one line each."""
     import warnings
+
+    from featcache.cache.location import parse_storage_options, set_storage_options
+
+    try:
+        set_storage_options(parse_storage_options(storage_option))
+    except FeatcacheError as err:
+        _error(f"{err.message} ({err.hint})")
 
     from featcache.pipeline.runs import BrokenRunWarning
 

@@ -244,11 +244,13 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
     start = time.perf_counter()
     path = store_path(cfg.cache_dir, store_spec(cfg, encoder, split, pooling))
     side = split.side(encoder.modality)
-    with store_lock(path, f"shard-{worker.label}", blocking=False, what=f"{path} (shard {worker.index}/{worker.count})"):
+    with store_lock(path, f"shard-{worker.label}", blocking=False,
+                    what=f"{path} (shard {worker.index}/{worker.count})") as held:
         # Creating the skeleton and adding layer arrays is metadata: one process at a time.
         with store_lock(path, "meta", blocking=True, what=str(path)):
             store = open_store_for(cfg, encoder, split, pooling, split_names or [split.name])
             store.ensure_layers(layers)
+        store.fence = held.check
         pending = store.pending_chunks(layers)
         own = worker.own(pending)
         task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}",
