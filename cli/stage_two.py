@@ -43,7 +43,7 @@ FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
-Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard (metrics.jsonl always).")
+Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard | wandb (offline unless WANDB_MODE says otherwise; metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 

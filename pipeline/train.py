@@ -93,7 +93,7 @@ class AlignConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
-    log: str = "none"  # experiment tracker: none | tensorboard (metrics.jsonl is always written)
+    log: str = "none"  # experiment tracker: none | tensorboard | wandb (metrics.jsonl is always written)
     device: str = "cpu"
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
