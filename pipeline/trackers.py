@@ -73,9 +73,10 @@ class WandbTracker:
             raise FeatcacheError("--log wandb needs the wandb package",
                                  "pip install wandb, or log with --log tensorboard or none") from None
         log_dir.mkdir(parents=True, exist_ok=True)
-        settings = wandb.Settings(mode=mode, silent=True, console="off", disable_git=True, save_code=False,
-                                  x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
-                                  x_save_requirements=False)
+        quiet = dict(mode=mode, silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True,
+                     x_disable_meta=True, x_disable_machine_info=True, x_save_requirements=False)
+        # Only the switches this wandb knows: its Settings refuse unknown fields, and they come and go.
+        settings = wandb.Settings(**{k: v for k, v in quiet.items() if k in wandb.Settings.model_fields})
         try:
             self.run = wandb.init(dir=str(log_dir), project=os.environ.get("WANDB_PROJECT") or "featcache",
                                   id=name, name=name, config=config, resume="allow", settings=settings,
