@@ -6,14 +6,12 @@
 # Two venvs: a shared one with the third-party packages (torch and friends, several GB), and one
 # per clone that holds only this clone's editable featcache and sees the shared packages through
 # a .pth file. So a second clone (a branch, a colleague's fork) never re-points the first one's
-# `featcache` to its own code.
+# `featcache` to its own code (.ci/clone-venv.sh; tests/test_install.py checks it with two clones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE_ROOT="${FEATCACHE_HOME:-$HOME/.cache/featcache}"
 BASE="${FEATCACHE_BASE_VENV:-$CACHE_ROOT/venv-py311}"
-CLONE_ID="$(pwd -P | sha256sum | cut -c1-12)"
-VENV="${FEATCACHE_VENV:-$CACHE_ROOT/clones/$CLONE_ID}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$CACHE_ROOT/pip}"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -61,14 +59,7 @@ PYEOF
 flock -u 9
 
 # 3. This clone's venv: its own editable featcache, the shared packages through a .pth file.
-if [ ! -x "$VENV/bin/python" ]; then
-  mkdir -p "$(dirname "$VENV")"
-  "$PY" -m venv "$VENV"
-fi
-SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-"$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/_featcache_shared.pth"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
-ln -sfn "$VENV" .venv
+PYTHON="$PY" FEATCACHE_HOME="$CACHE_ROOT" FEATCACHE_BASE_VENV="$BASE" bash .ci/clone-venv.sh
 
 # 4. One-time conversion of DINOv2-S/14 to safetensors (sha256-checked).
 HF_HUB_OFFLINE=1 .venv/bin/featcache prepare

@@ -162,23 +162,38 @@ def demo(
     cache_dir: Optional[str] = CacheDir,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
-    from rich.table import Table
-
     from featcache.pipeline.app.demo import DemoConfig, quick as quick_config, run_demo
 
     cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
-    result = run_demo(quick_config(cfg) if quick else cfg, console, progress_bar,
-                      lambda table: console.print(score_table_view(table, "tuxpaint/train")))
-    rep = result["report"]
-    table = Table(title="featcache demo: mean ± sample std over seeds (%)")
-    for col in rep.header():
-        table.add_column(col, overflow="fold")
-    for row in rep.table_rows():
+    cfg = quick_config(cfg) if quick else cfg
+    result = run_demo(cfg, console, progress_bar,
+                      lambda table: console.print(score_table_view(table, f"{cfg.train_dataset}/train")))
+    for view in result["views"]:
+        console.print(table_view(view))
+    by_name = {p.name: p for p in result["written"]}
+    console.print(f"full table (every metric): {by_name['report.md']} and {by_name['report.csv']}",
+                  highlight=False, soft_wrap=True)
+    plots = [cfg.out / "layers.png", *(p for p in result["written"] if p.suffix == ".png")]
+    console.print(f"plots: {', '.join(map(str, plots))}", highlight=False, soft_wrap=True)
+    if result["tensorboard"] is not None:
+        console.print(f"TensorBoard curves: tensorboard --logdir {result['tensorboard']}", highlight=False,
+                      soft_wrap=True)
+    times = result["times"]
+    console.print(f"total {times['total_s']:.0f} s (extraction {times['extract_s']:.0f} s, training "
+                  f"{times['grid_s']:.0f} s, evaluation {times['eval_s']:.0f} s)", highlight=False)
+
+
+def table_view(view):
+    """A demo TableView as a rich table: the metric names left, a column per configuration."""
+    from rich.table import Table
+
+    table = Table(title=view.title)
+    table.add_column(view.header[0], no_wrap=True)
+    for name in view.header[1:]:
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in view.rows:
         table.add_row(*row)
-    console.print(table)
-    for path in result["written"]:
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    console.print(f"total {result['times']['total_s']:.0f} s", highlight=False)
+    return table
 
 
 @app.command()

@@ -46,7 +46,7 @@ Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+st
 Compile = typer.Option("off", "--compile", help="torch.compile the losses: off | on | auto (CUDA only); pays "
                                                "only for long runs (the first compile takes a minute or more); "
                                                "falls back to eager with a warning where it fails.")
-Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard (metrics.jsonl always).")
+Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard | wandb (offline unless WANDB_MODE says otherwise; metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 
 

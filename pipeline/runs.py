@@ -37,7 +37,8 @@ class RunWriter:
         self._metrics = open(self.tmp / "metrics.jsonl", "w")
         from featcache.pipeline.trackers import make_tracker
 
-        self.tracker = make_tracker(tracker, self.tmp)  # inside the run dir, renamed with it
+        # inside the run dir, renamed with it; named by the final id, not the .partial folder
+        self.tracker = make_tracker(tracker, self.tmp, name=self.run_id, config=config)
 
     def log(self, record: dict) -> None:
         """One metrics.jsonl line (the record of truth), mirrored to the run's tracker."""

@@ -94,7 +94,7 @@ class AlignConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
-    log: str = "none"  # experiment tracker: none | tensorboard (metrics.jsonl is always written)
+    log: str = "none"  # experiment tracker: none | tensorboard | wandb (metrics.jsonl is always written)
     # torch.compile of the losses: off | on | auto (CUDA only). Off by default: the first compile
     # costs 86 s on an H200 (45 s on a CPU) against 3 ms saved per B = 4,096 step on the H200,
     # so it pays only past about 30,000 steps in one process (docs/benchmarks.md).
