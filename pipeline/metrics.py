@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import faiss
 import numpy as np
+
+from featcache.pipeline.faiss_device import flat_ip
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -31,14 +32,14 @@ def retrieval_ranks(query: np.ndarray, gallery: np.ndarray, positives: Sequence[
     """Each query's first correct rank among its top ``kmax`` (``kmax`` when none is there).
 
     Exact inner-product search with faiss over L2-normalised rows, in query batches, so a
-    million-row gallery never needs a full query x gallery matrix in memory.
+    million-row gallery never needs a full query x gallery matrix in memory; on the GPU when
+    faiss sees one (``FEATCACHE_FAISS_DEVICE=cpu`` forces the CPU).
     """
     if len(query) != len(positives):
         raise ValueError("positives needs one set per query row")
     query, gallery = normalise(query), normalise(gallery)
     kmax = min(kmax, len(gallery))
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
+    index = flat_ip(gallery, k=kmax)  # on the GPU where faiss sees one (featcache.pipeline.faiss_device)
     ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), batch):
         _, top = index.search(query[s:s + batch], kmax)
