@@ -499,6 +499,7 @@ ON_REQUEST = ("layer_target", "scale")  # minutes to tens of minutes: run with -
 
 
 def main() -> None:
+    global MODEL, DEVICE, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(BENCHES))
     ap.add_argument("--quick", action="store_true", help="Smaller sizes, for a smoke run.")
@@ -514,7 +515,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
-    global MODEL, DEVICE, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES
     SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES = args.scale_full, args.layer_rows, args.layer_queries
     MODEL, DEVICE = args.model, args.device
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
