@@ -395,6 +395,17 @@ def _child(task: dict) -> dict:
         r_i2t = retrieval_ranks(xi, xt, i2t)
         extra = {"read_s": t_read, "retrieval_s": time.perf_counter() - t0, "queries": len(xt), "gallery": len(xi),
                  "t2i_r1": float((r_t2i < 1).mean()), "i2t_r1": float((r_i2t < 1).mean())}
+    elif kind == "gallery":  # retrieval memory: 500 queries against a gallery made here
+        from featcache.pipeline.metrics import retrieval_ranks
+
+        rng = np.random.default_rng(0)
+        gallery = rng.standard_normal((task["n"], 512), dtype=np.float32)
+        src = rng.integers(0, task["n"], size=500)
+        query = gallery[src] + 0.05 * rng.standard_normal((500, 512), dtype=np.float32)
+        t0 = time.perf_counter()
+        ranks = retrieval_ranks(query, gallery, [{int(s)} for s in src])
+        extra = {"retrieval_s": time.perf_counter() - t0, "gallery_bytes": gallery.nbytes,
+                 "r1": float((ranks < 1).mean())}
     else:  # "imports": the interpreter with featcache, torch and faiss loaded, the floor of every peak
         import faiss  # noqa: F401
 
@@ -488,14 +499,28 @@ def bench_scale(quick: bool) -> dict:
     return out
 
 
+def bench_retrieval_memory(quick: bool) -> dict:
+    """Peak RSS of retrieval (500 queries) at a 1M x 512 gallery (100k with --quick), above a
+    process that only imports, against the gallery's own size."""
+    n = 100_000 if quick else 1_000_000
+    floor = _run_child({"kind": "imports"})["peak_bytes"]
+    r = _run_child({"kind": "gallery", "n": n})
+    r["above_imports_bytes"] = r["peak_bytes"] - floor
+    r["ratio_to_gallery"] = r["above_imports_bytes"] / r["gallery_bytes"]
+    print(f"retrieval memory: gallery {n:,} x 512 ({r['gallery_bytes'] / 2**30:.2f} GiB): peak above imports "
+          f"{r['above_imports_bytes'] / 2**30:.2f} GiB = {r['ratio_to_gallery']:.2f}x the gallery; "
+          f"search {r['retrieval_s']:.1f}s, R@1 {r['r1']:.3f}")
+    return r
+
+
 SCALE_FULL = False
 
 
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
            "sweep": bench_sweep, "retrieval": bench_retrieval, "checksum_read": bench_checksum_read,
            "scaling": bench_scaling, "layer_target": bench_layer_target,
-           "scale": bench_scale}
-ON_REQUEST = ("layer_target", "scale")  # minutes to tens of minutes: run with --only NAME
+           "scale": bench_scale, "retrieval_memory": bench_retrieval_memory}
+ON_REQUEST = ("layer_target", "scale", "retrieval_memory")  # minutes to tens of minutes: run with --only NAME
 
 
 def main() -> None:

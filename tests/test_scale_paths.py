@@ -139,3 +139,20 @@ def test_cpu_is_the_fallback_and_can_be_forced(fake_gpu, monkeypatch):
     monkeypatch.delattr(faiss, "get_num_gpus")  # faiss-cpu builds without GPU symbols
     assert faiss_device.gpu_count() == 0 and not faiss_device.use_gpu()
     assert fake_gpu.moved == []
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 16])
+def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
+    from featcache.pipeline.metrics import retrieval_ranks, retrieval_recall_full
+
+    rng = np.random.default_rng(5)
+    gallery = rng.normal(size=(150, 16)).astype(np.float32)
+    src = rng.integers(0, 150, size=40)
+    query = gallery[src] + 0.3 * rng.normal(size=(40, 16)).astype(np.float32)
+    positives = [{int(s), int(s + 1) % 150} for s in src]
+    ranks = retrieval_ranks(query, gallery, positives, 10, batch=9, block=block)
+    sims = query.astype(np.float64) @ (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).T.astype(np.float64)
+    order = np.argsort(-sims, axis=1)[:, :10]
+    want = [next((r for r, g in enumerate(row) if g in p), 10) for row, p in zip(order, positives)]
+    assert ranks.tolist() == want and 0 < np.mean(ranks < 10) < 1
+    assert {k: float((ranks < k).mean()) for k in (1, 5, 10)} == retrieval_recall_full(query, gallery, positives)
