@@ -148,7 +148,7 @@ def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(150, 16)).astype(np.float32)
     src = rng.integers(0, 150, size=40)
-    query = gallery[src] + 0.3 * rng.normal(size=(40, 16)).astype(np.float32)
+    query = gallery[src] + 1.5 * rng.normal(size=(40, 16)).astype(np.float32)
     positives = [{int(s), int(s + 1) % 150} for s in src]
     ranks = retrieval_ranks(query, gallery, positives, 10, batch=9, block=block)
     sims = query.astype(np.float64) @ (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).T.astype(np.float64)
