@@ -403,7 +403,7 @@ def _child(task: dict) -> dict:
         src = rng.integers(0, task["n"], size=500)
         query = gallery[src] + 0.05 * rng.standard_normal((500, 512), dtype=np.float32)
         t0 = time.perf_counter()
-        ranks = retrieval_ranks(query, gallery, [{int(s)} for s in src])
+        ranks = retrieval_ranks(query, gallery, [{int(s)} for s in src], block=task.get("block") or 1 << 16)
         extra = {"retrieval_s": time.perf_counter() - t0, "gallery_bytes": gallery.nbytes,
                  "r1": float((ranks < 1).mean())}
     else:  # "imports": the interpreter with featcache, torch and faiss loaded, the floor of every peak
@@ -504,13 +504,15 @@ def bench_retrieval_memory(quick: bool) -> dict:
     process that only imports, against the gallery's own size."""
     n = 100_000 if quick else 1_000_000
     floor = _run_child({"kind": "imports"})["peak_bytes"]
-    r = _run_child({"kind": "gallery", "n": n})
-    r["above_imports_bytes"] = r["peak_bytes"] - floor
-    r["ratio_to_gallery"] = r["above_imports_bytes"] / r["gallery_bytes"]
-    print(f"retrieval memory: gallery {n:,} x 512 ({r['gallery_bytes'] / 2**30:.2f} GiB): peak above imports "
-          f"{r['above_imports_bytes'] / 2**30:.2f} GiB = {r['ratio_to_gallery']:.2f}x the gallery; "
-          f"search {r['retrieval_s']:.1f}s, R@1 {r['r1']:.3f}")
-    return r
+    out = {"imports_peak_bytes": floor}
+    for name, block in (("blocks", None), ("one_block", n)):  # one block: the earlier whole-gallery copies
+        r = out[name] = _run_child({"kind": "gallery", "n": n, "block": block})
+        r["above_imports_bytes"] = r["peak_bytes"] - floor
+        r["ratio_to_gallery"] = r["above_imports_bytes"] / r["gallery_bytes"]
+        print(f"retrieval memory ({name}): gallery {n:,} x 512 ({r['gallery_bytes'] / 2**30:.2f} GiB): peak above "
+              f"imports {r['above_imports_bytes'] / 2**30:.2f} GiB = {r['ratio_to_gallery']:.2f}x the gallery; "
+              f"search {r['retrieval_s']:.1f}s, R@1 {r['r1']:.3f}")
+    return out
 
 
 SCALE_FULL = False
@@ -524,7 +526,7 @@ ON_REQUEST = ("layer_target", "scale", "retrieval_memory")  # minutes to tens of
 
 
 def main() -> None:
-    global MODEL, DEVICE, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES
+    global MODEL, DEVICE, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES, SCALE_ROWS, SCALE_ROWS_FULL, SCALE_WIDTHS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(BENCHES))
     ap.add_argument("--quick", action="store_true", help="Smaller sizes, for a smoke run.")
@@ -533,6 +535,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="Device of the extraction benchmark.")
     ap.add_argument("--scale-full", action="store_true",
                     help="scale: also 600k rows and a 50k-row table (needs ~61 GB disk at width 1,024).")
+    ap.add_argument("--scale-rows", help="scale: comma-separated store sizes N, instead of the series' own.")
+    ap.add_argument("--scale-widths", help="scale: comma-separated widths, instead of 384,1024.")
     ap.add_argument("--layer-rows", type=int, default=LAYER_TARGET_N, help="layer_target: rows n.")
     ap.add_argument("--layer-queries", type=int, default=LAYER_TARGET_QUERIES, help="layer_target: query rows.")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one scale task, in a fresh process
@@ -540,6 +544,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
+    if args.scale_rows:
+        SCALE_ROWS = SCALE_ROWS_FULL = tuple(int(v) for v in args.scale_rows.split(","))
+    if args.scale_widths:
+        SCALE_WIDTHS = tuple(int(v) for v in args.scale_widths.split(","))
     SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES = args.scale_full, args.layer_rows, args.layer_queries
     MODEL, DEVICE = args.model, args.device
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
