@@ -17,6 +17,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from featcache.pipeline.faiss_device import flat_ip
 from featcache.pipeline.metrics import normalise
 
 K_RULES = ("fixed", "rice", "sqrt", "sturges")
@@ -36,19 +37,40 @@ def k_for(n: int, k: int | None = None, rule: str = "rice") -> int:
     return max(1, min(int(k), n - 1))
 
 
-def knn(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, k) of each row's k nearest neighbours by cosine, itself excluded, nearest first."""
+def knn(x: np.ndarray, k: int, queries: np.ndarray | None = None, device: str | None = None) -> np.ndarray:
+    """Indices (m, k) of the k nearest neighbours by cosine among all n rows, itself excluded,
+    nearest first, of each row in ``queries`` (all rows, m = n, when None).
+
+    Exact flat search. Only the query rows are searched, so m query rows cost m x n x d,
+    not n x n x d; their neighbour lists are exactly those of the full search.
+    """
     x = normalise(x)
     n = len(x)
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    _, idx = index.search(x, k + 1)
+    rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    index = flat_ip(x, device, k + 1)
+    _, idx = index.search(x if queries is None else x[rows], k + 1)
     # Self may sit anywhere among exact ties; drop it, or the (k+1)-th when it is absent.
-    not_self = idx != np.arange(n)[:, None]
+    not_self = idx != rows[:, None]
     order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def edge_keys(nn: np.ndarray, n: int) -> np.ndarray:
+    """The neighbour lists as one sorted int64 array of keys row * n + neighbour.
+
+    Rows are sorted one by one and laid out in row order, so the whole array is sorted: two
+    layers' lists then intersect by one binary search of m k keys, O(m k log(m k)), instead
+    of comparing every pair of a row's k x k entries, O(m k^2).
+    """
+    return (np.arange(len(nn), dtype=np.int64)[:, None] * n + np.sort(nn, axis=1)).reshape(-1)
+
+
+def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of ``keys`` occur in ``sorted_keys``."""
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
 
 
 @dataclass(frozen=True)
@@ -56,30 +78,54 @@ class Layer:
     """One prepared layer: unit rows and (where the metric needs them) nearest neighbours."""
 
     x: np.ndarray
-    nn: np.ndarray | None = None
+    nn: np.ndarray | None = None  # (m, k): the neighbours of the query rows (all rows when m = n)
+    keys: np.ndarray | None = None  # edge_keys(nn): the same lists, sorted, for O(m k log) overlaps
+    queries: np.ndarray | None = None  # the query rows when only some rows were searched
+
+    @classmethod
+    def of(cls, x: np.ndarray, nn: np.ndarray | None, queries: np.ndarray | None = None) -> "Layer":
+        return cls(x, nn, None if nn is None else edge_keys(nn, len(x)), queries)
 
 
 def permuted(state: Layer, p: np.ndarray, inv: np.ndarray) -> Layer:
     """The layer re-paired so that row s stands where row p[s] stood (neighbours mapped back)."""
-    return Layer(state.x[p], None if state.nn is None else inv[state.nn[p]])
+    if state.queries is not None:
+        raise ValueError("a layer searched on query rows only cannot be re-paired; calibrate on all rows")
+    return Layer.of(state.x[p], None if state.nn is None else inv[state.nn[p]])
+
+
+def _same_rows(a: Layer, b: Layer) -> None:
+    if (a.queries is None) != (b.queries is None) or (a.queries is not None and not np.array_equal(a.queries, b.queries)):
+        raise ValueError("the two layers were searched on different query rows")
+
+
+def _full(a: Layer, what: str) -> None:
+    if a.queries is not None:
+        raise ValueError(f"{what} needs the neighbour lists of every row; search without queries")
 
 
 # -- neighbour metrics -------------------------------------------------------------------------
 def mutual_knn_score(a: Layer, b: Layer) -> float:
-    """Mean over rows of |N_A(i) ∩ N_B(i)| / k."""
-    k = a.nn.shape[1]
-    return float((a.nn[:, :, None] == b.nn[:, None, :]).any(-1).sum(-1).mean() / k)
+    """Mean over (query) rows of |N_A(i) ∩ N_B(i)| / k, by one sorted-key intersection."""
+    _same_rows(a, b)
+    m, k = a.nn.shape
+    shared = int(_member(a.keys, b.keys).sum())  # lists hold distinct rows, so each match is one neighbour
+    return float(np.float64(shared) / m / k)
 
 
 def cycle_knn_score(a: Layer, b: Layer) -> float:
     """Share of rows i that return to i: i's neighbours in B, then those rows' neighbours in A."""
-    n = len(a.nn)
-    back = a.nn[b.nn]  # (n, k, k)
-    return float((back == np.arange(n)[:, None, None]).reshape(n, -1).any(1).mean())
+    _full(a, "cycle_knn")
+    _full(b, "cycle_knn")
+    n, k = a.nn.shape
+    # i returns when some j in N_B(i) has i in N_A(j): the key j * n + i is an edge of A
+    back = b.nn * n + np.arange(n, dtype=np.int64)[:, None]
+    return float(_member(a.keys, back.reshape(-1)).reshape(n, k).any(1).mean())
 
 
 def lcs_knn_score(a: Layer, b: Layer) -> float:
     """Mean length of the longest common subsequence of the two ordered neighbour lists."""
+    _same_rows(a, b)
     n, k = a.nn.shape
     dp = np.zeros((n, k + 1, k + 1), dtype=np.int32)
     for i in range(1, k + 1):  # the classic DP, vectorised over rows
@@ -117,10 +163,11 @@ def _masked_hsic(a: Layer, b: Layer, mask_rows: np.ndarray, mask_cols: np.ndarra
 
 def _mutual_pattern(a: Layer, b: Layer) -> tuple[np.ndarray, np.ndarray]:
     """(i, j) where j is among the k nearest neighbours of i in both A and B."""
+    _full(a, "cknna")
     n, k = a.nn.shape
     rows = np.repeat(np.arange(n), k)
     cols = a.nn.reshape(-1)
-    keep = (a.nn[:, :, None] == b.nn[:, None, :]).any(-1).reshape(-1)
+    keep = _member(b.keys, rows * n + cols)
     return rows[keep], cols[keep]
 
 
@@ -209,11 +256,23 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def prepare(x: np.ndarray, metric: str, k: int | None) -> Layer:
-    """What one layer contributes to every pair it is in (its neighbour search happens here)."""
+QUERY_METRICS = ("mutual_knn", "lcs_knn")  # per-row means: a subset of query rows estimates them
+
+
+def prepare(x: np.ndarray, metric: str, k: int | None, queries: np.ndarray | None = None,
+            device: str | None = None) -> Layer:
+    """What one layer contributes to every pair it is in (its neighbour search happens here).
+
+    ``queries``: search the neighbours of these rows only (among all rows); the mutual and LCS
+    kNN scores are then means over those rows, an unbiased estimate of the all-row mean.
+    """
     m = METRICS[metric]
+    if queries is not None and metric not in QUERY_METRICS:
+        raise ValueError(f"{metric} needs every row's neighbours; query rows work with {', '.join(QUERY_METRICS)}")
     unit = normalise(x) if metric not in ("cka", "unbiased_cka", "svcca") else np.asarray(x, dtype=np.float32)
-    return Layer(unit, knn(unit, k) if m.needs_neighbours else None)
+    if not m.needs_neighbours:
+        return Layer(unit)
+    return Layer.of(unit, knn(unit, k, queries, device), queries)
 
 
 def alignment_score(a: np.ndarray, b: np.ndarray, metric: str = "mutual_knn", k: int | None = None,

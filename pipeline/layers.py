@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.alignment import (METRICS, alignment_score, k_for, knn, linear_cka,  # noqa: F401
-                                          permuted, prepare)
+from featcache.pipeline.alignment import (METRICS, QUERY_METRICS, alignment_score, k_for, knn,  # noqa: F401
+                                          linear_cka, permuted, prepare)
 
 
 def rice_k(n: int) -> int:
@@ -38,6 +38,7 @@ class ScoreTable:
     k: int | None
     calibrated: bool
     seed: int
+    queries: int | None = None  # neighbour lists searched for this many random rows only (None: all n)
 
     def best(self) -> tuple[str, str]:
         s = np.asarray(self.scores, dtype=float)
@@ -63,12 +64,20 @@ def score_table(
     calibrate: int = 0,
     seed: int = 0,
     k_rule: str = "rice",
+    queries: int | None = None,
+    device: str | None = None,
 ) -> ScoreTable:
     """Score every (image layer, text layer) pair on the same n rows, under any metric of
     ``featcache.pipeline.alignment.METRICS``; one neighbour search per layer.
 
     ``calibrate`` > 0 subtracts the mean score over that many shuffled pairings, which removes
     the part of a score that grows with depth and width by itself.
+
+    ``queries`` (mutual and LCS kNN only) searches the exact neighbours, among all n rows, of
+    that many seeded random rows instead of every row: each layer's search costs queries x n x d
+    instead of n^2 x d, and a score is the mean over those rows, an unbiased estimate of the
+    all-row score (the same rows for every pair, so pairs are compared on equal terms). k
+    stays the k of n rows. ``device``: where faiss searches (see featcache.pipeline.faiss_device).
     """
     if metric not in METRICS:
         raise FeatcacheError(f"unknown metric {metric!r}", f"choose one of: {', '.join(METRICS)}")
@@ -83,8 +92,14 @@ def score_table(
 
     const_img, const_txt = constant(image_feats), constant(text_feats)
     k = k_for(n, k, k_rule) if METRICS[metric].needs_neighbours else None
-    img = {name: prepare(x, metric, k) for name, x in image_feats.items() if name not in const_img}
-    txt = {name: prepare(x, metric, k) for name, x in text_feats.items() if name not in const_txt}
+    rows = None
+    if queries is not None and queries < n:
+        if metric not in QUERY_METRICS or calibrate:
+            raise FeatcacheError(f"query rows work with {', '.join(QUERY_METRICS)} and no calibration",
+                                 "leave the number of query rows unset")
+        rows = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:queries])
+    img = {name: prepare(x, metric, k, rows, device) for name, x in image_feats.items() if name not in const_img}
+    txt = {name: prepare(x, metric, k, rows, device) for name, x in text_feats.items() if name not in const_txt}
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
     inverse = [np.argsort(p) for p in perms]
@@ -99,4 +114,31 @@ def score_table(
     img_names, txt_names = list(image_feats), list(text_feats)
     scores = np.array([[np.nan if a in const_img or b in const_txt else pair_score(a, b) for b in txt_names]
                        for a in img_names], dtype=float)
-    return ScoreTable(img_names, txt_names, scores.tolist(), metric, n, k, bool(perms), seed)
+    return ScoreTable(img_names, txt_names, scores.tolist(), metric, n, k, bool(perms), seed,
+                      None if rows is None else len(rows))
+
+
+def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``store.read(layer)[rows]`` without the whole layer in memory: chunk by chunk, each
+    chunk's checksum checked as ``store.read`` checks it, keeping only the rows asked for.
+
+    The layer table scores a few thousand rows of each of many layers; reading whole layers
+    as float32 first would cost layers x rows x width x 4 bytes (61 GB for 25 layers of
+    600k x 1,024). Peak memory here is the rows asked for plus one chunk. A store that is
+    incomplete, has lost chunks, or is not a single store (a combined ``a+b`` data set) is
+    read by ``store.read`` itself, so its errors and results stay the same.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not hasattr(store, "read_chunk") or layer not in store.layers:
+        return store.read(layer, dtype)[rows]
+    done = store.done_chunks(layer)
+    if not done.all() or store.lost_chunks(layer, done):
+        return store.read(layer, dtype)[rows]  # raises the error naming what is wrong
+    wanted, inverse = np.unique(rows, return_inverse=True)
+    out = np.empty((len(wanted), store.width), dtype=dtype)
+    chunk_of = wanted // store.chunk_rows
+    for chunk in np.unique(chunk_of):
+        sel = np.flatnonzero(chunk_of == chunk)
+        data = store.read_chunk(f"layers/{layer}", int(chunk))
+        out[sel] = data[wanted[sel] - store.chunk_slice(int(chunk)).start]
+    return out[inverse]

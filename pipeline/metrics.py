@@ -7,6 +7,8 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from featcache.pipeline.faiss_device import flat_ip
+
 
 def normalise(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -27,23 +29,36 @@ def _recall(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 
 
 def retrieval_ranks(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]], kmax: int = 10,
-                    batch: int = 8192) -> np.ndarray:
+                    batch: int = 8192, block: int = 1 << 16) -> np.ndarray:
     """Each query's first correct rank among its top ``kmax`` (``kmax`` when none is there).
 
     Exact inner-product search with faiss over L2-normalised rows, in query batches, so a
-    million-row gallery never needs a full query x gallery matrix in memory.
+    million-row gallery never needs a full query x gallery matrix in memory; on the GPU when
+    faiss sees one (``FEATCACHE_FAISS_DEVICE=cpu`` forces the CPU). The gallery is normalised
+    and indexed ``block`` rows at a time and the per-block top ``kmax`` merged, so beyond the
+    caller's gallery the memory is two blocks, not two more copies of the whole gallery.
     """
     if len(query) != len(positives):
         raise ValueError("positives needs one set per query row")
-    query, gallery = normalise(query), normalise(gallery)
+    query = normalise(query)
     kmax = min(kmax, len(gallery))
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
     ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), batch):
-        _, top = index.search(query[s:s + batch], kmax)
-        ranks[s:s + batch] = _first_ranks(top, positives, s)
+        ranks[s:s + batch] = _first_ranks(_top(query[s:s + batch], gallery, kmax, block), positives, s)
     return ranks
+
+
+def _top(query: np.ndarray, gallery: np.ndarray, kmax: int, block: int) -> np.ndarray:
+    """Gallery rows (n_query, kmax) by descending cosine, exact, merged over gallery blocks."""
+    if len(gallery) <= block:  # one block: the plain search
+        return flat_ip(normalise(gallery), k=kmax).search(query, kmax)[1]
+    heap = faiss.ResultHeap(len(query), kmax, keep_max=True)
+    for start in range(0, len(gallery), block):
+        part = normalise(gallery[start:start + block])
+        d, i = flat_ip(part, k=min(kmax, len(part))).search(query, min(kmax, len(part)))
+        heap.add_result(d, np.where(i >= 0, i + start, -1))
+    heap.finalize()
+    return heap.I
 
 
 def retrieval_recall(query: np.ndarray, gallery: np.ndarray, positives: Sequence[set[int]],

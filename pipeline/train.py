@@ -24,7 +24,7 @@ from featcache.pipeline.cached import (PairedFeatures, Side, dataset_splits, ext
                                        subsample)
 from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
-from featcache.pipeline.layers import ScoreTable, score_table
+from featcache.pipeline.layers import ScoreTable, read_rows, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import (CENTERINGS, COMPILE, SIMILARITIES, clip_loss, compile_wanted, lambda_at,
                                       maybe_compile, structure_regularizer)
@@ -47,6 +47,7 @@ class SelectConfig:
     k_rule: str = "rice"  # rice | sqrt | sturges
     calibrate: int = 0  # shuffled pairings subtracted (0: raw score)
     seed: int = 0  # fixed, so every training seed selects the same layers
+    queries: int | None = None  # mutual/LCS kNN: exact neighbours of this many rows only (None: all rows)
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -198,12 +199,16 @@ def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
     def compute() -> ScoreTable:
         train = data.train
         rows = subsample(len(train), select.n, select.seed)
-        img = {n: data.features("train", "image", n)[rows] for n in train.images.layers if train.images.is_complete(n)}
-        txt = {n: data.features("train", "text", n)[rows] for n in train.texts.layers if train.texts.is_complete(n)}
+        # only the scored rows of each layer, never whole layers (see layers.read_rows)
+        img = {n: read_rows(train.images, n, train.image_rows[rows])
+               for n in train.images.layers if train.images.is_complete(n)}
+        txt = {n: read_rows(train.texts, n, train.text_rows[rows])
+               for n in train.texts.layers if train.texts.is_complete(n)}
         for feats, store in ((img, train.images), (txt, train.texts)):
             if not feats:
                 raise FeatcacheError(f"no layer of {store.path} is completely cached", extract_hint(store))
-        table = score_table(img, txt, select.metric, select.k, select.calibrate, select.seed, select.k_rule)
+        table = score_table(img, txt, select.metric, select.k, select.calibrate, select.seed, select.k_rule,
+                            select.queries)
         if np.isnan(np.asarray(table.scores, dtype=float)).all():
             raise FeatcacheError(f"every layer pair scored NaN under {select.metric} on {len(rows)} pairs "
                                  "(layers constant over rows, or too few pairs)", "extract more layers or data")
