@@ -158,13 +158,19 @@ def report(
 def demo(
     out: Path = typer.Option(Path("results"), help="Folder for the table, plots and runs."),
     quick: bool = typer.Option(False, help="A few-minute smoke version (small subsets, one seed)."),
+    dataset: str = typer.Option("tuxpaint", help="Training pairs: tuxpaint (a few minutes on two cores) or "
+                                                 "tuxpaint+openmoji (1,887 pairs; several times longer)."),
     device: str = typer.Option("auto"),
     cache_dir: Optional[str] = CacheDir,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
-    from featcache.pipeline.app.demo import DemoConfig, quick as quick_config, run_demo
+    from featcache.pipeline.app.demo import DemoConfig, quick as quick_config, run_demo, with_openmoji
 
+    if dataset not in ("tuxpaint", "tuxpaint+openmoji"):
+        raise FeatcacheError(f"the demo trains on tuxpaint or tuxpaint+openmoji, not {dataset!r}",
+                             "for your own data use featcache extract, align and eval")
     cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
+    cfg = with_openmoji(cfg) if dataset == "tuxpaint+openmoji" else cfg
     cfg = quick_config(cfg) if quick else cfg
     result = run_demo(cfg, console, progress_bar,
                       lambda table: console.print(score_table_view(table, f"{cfg.train_dataset}/train")))

@@ -55,3 +55,13 @@ def test_demo_tables_split_by_task_and_fit_100_columns():
 def test_a_combined_set_takes_its_parts_limit():
     assert split_limit(DemoConfig(), "tuxpaint+openmoji") is None
     assert split_limit(quick(DemoConfig()), "tuxpaint+openmoji") == 120
+
+
+def test_the_default_demo_trains_on_tux_paint_and_the_union_is_one_switch_away():
+    from featcache.pipeline.app.demo import with_openmoji
+
+    cfg = DemoConfig()
+    assert cfg.train_dataset == "tuxpaint" and ("openmoji", ("test",), None) in cfg.extracts
+    union = with_openmoji(cfg)
+    assert union.train_dataset == "tuxpaint+openmoji" and ("openmoji", None, None) in union.extracts
+    assert union.retrieval_sets == ("tuxpaint", "openmoji", "tuxpaint+openmoji")
