@@ -41,3 +41,8 @@ print("retrieval ranks GPU == CPU:", np.array_equal(r_gpu, r_cpu)); assert (r_gp
 PY
 FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only layer_target --out bench-out/gpu-layer-target.json
 FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only scale --out bench-out/gpu-scale.json
+# stage two on CUDA: stacked sweep cells equal their sequential runs (the test), the vectorised
+# sweep against one run at the sequential sweep's 200 epochs, and the compiled regularizer.
+python -m pytest -q tests/test_train.py -k "vectorized_cells or host_reads"
+python benchmarks/run.py --only vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
+    --out bench-out/gpu-stage-two.json
