@@ -44,5 +44,5 @@ FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only scale --out bench-out
 # stage two on CUDA: stacked sweep cells equal their sequential runs (the test), the vectorised
 # sweep against one run at the sequential sweep's 200 epochs, and the compiled regularizer.
 python -m pytest -q tests/test_train.py -k "vectorized_cells or host_reads"
-python benchmarks/run.py --only vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
+FEATCACHE_CACHE_DIR="$CACHE" python benchmarks/run.py --only vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
     --out bench-out/gpu-stage-two.json
