@@ -42,21 +42,29 @@ def retrieval_ranks(query: np.ndarray, gallery: np.ndarray, positives: Sequence[
         raise ValueError("positives needs one set per query row")
     query = normalise(query)
     kmax = min(kmax, len(gallery))
+    top = _top(query, gallery, kmax, block, batch)
     ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), batch):
-        ranks[s:s + batch] = _first_ranks(_top(query[s:s + batch], gallery, kmax, block), positives, s)
+        ranks[s:s + batch] = _first_ranks(top[s:s + batch], positives, s)
     return ranks
 
 
-def _top(query: np.ndarray, gallery: np.ndarray, kmax: int, block: int) -> np.ndarray:
-    """Gallery rows (n_query, kmax) by descending cosine, exact, merged over gallery blocks."""
-    if len(gallery) <= block:  # one block: the plain search
-        return flat_ip(normalise(gallery), k=kmax).search(query, kmax)[1]
-    heap = faiss.ResultHeap(len(query), kmax, keep_max=True)
+def _top(query: np.ndarray, gallery: np.ndarray, kmax: int, block: int, batch: int) -> np.ndarray:
+    """Gallery rows (n_query, kmax) by descending cosine, exact, merged over gallery blocks.
+
+    Each gallery block is normalised and indexed once, and every query batch searched against
+    it; only the (n_query, kmax) heap stays between blocks.
+    """
+    heap = faiss.ResultHeap(len(query), kmax, keep_max=True) if len(gallery) > block else None
     for start in range(0, len(gallery), block):
         part = normalise(gallery[start:start + block])
-        d, i = flat_ip(part, k=min(kmax, len(part))).search(query, min(kmax, len(part)))
-        heap.add_result(d, np.where(i >= 0, i + start, -1))
+        k = min(kmax, len(part))
+        index = flat_ip(part, k=k)
+        found = [index.search(query[s:s + batch], k) for s in range(0, len(query), batch)]
+        d, i = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+        if heap is None:  # one block: the plain search
+            return i
+        heap.add_result(np.ascontiguousarray(d), np.ascontiguousarray(np.where(i >= 0, i + start, -1)))
     heap.finalize()
     return heap.I
 
