@@ -276,7 +276,8 @@ def bench_vectorized_sweep(quick: bool) -> dict:
 
     epochs = SWEEP_EPOCHS or (2 if quick else 10)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = AlignConfig(runs_dir=Path(tmp), epochs=epochs, patience=epochs, loss="clip+structure", layers="auto")
+        cfg = AlignConfig(runs_dir=Path(tmp), epochs=epochs, patience=epochs, loss="clip+structure", layers="auto",
+                          device=DEVICE)
         try:
             load_cached(cfg)
         except Exception as err:

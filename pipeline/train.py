@@ -541,8 +541,10 @@ DATA_FIELDS = ("image_model", "text_model", "image_pooling", "text_pooling", "im
 
 
 def _effective(cfg: AlignConfig, seeds: list[int]) -> AlignConfig:
-    """A training-free method ignores the loss, and a deterministic one the seed: one run, not copies."""
+    """A training-free method ignores the loss, and a deterministic one the seed: one run, not
+    copies. Not with ``pairs``: the seed draws the training subset, so each seed fits its own."""
     if cfg.method == "heads":
         return cfg
     cfg = replace(cfg, loss="clip")
-    return cfg if cfg.method == "csa+structure" else replace(cfg, seed=seeds[0])
+    seeded = cfg.method == "csa+structure" or cfg.pairs is not None
+    return cfg if seeded else replace(cfg, seed=seeds[0])

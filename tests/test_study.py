@@ -99,6 +99,9 @@ def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path, monkeypatc
         raise AssertionError("the cache is complete: nothing to extract")
 
     monkeypatch.setattr(study, "extract", no_extract)
+    # inside a Slurm array task the study still trains every seed (sweep would take a share)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     rows = (recipe("auto", "clip"), recipe("auto", "clip+structure"),
             Variant.of("csa", layers="auto", loss="clip", method="csa"),
             Variant.of("R_S centering=none", layers="auto", loss="clip+structure", centering="none"))
@@ -131,10 +134,30 @@ def test_studies_run_apart_merge_into_the_same_summary(tmp_path):
     ranks = {(None, v.name): {s: {r: _ranks(0.3, rng) for r in cfg.seeds} for s in cfg.salts} for v in CONFIGS}
     for salt in cfg.salts:  # one study per salt, as on two machines
         (tmp_path / f"s{salt}").mkdir()
-        save_ranks({k: {salt: v[salt]} for k, v in ranks.items()}, tmp_path / f"s{salt}" / "ranks.json")
-    merged = run_study(replace(cfg, salts=("",), out=tmp_path / "all"), merge=[tmp_path / "s", tmp_path / "s1"])
+        save_ranks({k: {salt: v[salt]} for k, v in ranks.items()}, replace(cfg, salts=(salt,)),
+                   tmp_path / f"s{salt}" / "ranks.json")
+    # the merge takes the studies' own settings, not its command line's defaults
+    merged = run_study(replace(cfg, salts=("",), ks=(1, 10), out=tmp_path / "all"),
+                       merge=[tmp_path / "s", tmp_path / "s1"])
     assert merged == summarise({k[1]: v for k, v in ranks.items()}, cfg)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_ranks({k: {"2": v["1"]} for k, v in ranks.items()}, replace(cfg, epochs=100, salts=("2",)),
+               other / "ranks.json")
+    with pytest.raises(Exception, match="differ in epochs"):
+        merge_ranks([tmp_path / "s", other], cfg)
+    with pytest.raises(Exception, match="is one of the merged"):
+        merge_ranks([tmp_path / "s"], replace(cfg, out=tmp_path / "s"))
     with pytest.raises(Exception, match="more than one"):
         merge_ranks([tmp_path / "s", tmp_path / "s"], cfg)
     with pytest.raises(Exception, match="lack"):
         merge_ranks([tmp_path / "s"], replace(cfg, seeds=(0, 1, 2)))
+
+
+def test_a_training_free_method_on_a_pair_subset_fits_each_seed():
+    """With --pairs the seed draws the training subset, so a deterministic method is not one fit."""
+    from featcache.pipeline.train import AlignConfig, _effective
+
+    csa = AlignConfig(method="csa", seed=2)
+    assert _effective(csa, [0, 1, 2]).seed == 0
+    assert _effective(replace(csa, pairs=50), [0, 1, 2]).seed == 2

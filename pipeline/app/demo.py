@@ -148,7 +148,8 @@ def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> di
     console.rule("2. layer similarity (mutual kNN)")
     base = AlignConfig(image_model=cfg.image_model, text_model=cfg.text_model, dataset=cfg.train_dataset,
                        train_split=split("train"), val_split=split("val"), epochs=cfg.epochs, patience=cfg.patience,
-                       batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, runs_dir=runs_dir, log=log)
+                       batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, runs_dir=runs_dir, log=log,
+                       device=cfg.device)
     data = load_cached(base)
     table = select_layers(data, base.select)
     layer_heatmap(table, cfg.out / "layers.png", f"mutual kNN, {cfg.train_dataset} train, n={table.n}, k={table.k}")

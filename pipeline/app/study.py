@@ -134,8 +134,10 @@ def _cached(cfg: StudyConfig, spec: str, model: str) -> bool:
         for split in splits:
             store = open_store(cfg.cache_dir, spec, split, Side(model))
             parts = getattr(store, "parts", [store])  # a+b: each part's own store
-            if not all(p.is_complete(layer) for p in parts for layer in p.layers):
-                return False
+            for p in parts:  # every layer `--layers all` gives, not only those an earlier extract asked for
+                wanted = [n for n in p.encoder_identity.get("layers") or p.layers if n != "final"]
+                if any(layer not in p.layers or not p.is_complete(layer) for layer in wanted):
+                    return False
     except FeatcacheError:
         return False
     return True
@@ -163,14 +165,18 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
         spec = _spec(cfg.dataset, salt)
         _ensure_cached(cfg, spec, progress_factory)
         runs_dir = cfg.out / "runs" / (salt or "default")
-        base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
-                           checkpoint_on=cfg.checkpoint_on, cache_dir=cfg.cache_dir, runs_dir=runs_dir)
+        base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs,
+                           patience=cfg.patience, batch_size=cfg.batch_size, checkpoint_on=cfg.checkpoint_on,
+                           cache_dir=cfg.cache_dir, runs_dir=runs_dir, device=cfg.device)
         if cfg.lam_warmup_steps is not None:
             base = replace(base, lam_warmup_steps=cfg.lam_warmup_steps)
         for variant in cfg.configs:
             fields = variant.settings
             layers, loss = fields.pop("layers"), fields.pop("loss")
-            runs = sweep(replace(base, **fields), [layers], [loss], list(cfg.seeds), list(cfg.pairs) or None)
+            # shard 0/1: every cell here, even inside a Slurm array or torchrun, whose variables
+            # sweep would otherwise read and train only a share of the seeds
+            runs = sweep(replace(base, **fields), [layers], [loss], list(cfg.seeds), list(cfg.pairs) or None,
+                         shard="0/1")
             per_seed: dict = {}
             for run in runs:
                 c = read_json(run / "config.json")
@@ -179,8 +185,13 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
                 per_seed.setdefault(c["pairs"], {})[c["seed"]] = {
                     d: np.asarray(v) for d, v in res["first_correct_rank"].items()}
             for n, by_seed in per_seed.items():
-                only = next(iter(by_seed.values())) if len(by_seed) == 1 else None
-                ranks.setdefault((n, variant.name), {})[salt] = {r: by_seed.get(r, only) for r in cfg.seeds}
+                if len(by_seed) == 1 and n is None and fields.get("method", "heads") not in ("heads", "csa+structure"):
+                    by_seed = dict.fromkeys(cfg.seeds, next(iter(by_seed.values())))  # deterministic: one fit
+                missing = [r for r in cfg.seeds if r not in by_seed]
+                if missing:
+                    raise FeatcacheError(f"the study has no run of {variant.name} for seed {missing[0]}",
+                                         "report this: every seed of every variant should have trained")
+                ranks.setdefault((n, variant.name), {})[salt] = {r: by_seed[r] for r in cfg.seeds}
     return ranks
 
 
@@ -303,37 +314,58 @@ def scaling_plot(scaling: dict, path: Path, k: int = 1) -> Path:
 RANKS_FILE = "ranks.json"
 
 
-def save_ranks(ranks: dict, path: Path) -> None:
+SETTINGS = ("dataset", "image_model", "text_model", "epochs", "patience", "batch_size", "checkpoint_on",
+            "lam_warmup_steps", "pairs", "ks")  # what studies must share to be merged
+
+
+def _settings(cfg: StudyConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(cfg, k)) for k in SETTINGS)}
+
+
+def save_ranks(ranks: dict, cfg: StudyConfig, path: Path) -> None:
     """A study's raw result, the first-correct rank of every test item per (pairs, variant,
-    salt, seed), as plain JSON: studies run apart (one split salt per machine) are then
-    summarised together by :func:`merge_ranks`."""
+    salt, seed), as plain JSON with the settings that made it: studies run apart (one split
+    salt per machine) are then summarised together by :func:`merge_ranks`."""
     rows = [{"pairs": n, "variant": name, "salt": salt, "seed": seed, **{d: v.tolist() for d, v in dirs.items()}}
             for (n, name), per_salt in ranks.items() for salt, per_seed in per_salt.items()
             for seed, dirs in per_seed.items()]
-    write_json(path, {"rows": rows})
+    write_json(path, {"settings": _settings(cfg), "rows": rows})
 
 
-def load_ranks(path: Path) -> dict:
+def load_ranks(path: Path) -> tuple[dict, dict]:
+    """(ranks, settings) of one study's ranks.json."""
     ranks: dict = {}
     try:
-        rows = read_json(path)["rows"]
-        for r in rows:
+        data = read_json(path)
+        for r in data["rows"]:
             ranks.setdefault((r["pairs"], r["variant"]), {}).setdefault(r["salt"], {})[r["seed"]] = {
                 d: np.asarray(r[d]) for d in ("image_to_text", "text_to_image")}
+        settings = data["settings"]
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise FeatcacheError(f"cannot read study ranks from {path}: {err}",
                              "point --merge at folders written by featcache study") from None
-    return ranks
+    return ranks, settings
 
 
 def merge_ranks(dirs: list[Path], cfg: StudyConfig) -> tuple[dict, StudyConfig]:
-    """The union of several studies' ranks, and the config whose salts cover them. Each
-    (pairs, variant, salt, seed) may come from one study only, and every variant of ``cfg``
-    must be there for every salt and seed."""
+    """The union of several studies' ranks, and the config they were run with (their shared
+    settings, the salts they cover). The studies must agree on every setting that changes a
+    result; each (pairs, variant, salt, seed) may come from one study only, and every variant
+    of ``cfg`` must be there for every salt and seed."""
+    if any(Path(d).resolve() == Path(cfg.out).resolve() for d in dirs):
+        raise FeatcacheError(f"--out {cfg.out} is one of the merged studies", "write the merged summary elsewhere")
     ranks: dict = {}
     salts: list[str] = []
+    shared: dict | None = None
     for d in dirs:
-        for key, per_salt in load_ranks(Path(d) / RANKS_FILE).items():
+        part, settings = load_ranks(Path(d) / RANKS_FILE)
+        if shared is None:
+            shared, first = settings, d
+        elif settings != shared:
+            diff = sorted(k for k in set(settings) | set(shared) if settings.get(k) != shared.get(k))
+            raise FeatcacheError(f"the studies in {first} and {d} differ in {', '.join(diff)}",
+                                 "merge only studies run with the same settings (they differ only in --salts)")
+        for key, per_salt in part.items():
             for salt, per_seed in per_salt.items():
                 mine = ranks.setdefault(key, {}).setdefault(salt, {})
                 twice = set(mine) & set(per_seed)
@@ -342,11 +374,12 @@ def merge_ranks(dirs: list[Path], cfg: StudyConfig) -> tuple[dict, StudyConfig]:
                                          "merged studies", "merge studies of different salts or seeds")
                 mine.update(per_seed)
                 salts += [] if salt in salts else [salt]
-    merged = replace(cfg, salts=tuple(salts))
-    for v in cfg.configs:
-        for n in (cfg.pairs or (None,)):
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (shared or {}).items()}
+    merged = replace(cfg, salts=tuple(salts), **values)
+    for v in merged.configs:
+        for n in (merged.pairs or (None,)):
             for salt in salts:
-                missing = [r for r in cfg.seeds if r not in ranks.get((n, v.name), {}).get(salt, {})]
+                missing = [r for r in merged.seeds if r not in ranks.get((n, v.name), {}).get(salt, {})]
                 if missing:
                     raise FeatcacheError(f"the merged studies lack {v.name} (pairs {n or 'all'}) for salt "
                                          f"{salt!r}, seed {missing[0]}", "merge studies run with the same "
@@ -362,7 +395,7 @@ def run_study(cfg: StudyConfig, progress_factory=None, merge: list[Path] | None 
     else:
         ranks = collect(cfg, progress_factory)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    save_ranks(ranks, cfg.out / RANKS_FILE)
+    save_ranks(ranks, cfg, cfg.out / RANKS_FILE)
     if cfg.pairs:
         summary = summarise_scaling(ranks, cfg)
         write_json(cfg.out / "scaling.json", summary)
