@@ -169,6 +169,12 @@ def test_layers_and_auto_selection_by_any_metric(tiny_cache, tmp_path):
     for bad in (["--metric", "nope"], ["--k-rule", "fibonacci"]):
         out = runner.invoke(app, ["layers", *common, *bad])
         assert out.exit_code == 2 and "unknown" in out.output
+    # query rows: an estimate of the table from a seeded subset of rows, recorded as such
+    out = runner.invoke(app, ["layers", *common, "--queries", "20", "--out", str(tmp_path / "q.png")])
+    assert out.exit_code == 0, out.output
+    assert read_json(tmp_path / "q.json")["queries"] == 20
+    out = runner.invoke(app, ["layers", *common, "--queries", "20", "--metric", "cka"])
+    assert out.exit_code == 2 and "query rows work with" in out.output
 
 
 @pytest.mark.parametrize("method", ["procrustes", "csa", "csa+structure", "asif"])
