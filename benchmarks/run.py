@@ -114,10 +114,26 @@ def bench_layer_table(quick: bool) -> dict:
     return out
 
 
+def _loss_step(model, opt, xi, xt, rs) -> None:
+    """One optimiser step of the CLIP loss, plus 10 x R_S through ``rs`` when given, on a fixed
+    batch; it waits for the GPU, so a timer around it times the step."""
+    from featcache.pipeline.losses import clip_loss
+
+    zi, zt = model(xi, xt)
+    loss = clip_loss(zi, zt, 0.05)
+    if rs:
+        loss = loss + 10 * (rs(xi, zi, 0.05) + rs(xt, zt, 0.05)) / 2
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if xi.is_cuda:
+        torch.cuda.synchronize()
+
+
 def bench_train_step(quick: bool) -> dict:
     """One optimiser step with clip+structure against clip alone, at batch 4,096."""
     from featcache.pipeline.heads import AlignmentModel
-    from featcache.pipeline.losses import clip_loss, structure_regularizer
+    from featcache.pipeline.losses import structure_regularizer
 
     b = 1024 if quick else 4096
     torch.manual_seed(0)
@@ -137,14 +153,7 @@ def bench_train_step(quick: bool) -> dict:
         m = (p + q) / 2
         return (kl(m, q) + kl(m, p)) / 2
 
-    def step(structure):
-        zi, zt = model(xi, xt)
-        loss = clip_loss(zi, zt, 0.05)
-        if structure:
-            loss = loss + 10 * (structure(xi, zi, 0.05) + structure(xt, zt, 0.05)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    step = lambda rs: _loss_step(model, opt, xi, xt, rs)
 
     step(structure_regularizer)
     times = [(timed(lambda: step(None)), timed(lambda: step(structure_regularizer)), timed(lambda: step(prob_space_rs)))
@@ -303,7 +312,7 @@ def bench_structure_compile(quick: bool) -> dict:
     """A clip+structure step with R_S eager and through torch.compile, against a clip step
     (linear heads 384 -> 512; alternating, median of 3; compile time reported apart)."""
     from featcache.pipeline.heads import AlignmentModel
-    from featcache.pipeline.losses import clip_loss, maybe_compile, structure_regularizer
+    from featcache.pipeline.losses import maybe_compile, structure_regularizer
 
     b = 1024 if quick else 4096
     torch.manual_seed(0)
@@ -312,16 +321,7 @@ def bench_structure_compile(quick: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     compiled = maybe_compile(structure_regularizer, True)
 
-    def step(rs):
-        zi, zt = model(xi, xt)
-        loss = clip_loss(zi, zt, 0.05)
-        if rs:
-            loss = loss + 10 * (rs(xi, zi, 0.05) + rs(xt, zt, 0.05)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if DEVICE.startswith("cuda"):
-            torch.cuda.synchronize()
+    step = lambda rs: _loss_step(model, opt, xi, xt, rs)
 
     t_compile = timed(lambda: step(compiled))  # the first call compiles (forward and backward)
     step(structure_regularizer)
