@@ -123,3 +123,22 @@ requires_real = pytest.mark.skipif(
     not real_assets_available() and not os.environ.get("CI"),
     reason="real offline assets not installed (CI installs them and never skips)",
 )
+
+
+def align_then_eval_with_tracker(tiny_cache: dict, tmp_path: Path, log: str) -> Path:
+    """A short align and its retrieval eval on the tiny cache, both through ``--log log``
+    (the eval reopens the run's tracker); returns the run dir."""
+    from typer.testing import CliRunner
+
+    from featcache.cli.main import app
+    from featcache.pipeline.runs import find_run
+
+    runner = CliRunner()
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["align", *common, "--epochs", "4", "--patience", "10", "--batch-size", "16",
+                              "--log", log])
+    assert out.exit_code == 0, out.output
+    run = find_run(tmp_path / "runs")
+    assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--no-baseline"]).exit_code == 0
+    return run

@@ -21,7 +21,7 @@ import pytest
 import wandb
 from typer.testing import CliRunner
 
-from conftest import build_tiny_cache
+from conftest import align_then_eval_with_tracker, build_tiny_cache
 from featcache.cli.main import app
 from featcache.pipeline.runs import find_run
 
@@ -116,13 +116,7 @@ def no_network(monkeypatch):
 
 
 def test_wandb_offline_run_holds_the_curves_and_the_final_recalls(tiny_cache, tmp_path, no_network):
-    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
-              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
-    out = runner.invoke(app, ["align", *common, "--epochs", "4", "--patience", "10", "--batch-size", "16",
-                              "--log", "wandb"])
-    assert out.exit_code == 0, out.output
-    run = find_run(tmp_path / "runs")
-    assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--no-baseline"]).exit_code == 0
+    run = align_then_eval_with_tracker(tiny_cache, tmp_path, "wandb")
 
     folders = sorted((run / "wandb").glob(f"offline-run-*-{run.name}*"))
     assert len(folders) == 2, folders  # training, then evaluation resuming the same id

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_cache
+from conftest import align_then_eval_with_tracker, build_tiny_cache
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
 from featcache.pipeline.heads import ResidualMLPHead
@@ -292,13 +292,7 @@ def test_vectorized_cells_equal_their_sequential_runs(tiny_cache, tmp_path):
 def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
-              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
-    out = runner.invoke(app, ["align", *common, "--epochs", "4", "--patience", "10", "--batch-size", "16",
-                              "--log", "tensorboard"])
-    assert out.exit_code == 0, out.output
-    run = find_run(tmp_path / "runs")
-    assert runner.invoke(app, ["eval", "retrieval", *common[6:], "--no-baseline"]).exit_code == 0
+    run = align_then_eval_with_tracker(tiny_cache, tmp_path, "tensorboard")
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -307,6 +301,8 @@ def test_tensorboard_tracker_holds_the_curves_and_the_final_recalls(tiny_cache, 
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("val/clip")] == pytest.approx([l["val_clip"] for l in lines])
     assert any(t.startswith("eval/retrieval/") and t.endswith("R@1") for t in tags)
+    common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",
+              str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]), "--runs-dir", str(tmp_path / "runs")]
     out = runner.invoke(app, ["align", *common, "--epochs", "1", "--log", "mlflow"])
     assert out.exit_code == 2 and "unknown tracker" in out.output
 

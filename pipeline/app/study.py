@@ -14,6 +14,7 @@ Selection uses the validation split only (layers on train pairs, checkpoints on 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,8 @@ def _ensure_cached(cfg: StudyConfig, spec: str, progress_factory=None) -> None:
     for model in (cfg.image_model, cfg.text_model):
         if _cached(cfg, spec, model):
             continue
-        if progress_factory:
-            with progress_factory() as p:
-                extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
-        else:
-            extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device))
+        with progress_factory() if progress_factory else nullcontext() as p:
+            extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
 
 
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
