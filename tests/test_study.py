@@ -148,6 +148,11 @@ def test_studies_run_apart_merge_into_the_same_summary(tmp_path):
         merge_ranks([tmp_path / "s", other], cfg)
     with pytest.raises(Exception, match="is one of the merged"):
         merge_ranks([tmp_path / "s"], replace(cfg, out=tmp_path / "s"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ranks.json").write_text('{"rows": [')  # a study killed while writing
+    with pytest.raises(Exception, match="cannot read study ranks"):
+        merge_ranks([tmp_path / "s", broken], cfg)
     with pytest.raises(Exception, match="more than one"):
         merge_ranks([tmp_path / "s", tmp_path / "s"], cfg)
     with pytest.raises(Exception, match="lack"):
