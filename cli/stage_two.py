@@ -43,9 +43,9 @@ FixedStructure = typer.Option(False, "--fixed-structure", help="R_S on one fixed
 SelectMetric = typer.Option("mutual_knn", "--select-metric", help="Metric that --layers auto selects by.")
 KRule = typer.Option("rice", "--k-rule", help="Neighbours for auto selection: rice | sqrt | sturges.")
 Method = typer.Option("heads", help="heads (trained) | procrustes | csa | csa+structure | asif (training-free).")
-Compile = typer.Option("off", "--compile", help="torch.compile the losses: off | on | auto (CUDA only); pays "
-                                               "only for long runs (the first compile takes a minute or more); "
-                                               "falls back to eager with a warning where it fails.")
+Compile = typer.Option("auto", "--compile", help="torch.compile: auto (R_S's elementwise core, from batch 2,048 "
+                                                "up; seconds to compile) | on (all of R_S; a minute or more, "
+                                                "warns and runs eagerly where it fails) | off.")
 Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard | wandb (offline unless WANDB_MODE says otherwise; metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
 

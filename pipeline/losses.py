@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -13,28 +14,42 @@ COMPILE = ("auto", "on", "off")
 
 
 def compile_wanted(mode: str, device: torch.device) -> bool:
-    """``auto`` compiles on CUDA only: on a CPU the compile time (about 45 s) outweighs its gain
-    (about 1.2x on R_S at batch 2,048; docs/benchmarks.md)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    """Whether the whole loss goes through torch.compile: ``on`` only. Its first compile takes
+    45 s on a CPU and 86 s on an H200 for a small further gain (docs/benchmarks.md)."""
+    return mode == "on"
 
 
-def maybe_compile(fn, enabled: bool):
+CORE_COMPILE_MIN_BATCH = 2048
+
+
+def core_compiled(mode: str, batch: int) -> bool:
+    """Whether R_S's elementwise core is compiled: under ``auto`` (the default) from batch 2,048
+    up. Its compile takes 5-10 s once per process and saves about 0.25 s per B = 4,096 step on a
+    CPU (docs/benchmarks.md); at Tux Paint's full batch of 559 it saves 1-2 ms, so it would never
+    pay. ``on`` compiles all of R_S instead."""
+    return mode == "auto" and batch >= CORE_COMPILE_MIN_BATCH
+
+
+def maybe_compile(fn, enabled: bool, quiet: bool = False):
     """``fn`` through torch.compile when ``enabled``; the first call checks the compiled function
     forward and backward on its own arguments, and any failure there (no C++ compiler, an
-    unsupported op) warns once and keeps the eager ``fn``, so training never depends on it."""
+    unsupported op) warns once (unless ``quiet``) and keeps the eager ``fn``, so training never
+    depends on it."""
     if not enabled:
         return fn
     chosen = []
 
     def call(*args, **kwargs):
         if not chosen:
-            chosen.append(_checked_compile(fn, args, kwargs))
+            chosen.append(_checked_compile(fn, args, kwargs, quiet))
         return chosen[0](*args, **kwargs)
 
     return call
 
 
-def _checked_compile(fn, args, kwargs):
+def _checked_compile(fn, args, kwargs, quiet: bool = False):
+    if quiet:  # inductor's C++ toolchain probe warns about CUDA_HOME on every CPU-only machine
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         compiled = torch.compile(fn, dynamic=True)
         out = [t for t in tree_leaves(compiled(*args, **kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -43,6 +58,8 @@ def _checked_compile(fn, args, kwargs):
             torch.autograd.grad(sum(t.sum() for t in out), inputs, allow_unused=True)
         return compiled
     except Exception as err:  # the compiler stack raises many types
+        if quiet:
+            return fn
         warnings.warn(f"torch.compile is not usable here ({type(err).__name__}: {str(err)[:200]}); "
                       "running eagerly", RuntimeWarning, stacklevel=3)
         return fn
@@ -81,23 +98,116 @@ def _center(x: torch.Tensor, centering: str) -> torch.Tensor:
     return x
 
 
-def _walk(features: torch.Tensor, temperature: float, centering: str = "mean", center_first: bool = False,
-          similarity: str = "cosine", gamma: float = 1.0) -> torch.Tensor:
-    """Row log-softmax of the batch similarity matrix: log-probabilities of one random-walk step."""
-    x = features.float()
+def _features(x: torch.Tensor, centering: str, center_first: bool) -> torch.Tensor:
+    """Rows L2-normalised and centred (in method.md's order, or centred first)."""
+    x = x.float()
     if center_first:
         x = _center(x, centering)
     x = F.normalize(x, dim=-1)
-    if not center_first:
-        x = _center(x, centering)
+    return x if center_first else _center(x, centering)
+
+
+def _scaled_rows(features: torch.Tensor, temperature, centering: str, center_first: bool,
+                 similarity: str) -> torch.Tensor:
+    """Rows y whose products y y^T are the cosine (or rank) similarities over tau: tau is folded
+    into the rows (a B x d scaling) rather than applied to the B x B matrix (a pass)."""
+    x = _features(features, centering, center_first)
+    if similarity == "spearman":  # hard ranks: no gradient reaches the head through this branch
+        x = F.normalize(x.argsort(dim=-1).argsort(dim=-1).float(), dim=-1)
+    return x * (1.0 / temperature) ** 0.5
+
+
+def _logits(features: torch.Tensor, temperature, centering: str = "mean", center_first: bool = False,
+            similarity: str = "cosine", gamma: float = 1.0) -> torch.Tensor:
+    """The batch similarity matrix whose row softmax is one random-walk step."""
     if similarity == "rbf":  # exp(-gamma ||x_i - x_j||^2), no temperature
-        s = torch.exp(-gamma * torch.cdist(x, x, p=2).pow(2))
-    elif similarity == "spearman":  # hard ranks: no gradient reaches the head through this branch
-        ranks = F.normalize(x.argsort(dim=-1).argsort(dim=-1).float(), dim=-1)
-        s = ranks @ ranks.T / temperature
-    else:
-        s = x @ x.T / temperature
-    return torch.log_softmax(s, dim=-1)
+        x = _features(features, centering, center_first)
+        return torch.exp(-gamma * torch.cdist(x, x, p=2).pow(2))
+    y = _scaled_rows(features, temperature, centering, center_first, similarity)
+    return y @ y.mT
+
+
+def _walk(features: torch.Tensor, temperature, **switches) -> torch.Tensor:
+    """Row log-softmax of the batch similarity matrix: log-probabilities of one random-walk step."""
+    return torch.log_softmax(_logits(features, temperature, **switches), dim=-1)
+
+
+_EPS = 1e-12  # method.md's eps inside the logs
+
+
+def _frozen_walk(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen side's walk: P and L(P) = log(P + eps), computed once and shared by every KL."""
+    p = torch.softmax(logits, dim=-1)
+    return p, torch.add(p, _EPS).log_()
+
+
+def _divergence(s: torch.Tensor, s_frozen: torch.Tensor, with_grad: bool):
+    """method.md's D = 1/2 [KL(M||Q) + KL(M||P)] (row sums, batch mean) from the head side's
+    logits ``s`` and the frozen side's ``s_frozen``, and, when ``with_grad``, dD/ds in closed form.
+
+    In probability space, with eps = 1e-12 inside every log as method.md writes it: the eps
+    keeps each log finite, so this is as exact as the log-space form (log-softmax, logaddexp),
+    whose gradients it matches to 2e-10 at B = 4,096, and costs 3 transcendentals per entry
+    against its 11 (docs/benchmarks.md). Buffers are reused in place: each fresh B x B buffer
+    costs page faults as well as a pass, and these passes are all of R_S but its matrix products.
+    """
+    p, lp = _frozen_walk(s_frozen)
+    q = torch.softmax(s, dim=-1)
+    m = torch.add(p, q).mul_(0.5)
+    m_eps, q_eps = torch.add(m, _EPS), torch.add(q, _EPS)
+    lm = torch.log(m_eps)
+    t = torch.log(q_eps).neg_().add_(lm).add_(lm).sub_(lp)  # 2 L(m) - L(q) - L(p)
+    value = torch.linalg.vecdot(m, t).mean() / 2
+    if not with_grad:
+        return value, None
+    # dD/dq = (t/4 + m / (2 (m + eps)) - m / (2 (q + eps))) / B, then through the row softmax:
+    # dD/ds = q * (g - sum_j q_j g_j).
+    r_m, r_q = m_eps.reciprocal_().mul_(m), q_eps.reciprocal_().mul_(m)  # m / (m + eps), m / (q + eps)
+    g = t.mul_(0.25).add_(r_m, alpha=0.5).sub_(r_q, alpha=0.5)
+    h = g.mul_(q)
+    h.sub_(q * h.sum(-1, keepdim=True))
+    return value, h.div_(s.shape[-2])
+
+
+def _symmetrize(h: torch.Tensor) -> torch.Tensor:
+    return h + h.mT
+
+
+_CORES: dict[bool, tuple] = {}
+
+
+def _cores(compiled: bool) -> tuple:
+    """(divergence, symmetrize), eager or through torch.compile. Compiled, each is a
+    loop or two (the divergence 3.7x and the transposed add 2.3x faster at B = 4,096 on a CPU)
+    for a compile of seconds, once per process; where compiling fails they stay eager, quietly."""
+    if compiled not in _CORES:
+        _CORES[compiled] = tuple(maybe_compile(f, compiled, quiet=True)
+                                 for f in (_divergence, _symmetrize))
+    return _CORES[compiled]
+
+
+class _CosineStructure(torch.autograd.Function):
+    """D of the default R_S from the head side's scaled rows y (logits y y^T), with its gradient
+    in closed form: dD/dy = (H + H^T) y for H = dD/ds, computed in the forward pass. Autograd
+    would keep about a dozen B x B tensors alive, run a pass for each in backward, and take two
+    B x B x d products for the gradient of y y^T where this takes one."""
+
+    generate_vmap_rule = True  # stacked sweep cells call it under vmap
+
+    @staticmethod
+    def forward(y, s_frozen, compiled):
+        return _cores(compiled)[0](y @ y.mT, s_frozen, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.compiled = inputs[2]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, grad_value, _grad_of_h):
+        y, h = ctx.saved_tensors
+        return (_cores(ctx.compiled)[1](h) @ y) * grad_value, None, None
 
 
 def structure_regularizer(
@@ -112,6 +222,7 @@ def structure_regularizer(
     similarity: str = "cosine",
     gamma: float = 1.0,
     margin: float = 0.0,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """R_S between frozen inputs ``x`` (B, d_in) and head outputs ``z`` (B, d_out), in float32.
 
@@ -120,6 +231,7 @@ def structure_regularizer(
     "inverse" (w_l = 1/l). The released code's ablation switches: ``centering``
     none|mean|standard, applied after the L2 normalisation or, with ``center_first``, before
     it; ``similarity`` cosine|rbf (with ``gamma``)|spearman; ``margin``: D_l <- max(0, D_l - margin).
+    ``compiled``: the default's elementwise work through torch.compile (see _cores).
     """
     if levels < 1:
         raise ValueError("levels must be >= 1")
@@ -131,28 +243,50 @@ def structure_regularizer(
         raise ValueError(f"centering must be one of {CENTERINGS} and similarity one of {SIMILARITIES}")
     walk = dict(temperature=temperature, centering=centering, center_first=center_first, similarity=similarity,
                 gamma=gamma)
-    # In log space: log-softmax, log M by logaddexp, no log(p + eps). Higher levels multiply
-    # probabilities (a matrix power has no cheap log form) and take one clamped log.
     with torch.autocast(device_type=z.device.type, enabled=False):
-        log_p, log_q = _walk(x.detach(), **walk), _walk(z, **walk)
-        p, q = log_p.exp(), log_q.exp()
-        p_l, q_l, log_p_l, log_q_l = p, q, log_p, log_q
-        tiny = torch.finfo(torch.float32).tiny
-        total = z.new_zeros((), dtype=torch.float32)
-        for level in range(1, levels + 1):
-            if level > 1:
-                p_l, q_l = p_l @ p, q_l @ q
-                log_p_l, log_q_l = p_l.clamp_min(tiny).log(), q_l.clamp_min(tiny).log()
-            log_m = torch.logaddexp(log_p_l, log_q_l) - _LOG2
-            lm, lp, lq = _log_eps(log_m), _log_eps(log_p_l), _log_eps(log_q_l)  # each once, all KLs share
-            if divergence == "reference":  # (KL(M||Q) + KL(M||P)) / 2, one pass over the B x B entries
-                d = (log_m.exp() * (2 * lm - lq - lp)).sum(-1).mean() / 2
-            else:  # (KL(P||M) + KL(Q||M)) / 2
-                d = (p_l * (lp - lm) + q_l * (lq - lm)).sum(-1).mean() / 2
-            if margin:
-                d = torch.relu(d - margin)
-            total = total + (1.0 / level if weighting == "inverse" else 1.0) * d
-        return total / levels
+        if levels == 1 and divergence == "reference":  # the default: fused, with a closed-form gradient
+            batched = _batched(z)  # under vmap: eager, and requires_grad is not visible
+            compiled = compiled and not batched
+            with torch.no_grad():  # the frozen side: no graph
+                s_frozen = _logits(x.detach(), **walk)
+            if similarity == "cosine" and torch.is_grad_enabled() and (z.requires_grad or batched):
+                y = _scaled_rows(z, temperature, centering, center_first, similarity)
+                d = _CosineStructure.apply(y, s_frozen, compiled)[0]
+            else:  # no gradient wanted, or rbf / spearman: autograd through the same arithmetic
+                d = _cores(compiled)[0](_logits(z, **walk), s_frozen, False)[0]
+            return torch.relu(d - margin) if margin else d
+        with torch.no_grad():
+            log_p = _walk(x.detach(), **walk)
+        return _multilevel(log_p, _walk(z, **walk), levels, weighting, divergence, margin)
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (stacked sweep cells), which torch.compile'd
+    functions do not take."""
+    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t)
+
+
+def _multilevel(log_p, log_q, levels: int, weighting: str, divergence: str, margin: float) -> torch.Tensor:
+    """Every level and divergence through autograd. Higher levels multiply probabilities (a
+    matrix power has no cheap log form) and take one clamped log."""
+    p, q = log_p.exp(), log_q.exp()
+    p_l, q_l, log_p_l, log_q_l = p, q, log_p, log_q
+    tiny = torch.finfo(torch.float32).tiny
+    total = log_q.new_zeros(())
+    for level in range(1, levels + 1):
+        if level > 1:
+            p_l, q_l = p_l @ p, q_l @ q
+            log_p_l, log_q_l = p_l.clamp_min(tiny).log(), q_l.clamp_min(tiny).log()
+        log_m = torch.logaddexp(log_p_l, log_q_l) - _LOG2
+        lm, lp, lq = _log_eps(log_m), _log_eps(log_p_l), _log_eps(log_q_l)  # each once, all KLs share
+        if divergence == "reference":  # (KL(M||Q) + KL(M||P)) / 2, one pass over the B x B entries
+            d = (log_m.exp() * (2 * lm - lq - lp)).sum(-1).mean() / 2
+        else:  # (KL(P||M) + KL(Q||M)) / 2
+            d = (p_l * (lp - lm) + q_l * (lq - lm)).sum(-1).mean() / 2
+        if margin:
+            d = torch.relu(d - margin)
+        total = total + (1.0 / level if weighting == "inverse" else 1.0) * d
+    return total / levels
 
 
 def lambda_at(step: int, lam: float, warmup_steps: int) -> float:

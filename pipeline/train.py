@@ -27,7 +27,7 @@ from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, read_rows, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import (CENTERINGS, COMPILE, SIMILARITIES, clip_loss, compile_wanted, lambda_at,
-                                      maybe_compile, structure_regularizer)
+                                      core_compiled, maybe_compile, structure_regularizer)
 from featcache.pipeline.runs import RunWriter
 from featcache.pipeline.trackers import TRACKERS
 from featcache.pipeline.workers import grid_worker
@@ -96,10 +96,10 @@ class AlignConfig:
     grad_clip: float = 1.0
     checkpoint_on: str = "val_clip"  # or "val_total"
     log: str = "none"  # experiment tracker: none | tensorboard | wandb (metrics.jsonl is always written)
-    # torch.compile of the losses: off | on | auto (CUDA only). Off by default: the first compile
-    # costs 86 s on an H200 (45 s on a CPU) against 3 ms saved per B = 4,096 step on the H200,
-    # so it pays only past about 30,000 steps in one process (docs/benchmarks.md).
-    compile: str = "off"
+    # torch.compile: auto compiles R_S's elementwise core from batch 2,048 up (seconds, once per
+    # process; eager where it cannot); on compiles the whole R_S (45 s on a CPU, 86 s on an H200,
+    # for little more); off is eager throughout (docs/benchmarks.md).
+    compile: str = "auto"
     device: str = "cpu"
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -254,7 +254,7 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
     """(R_S(img) + R_S(txt)) / 2 on inputs ``xi, xt`` (head outputs computed when not given)."""
     if zi is None:
         zi, zt = model(xi, xt)
-    options = structure_options(cfg)
+    options = structure_options(cfg) | {"compiled": core_compiled(cfg.compile, len(zi))}
     tau = model.temperature.detach()  # the contrastive loss's tau, learnable or not (method.md); no host read
     rs = structure_function(compile_wanted(cfg.compile, zi.device))
     return (rs(xi, zi, tau, **options) + rs(xt, zt, tau, **options)) / 2
