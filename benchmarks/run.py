@@ -297,7 +297,7 @@ def bench_vectorized_sweep(quick: bool) -> dict:
         t_one = timed(lambda: train(cfg))
         t_vec12 = timed(lambda: run(grid12, True))
         t_seq12 = timed(lambda: run(grid12, False))
-        t_vec96 = timed(lambda: run(grid96, True))
+        t_vec96 = timed(lambda: run(grid96, True)) if SWEEP_96 else float("nan")
     out = {"epochs": epochs, "one_run_s": t_one, "grid12_vectorized_s": t_vec12, "grid12_sequential_s": t_seq12,
            "grid96_vectorized_s": t_vec96, "ratio12_vectorized": t_vec12 / t_one, "ratio12_sequential": t_seq12 / t_one,
            "ratio96_vectorized": t_vec96 / t_one}
@@ -425,6 +425,12 @@ def bench_layer_target(quick: bool) -> dict:
     t = time.perf_counter()
     sub = score_table(img, txt, queries=queries)
     t_sub = time.perf_counter() - t
+    if LAYER_QUERIES_ONLY:
+        out = {"rows": n, "k": sub.k, "queries": queries, "queries_s": t_sub, "best_queries": sub.best(),
+               "query_scores": sub.scores}
+        print(f"layer target: 13 x 7 layers, n={n:,}, width 384, k={sub.k}: exact neighbours of {queries:,} query "
+              f"rows {t_sub:.1f}s (exact table not run); best pair {sub.best()}")
+        return out
     t = time.perf_counter()
     exact = score_table(img, txt)
     t_exact = time.perf_counter() - t
@@ -451,6 +457,10 @@ LAYER_TARGET_N, LAYER_TARGET_QUERIES = 50_000, 5_000
 
 
 SCALE_ROWS, SCALE_ROWS_FULL, SCALE_WIDTHS, SCALE_LAYERS = (10_000, 100_000), (10_000, 100_000, 600_000), (384, 1024), 25
+# Above this many rows a store holds one layer per side: the epoch and retrieval read only the
+# last one, and 25 layers of 600k x 1,024 on both sides would be 61 GB of float16. The layer
+# table reads a fixed number of rows, so it is measured on the smaller stores.
+SCALE_ALL_LAYERS_UP_TO = 100_000
 
 
 def _write_store(path: Path, rows: int, width: int, layers: int, seed: int, groups=None) -> None:
@@ -459,9 +469,10 @@ def _write_store(path: Path, rows: int, width: int, layers: int, seed: int, grou
     no big arrays in memory)."""
     from featcache.cache.store import FeatureStore
 
-    store = FeatureStore.create_or_open(path, identity={"seed": seed}, versions={}, ids=[str(i) for i in range(rows)],
-                                        groups=groups or [str(i) for i in range(rows)], texts=None, width=width)
     names = [f"block.{i:02d}" for i in range(layers)]
+    identity = {"seed": seed, "encoder": {"name": f"synthetic-{seed}", "layers": names}}
+    store = FeatureStore.create_or_open(path, identity=identity, versions={}, ids=[str(i) for i in range(rows)],
+                                        groups=groups or [str(i) for i in range(rows)], texts=None, width=width)
     store.ensure_layers(names)
     rng = np.random.default_rng(seed)
     for c in range(store.n_chunks):
@@ -489,28 +500,21 @@ def _child(task: dict) -> dict:
         t_read = time.perf_counter() - t
         table = score_table(a, b, queries=task.get("queries"))
         extra = {"read_s": t_read, "k": table.k, "best": table.best()}
-    elif kind == "epoch":
-        from featcache.pipeline.heads import AlignmentModel
-        from featcache.pipeline.losses import clip_loss, structure_regularizer
+    elif kind == "epoch":  # one epoch of the real trainer (train.train) on every row of the store
+        from featcache.pipeline.cached import PairedFeatures
+        from featcache.pipeline.train import AlignConfig, CachedData, train
 
         img, txt = FeatureStore.open(task["image"]), FeatureStore.open(task["text"])
-        xi, xt = torch.from_numpy(img.read(img.layers[-1])), torch.from_numpy(txt.read(txt.layers[-1]))
-        t_read = time.perf_counter() - t
-        torch.manual_seed(0)
-        model = AlignmentModel("linear", xi.shape[1], xt.shape[1], 512, 0.05, False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        t0 = time.perf_counter()
-        order, b = torch.randperm(len(xi)), 4096
-        for s in range(0, len(xi) - b + 1, b):  # one epoch of full batches, the training loop's step
-            bi, bt = xi[order[s:s + b]], xt[order[s:s + b]]
-            zi, zt = model(bi, bt)
-            loss = clip_loss(zi, zt, 0.05)
-            if task["loss"] == "clip+structure":
-                loss = loss + 10 * (structure_regularizer(bi, zi, 0.05) + structure_regularizer(bt, zt, 0.05)) / 2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        extra = {"read_s": t_read, "epoch_s": time.perf_counter() - t0, "steps": len(xi) // b}
+        rows = np.arange(img.rows)
+        val = rows[:min(5_000, img.rows // 10)]  # a fixed validation slice, scored once per epoch
+        data = CachedData(PairedFeatures(img, txt, rows, rows), PairedFeatures(img, txt, val, val),
+                          {"split": "synthetic"})
+        with tempfile.TemporaryDirectory() as runs:
+            cfg = AlignConfig(layers="last", loss=task["loss"], epochs=1, patience=1, batch_size=4096,
+                              runs_dir=Path(runs), device=task.get("device", "cpu"))
+            summary = json.loads((train(cfg, data) / "summary.json").read_text())
+        extra = {"epoch_s": summary["seconds"], "steps": summary["steps"],
+                 "features_bytes": 2 * img.rows * img.width * np.dtype(img.attrs["dtype"]).itemsize}
     elif kind == "eval":
         from featcache.pipeline.metrics import retrieval_ranks
 
@@ -583,26 +587,30 @@ def bench_scale(quick: bool) -> dict:
         for width in widths:
             for n in sizes:
                 where = root / f"{n}x{width}"
+                stored = layers if n <= SCALE_ALL_LAYERS_UP_TO else 1
                 t = time.perf_counter()
-                _write_store(where / "image.zarr", n, width, layers, 1)
-                _write_store(where / "text.zarr", n, width, layers, 2)
+                _write_store(where / "image.zarr", n, width, stored, 1)
+                _write_store(where / "text.zarr", n, width, stored, 2)
                 t_write = time.perf_counter() - t
                 pair = {"image": str(where / "image.zarr"), "text": str(where / "text.zarr")}
                 layer_bytes = n * width * 4
-                row = {"rows": n, "width": width, "write_s": t_write, "layer_fp32_bytes": layer_bytes}
+                row = {"rows": n, "width": width, "layers": stored, "write_s": t_write, "layer_fp32_bytes": layer_bytes}
                 for rows, queries in table_n:
-                    if rows <= n:
+                    if rows <= n and stored == layers:
                         row[f"table_{rows}"] = _run_child({"kind": "table", "n": rows, "queries": queries, **pair})
                 for loss in ("clip", "clip+structure"):
-                    row[f"epoch_{loss}"] = _run_child({"kind": "epoch", "loss": loss, **pair})
+                    row[f"epoch_{loss}"] = e = _run_child({"kind": "epoch", "loss": loss, "device": DEVICE, **pair})
+                    e["peak_above_imports_bytes"] = e["peak_bytes"] - floor
+                    e["peak_above_imports_per_layer"] = e["peak_above_imports_bytes"] / layer_bytes
                 out["runs"].append(row)
                 tables = " ".join(f"table {r:,} rows {row[f'table_{r}']['s']:.1f}s "
                                   f"({row[f'table_{r}']['peak_bytes'] / 2**20:.0f} MiB)"
                                   for r, _ in table_n if f"table_{r}" in row)
                 print(f"  N={n:>7,} w={width:>4}: written {t_write:.0f}s | {tables} | epoch clip "
                       f"{row['epoch_clip']['epoch_s']:.1f}s, clip+structure {row['epoch_clip+structure']['epoch_s']:.1f}s "
-                      f"(peak {row['epoch_clip+structure']['peak_bytes'] / 2**20:.0f} MiB; one layer fp32 "
-                      f"{layer_bytes / 2**20:.0f} MiB)")
+                      f"(peak {row['epoch_clip+structure']['peak_bytes'] / 2**20:.0f} MiB, above imports "
+                      f"{row['epoch_clip+structure']['peak_above_imports_per_layer']:.2f}x one layer fp32 of "
+                      f"{layer_bytes / 2**20:.0f} MiB)", flush=True)
                 shutil.rmtree(where)
             where = root / f"eval{width}"
             _write_store(where / "image.zarr", 25_000 if not quick else 5_000, width, 1, 3)
@@ -647,6 +655,8 @@ def bench_retrieval_memory(quick: bool) -> dict:
 
 
 SCALE_FULL = False
+SWEEP_96 = True
+LAYER_QUERIES_ONLY = False
 
 
 BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "train_step": bench_train_step,
@@ -658,18 +668,22 @@ ON_REQUEST = ("layer_target", "scale", "retrieval_memory", "s3")  # minutes to t
 
 
 def main() -> None:
-    global MODEL, DEVICE, SWEEP_EPOCHS, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES, SCALE_ROWS, SCALE_ROWS_FULL, SCALE_WIDTHS
+    global MODEL, DEVICE, SWEEP_EPOCHS, SWEEP_96, LAYER_QUERIES_ONLY, SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES, SCALE_ROWS, SCALE_ROWS_FULL, SCALE_WIDTHS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(BENCHES))
     ap.add_argument("--quick", action="store_true", help="Smaller sizes, for a smoke run.")
     ap.add_argument("--out", type=Path, default=Path("bench-out/benchmarks.json"))
     ap.add_argument("--model", default="dinov2", help="Encoder of the extraction benchmark.")
-    ap.add_argument("--device", default="cpu", help="Device of the extraction benchmark.")
+    ap.add_argument("--device", default="cpu", help="Device of the extraction, step, sweep and scale benchmarks.")
     ap.add_argument("--sweep-epochs", type=int, default=None,
                     help="Epochs per cell of vectorized_sweep (default 10, 2 with --quick; the 8.8x of the "
                          "sequential sweep was measured at 200).")
+    ap.add_argument("--no-sweep-96", action="store_true",
+                    help="vectorized_sweep: leave out the 96-cell grid (about 8x the 12-cell one on a CPU).")
+    ap.add_argument("--layer-queries-only", action="store_true",
+                    help="layer_target: time the query-row table only, without the exact one to compare.")
     ap.add_argument("--scale-full", action="store_true",
-                    help="scale: also 600k rows and a 50k-row table (needs ~61 GB disk at width 1,024).")
+                    help="scale: also 600k rows (one layer per side: ~5 GB of disk at width 1,024) and a 50k-row table.")
     ap.add_argument("--scale-rows", help="scale: comma-separated store sizes N, instead of the series' own.")
     ap.add_argument("--scale-widths", help="scale: comma-separated widths, instead of 384,1024.")
     ap.add_argument("--layer-rows", type=int, default=LAYER_TARGET_N, help="layer_target: rows n.")
@@ -685,6 +699,7 @@ def main() -> None:
         SCALE_WIDTHS = tuple(int(v) for v in args.scale_widths.split(","))
     SCALE_FULL, LAYER_TARGET_N, LAYER_TARGET_QUERIES = args.scale_full, args.layer_rows, args.layer_queries
     MODEL, DEVICE, SWEEP_EPOCHS = args.model, args.device, args.sweep_epochs
+    SWEEP_96, LAYER_QUERIES_ONLY = not args.no_sweep_96, args.layer_queries_only
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -62,7 +62,8 @@ class AlignmentModel(nn.Module):
         return log_temperature.exp().clamp_min(0.01)
 
     def forward(self, x_image: torch.Tensor, x_text: torch.Tensor):
-        return self.image_head(x_image), self.text_head(x_text)
+        # Features stay in the cache's float16 until here: a batch is cast, never the whole table.
+        return self.image_head(x_image.float()), self.text_head(x_text.float())
 
 
 # -- the fixed maps of training-free methods (CSA, ASIF, Procrustes) ----------------------------

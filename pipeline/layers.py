@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.cached import read_rows  # noqa: F401  (its earlier home)
 from featcache.pipeline.alignment import (METRICS, QUERY_METRICS, alignment_score, k_for, knn,  # noqa: F401
                                           linear_cka, permuted, prepare)
 
@@ -116,29 +117,3 @@ def score_table(
                        for a in img_names], dtype=float)
     return ScoreTable(img_names, txt_names, scores.tolist(), metric, n, k, bool(perms), seed,
                       None if rows is None else len(rows))
-
-
-def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """``store.read(layer)[rows]`` without the whole layer in memory: chunk by chunk, each
-    chunk's checksum checked as ``store.read`` checks it, keeping only the rows asked for.
-
-    The layer table scores a few thousand rows of each of many layers; reading whole layers
-    as float32 first would cost layers x rows x width x 4 bytes (61 GB for 25 layers of
-    600k x 1,024). Peak memory here is the rows asked for plus one chunk. A store that is
-    incomplete, has lost chunks, or is not a single store (a combined ``a+b`` data set) is
-    read by ``store.read`` itself, so its errors and results stay the same.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if not hasattr(store, "read_chunk") or layer not in store.layers:
-        return store.read(layer, dtype)[rows]
-    done = store.done_chunks(layer)
-    if not done.all() or store.lost_chunks(layer, done):
-        return store.read(layer, dtype)[rows]  # raises the error naming what is wrong
-    wanted, inverse = np.unique(rows, return_inverse=True)
-    out = np.empty((len(wanted), store.width), dtype=dtype)
-    chunk_of = wanted // store.chunk_rows
-    for chunk in np.unique(chunk_of):
-        sel = np.flatnonzero(chunk_of == chunk)
-        data = store.read_chunk(f"layers/{layer}", int(chunk))
-        out[sel] = data[wanted[sel] - store.chunk_slice(int(chunk)).start]
-    return out[inverse]

@@ -21,7 +21,7 @@ from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.device import pick_device
 from featcache.pipeline.cached import (PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, require_finite,
-                                       subsample)
+                                       stored_dtype, subsample)
 from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
 from featcache.pipeline.layers import ScoreTable, read_rows, score_table
@@ -162,8 +162,12 @@ class CachedData:
         return self._memo[key]
 
     def features(self, split: str, modality: str, layer: str) -> np.ndarray:
+        """One split's rows of one layer, in the dtype the store holds (float16 by default):
+        half the memory of float32, and exact, since the heads cast each batch (heads.py)."""
         pf = self.train if split == "train" else self.val
-        return self.memo((split, modality, layer), lambda: pf.image(layer) if modality == "image" else pf.text(layer))
+        store = pf.images if modality == "image" else pf.texts
+        return self.memo((split, modality, layer),
+                         lambda: (pf.image if modality == "image" else pf.text)(layer, stored_dtype(store)))
 
 
 VAL_FRACTION = 0.1
@@ -319,13 +323,16 @@ class RunSetup:
 
 
 def _checked_tensors(data: CachedData, layers: tuple[str, str], rows: np.ndarray, device):
-    """The four feature matrices of a run, refused if any value is not finite."""
+    """The four feature matrices of a run (in the store's dtype), refused if any value is not
+    finite. All training rows are used as they are read, not copied."""
     out = []
     for split, modality, layer, pick in (("train", "image", layers[0], rows), ("train", "text", layers[1], rows),
                                          ("val", "image", layers[0], None), ("val", "text", layers[1], None)):
         x = data.features(split, modality, layer)
         store = getattr(data.train if split == "train" else data.val, f"{modality}s")
-        x = require_finite(x if pick is None else x[pick], store, layer)
+        if pick is not None and not np.array_equal(pick, np.arange(len(x))):
+            x = x[pick]
+        x = require_finite(x, store, layer)
         out.append(torch.from_numpy(np.ascontiguousarray(x)).to(device))
     return tuple(out)
 
@@ -470,7 +477,7 @@ def fit_training_free(run: RunSetup, writer: RunWriter) -> dict:
     """A training-free method: fit its maps on the run's training pairs, score them once on val."""
     cfg, start = run.cfg, time.perf_counter()
     xi, xt, vi, vt = run.tensors
-    image, text, facts = fit_free(cfg.method, xi.cpu().numpy(), xt.cpu().numpy(), cfg.free, cfg.seed)
+    image, text, facts = fit_free(cfg.method, xi.float().cpu().numpy(), xt.float().cpu().numpy(), cfg.free, cfg.seed)
     run.model = FixedModel(image, text, cfg.temperature).to(xi.device)
     val = _evaluate(run.model, replace(cfg, loss="clip"), vi, vt)
     writer.log({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}})
