@@ -11,7 +11,7 @@ layer by a permutation of rows, for chance-level calibration, without a new sear
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import faiss
@@ -257,6 +257,7 @@ METRICS: dict[str, Metric] = {
 
 
 QUERY_METRICS = ("mutual_knn", "lcs_knn")  # per-row means: a subset of query rows estimates them
+NEIGHBOURS_ONLY = ("mutual_knn", "cycle_knn", "lcs_knn")  # scores that read the neighbour lists alone
 
 
 def prepare(x: np.ndarray, metric: str, k: int | None, queries: np.ndarray | None = None,
@@ -272,7 +273,10 @@ def prepare(x: np.ndarray, metric: str, k: int | None, queries: np.ndarray | Non
     unit = normalise(x) if metric not in ("cka", "unbiased_cka", "svcca") else np.asarray(x, dtype=np.float32)
     if not m.needs_neighbours:
         return Layer(unit)
-    return Layer.of(unit, knn(unit, k, queries, device), queries)
+    layer = Layer.of(unit, knn(unit, k, queries, device), queries)
+    if metric in NEIGHBOURS_ONLY:  # the rows are not needed past the search: keep n rows of width 0
+        layer = replace(layer, x=np.empty((len(unit), 0), dtype=np.float32))
+    return layer
 
 
 def alignment_score(a: np.ndarray, b: np.ndarray, metric: str = "mutual_knn", k: int | None = None,

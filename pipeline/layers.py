@@ -9,6 +9,7 @@ alone, so the all-pairs table costs one faiss search per layer, not one per pair
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -57,9 +58,33 @@ class ScoreTable:
         return asdict(self)
 
 
+class LayerRows(Mapping):
+    """The same rows of each named layer of a store, read (``read_rows``) when looked up and
+    not kept: score_table then holds one layer's features at a time. Holding them all, a
+    50k-row table over 25 + 25 layers of width 1,024 peaked at 20.7 GB (docs/benchmarks.md)."""
+
+    def __init__(self, store, names: list[str], rows: np.ndarray, dtype=np.float32):
+        self.store, self.names, self.rows, self.dtype = store, list(names), np.asarray(rows), dtype
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return read_rows(self.store, name, self.rows, self.dtype)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def score_table(
-    image_feats: dict[str, np.ndarray],
-    text_feats: dict[str, np.ndarray],
+    image_feats: Mapping[str, np.ndarray],
+    text_feats: Mapping[str, np.ndarray],
     metric: str = "mutual_knn",
     k: int | None = None,
     calibrate: int = 0,
@@ -82,16 +107,9 @@ def score_table(
     """
     if metric not in METRICS:
         raise FeatcacheError(f"unknown metric {metric!r}", f"choose one of: {', '.join(METRICS)}")
-    n = len(next(iter(image_feats.values())))
+    n = getattr(image_feats, "n_rows", None) or len(next(iter(image_feats.values())))
     if n < 4 and metric in ("cknna", "unbiased_cka"):
         raise FeatcacheError(f"{metric} needs at least 4 rows (its unbiased HSIC divides by n - 3), got {n}")
-    # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
-    # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
-    def constant(feats: dict) -> set:
-        return {name for name, x in feats.items()
-                if float(np.ptp(np.asarray(x, dtype=np.float32), axis=0).max(initial=0)) < 1e-6}
-
-    const_img, const_txt = constant(image_feats), constant(text_feats)
     k = k_for(n, k, k_rule) if METRICS[metric].needs_neighbours else None
     rows = None
     if queries is not None and queries < n:
@@ -99,8 +117,24 @@ def score_table(
             raise FeatcacheError(f"query rows work with {', '.join(QUERY_METRICS)} and no calibration",
                                  "leave the number of query rows unset")
         rows = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:queries])
-    img = {name: prepare(x, metric, k, rows, device) for name, x in image_feats.items() if name not in const_img}
-    txt = {name: prepare(x, metric, k, rows, device) for name, x in text_feats.items() if name not in const_txt}
+
+    def prepared(feats) -> tuple[dict, set]:
+        """Each layer prepared in turn (looked up once: a LayerRows reads it then), so only one
+        layer's features are in memory at a time beside what the metric keeps of each."""
+        out, const = {}, set()
+        for name in feats:
+            x = feats[name]
+            # A layer that is the same for every row (a ViT's CLS at the embedding output) has no
+            # neighbourhoods: its score is NaN, never best, rather than an artefact of tie order.
+            if float(np.ptp(np.asarray(x, dtype=np.float32), axis=0).max(initial=0)) < 1e-6:
+                const.add(name)
+            else:
+                out[name] = prepare(x, metric, k, rows, device)
+            del x
+        return out, const
+
+    img, const_img = prepared(image_feats)
+    txt, const_txt = prepared(text_feats)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(n) for _ in range(calibrate)]
     inverse = [np.argsort(p) for p in perms]

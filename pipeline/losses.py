@@ -65,7 +65,6 @@ def _checked_compile(fn, args, kwargs, quiet: bool = False):
         return fn
 
 
-
 def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of pairs (u_i, v_i); inputs are L2-normalised here."""
     u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
@@ -75,7 +74,8 @@ def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tenso
 
 
 _LOG2 = math.log(2.0)
-_LOG_EPS = math.log(1e-12)  # method.md's eps inside the logs, kept in log space: log(a + eps)
+_EPS = 1e-12  # method.md's eps inside the logs
+_LOG_EPS = math.log(_EPS)  # the same eps in log space: log(a + eps) = logaddexp(log a, log eps)
 
 
 def _log_eps(log_a: torch.Tensor) -> torch.Tensor:
@@ -130,9 +130,6 @@ def _logits(features: torch.Tensor, temperature, centering: str = "mean", center
 def _walk(features: torch.Tensor, temperature, **switches) -> torch.Tensor:
     """Row log-softmax of the batch similarity matrix: log-probabilities of one random-walk step."""
     return torch.log_softmax(_logits(features, temperature, **switches), dim=-1)
-
-
-_EPS = 1e-12  # method.md's eps inside the logs
 
 
 def _frozen_walk(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from featcache.pipeline.cached import (PairedFeatures, Side, dataset_splits, ext
                                        stored_dtype, subsample)
 from featcache.pipeline.alignment import K_RULES, METRICS
 from featcache.pipeline.heads import AlignmentModel, FixedModel
-from featcache.pipeline.layers import ScoreTable, read_rows, score_table
+from featcache.pipeline.layers import LayerRows, ScoreTable, score_table
 from featcache.pipeline.layerspec import resolve_layers
 from featcache.pipeline.losses import (CENTERINGS, COMPILE, SIMILARITIES, clip_loss, compile_wanted, lambda_at,
                                       core_compiled, maybe_compile, structure_regularizer)
@@ -203,11 +203,11 @@ def select_layers(data: CachedData, select: SelectConfig) -> ScoreTable:
     def compute() -> ScoreTable:
         train = data.train
         rows = subsample(len(train), select.n, select.seed)
-        # only the scored rows of each layer, never whole layers (see layers.read_rows)
-        img = {n: read_rows(train.images, n, train.image_rows[rows])
-               for n in train.images.layers if train.images.is_complete(n)}
-        txt = {n: read_rows(train.texts, n, train.text_rows[rows])
-               for n in train.texts.layers if train.texts.is_complete(n)}
+        # only the scored rows of each layer, one layer at a time (see layers.LayerRows)
+        img = LayerRows(train.images, [n for n in train.images.layers if train.images.is_complete(n)],
+                        train.image_rows[rows])
+        txt = LayerRows(train.texts, [n for n in train.texts.layers if train.texts.is_complete(n)],
+                        train.text_rows[rows])
         for feats, store in ((img, train.images), (txt, train.texts)):
             if not feats:
                 raise FeatcacheError(f"no layer of {store.path} is completely cached", extract_hint(store))
