@@ -40,9 +40,11 @@ os.environ["FEATCACHE_FAISS_DEVICE"] = "cpu"; r_cpu = retrieval_ranks(q, g, pos)
 print("retrieval ranks GPU == CPU:", np.array_equal(r_gpu, r_cpu)); assert (r_gpu == r_cpu).mean() > 0.999
 PY
 FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only layer_target --out bench-out/gpu-layer-target.json
-FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only scale --out bench-out/gpu-scale.json
+FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only scale --device cuda --out bench-out/gpu-scale.json
 # stage two on CUDA: stacked sweep cells equal their sequential runs (the test), the vectorised
-# sweep against one run at the sequential sweep's 200 epochs, and the compiled regularizer.
+# sweep against one run at the sequential sweep's 200 epochs, the fused R_S step (eager and
+# with its core compiled) and the whole-R_S compile.
 python -m pytest -q tests/test_train.py -k "vectorized_cells or host_reads"
-FEATCACHE_CACHE_DIR="$CACHE" python benchmarks/run.py --only vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
+python -m pytest -q tests/test_losses.py -k "closed_form"
+FEATCACHE_CACHE_DIR="$CACHE" python benchmarks/run.py --only train_step vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
     --out bench-out/gpu-stage-two.json

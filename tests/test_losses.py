@@ -199,17 +199,21 @@ def test_structure_under_vmap_equals_each_cell(switches):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # benchmarks/gpu_smoke.sh runs these on CUDA
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("switches", [{}, {"centering": "none"}, {"centering": "standard", "center_first": True},
                                       {"margin": 1e-3}])
-def test_closed_form_gradient_equals_autograd(switches, compiled):
+def test_closed_form_gradient_equals_autograd(switches, compiled, device):
     """The default R_S's gradient is written out by hand (losses._CosineStructure, eager or with
     its core compiled): value and gradient must equal autograd's through the log-space form that
     levels > 1 still use."""
     from featcache.pipeline.losses import _multilevel, _walk
 
     torch.manual_seed(1)
-    x, z0 = torch.randn(48, 12), torch.randn(48, 6)
+    x, z0 = torch.randn(48, 12, device=device), torch.randn(48, 6, device=device)
     walk = {k: v for k, v in switches.items() if k != "margin"}
     grads = []
     for fused in (True, False):
