@@ -68,9 +68,51 @@ def _checked_compile(fn, args, kwargs, quiet: bool = False):
 def clip_loss(u: torch.Tensor, v: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of pairs (u_i, v_i); inputs are L2-normalised here."""
     u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
-    logits = u @ v.T / temperature
-    target = torch.arange(len(u), device=u.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    inv_tau = 1.0 / temperature if torch.is_tensor(temperature) else u.new_tensor(1.0 / temperature)
+    if torch.is_grad_enabled():
+        return _ClipLoss.apply(u, v, inv_tau)[0]
+    return _clip_parts(u @ v.mT, inv_tau, with_grad=False)[0]
+
+
+def _clip_parts(s: torch.Tensor, inv_tau: torch.Tensor, with_grad: bool):
+    """The loss from the cosine matrix ``s`` (row i: u_i against every v_j), and, when
+    ``with_grad``, dL/d(logits) = (row softmax + column softmax - 2 I) / 2B in closed form plus
+    dL/d(1/tau) = sum(dL/d(logits) * s). Cross-entropy through autograd keeps a log-softmax per
+    direction and their gradients: about eight B x B matrices where this keeps one."""
+    n = s.shape[-1]
+    logits = s * inv_tau
+    rows, cols = torch.logsumexp(logits, -1), torch.logsumexp(logits, -2)
+    diag = logits.diagonal(dim1=-2, dim2=-1)
+    loss = ((rows - diag).mean(-1) + (cols - diag).mean(-1)) / 2
+    if not with_grad:
+        return loss, None, None
+    g = torch.sub(logits, rows.unsqueeze(-1)).exp_()
+    g.add_(logits.sub_(cols.unsqueeze(-2)).exp_()).div_(2 * n)
+    g.diagonal(dim1=-2, dim2=-1).sub_(1.0 / n)
+    return loss, g, torch.linalg.vecdot(g, s).sum(-1)
+
+
+class _ClipLoss(torch.autograd.Function):
+    """The CLIP loss with its gradient computed in the forward pass (see _clip_parts)."""
+
+    generate_vmap_rule = True  # stacked sweep cells call it under vmap
+
+    @staticmethod
+    def forward(u, v, inv_tau):
+        loss, g, d_inv_tau = _clip_parts(u @ v.mT, inv_tau, with_grad=True)
+        return loss, g, d_inv_tau
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, v, inv_tau = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(u, v, inv_tau, output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g, _d):
+        u, v, inv_tau, g, d_inv_tau = ctx.saved_tensors
+        scale = grad_loss * inv_tau
+        return (g @ v) * scale, (g.mT @ u) * scale, d_inv_tau * grad_loss
 
 
 _LOG2 = math.log(2.0)
