@@ -247,3 +247,44 @@ def test_core_compiles_only_where_it_pays():
 
     assert core_compiled("auto", 4096) and not core_compiled("auto", 559)
     assert not core_compiled("off", 4096) and not core_compiled("on", 4096)  # on: the whole R_S instead
+
+
+def _autograd_clip(u, v, tau):
+    """The CLIP loss as cross-entropy through autograd: what losses._ClipLoss writes out."""
+    u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+    logits = u @ v.T / tau
+    target = torch.arange(len(u))
+    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+@pytest.mark.parametrize("learn_temperature", [False, True])
+def test_clip_closed_form_gradient_equals_autograd(learn_temperature):
+    torch.manual_seed(3)
+    u0, v0 = torch.randn(40, 8), torch.randn(40, 8)
+    got = []
+    for f in (clip_loss, _autograd_clip):
+        u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
+        log_tau = torch.tensor(0.07).log().requires_grad_(learn_temperature)
+        loss = f(u, v, log_tau.exp())
+        loss.backward()
+        got.append((loss.item(), u.grad, v.grad, log_tau.grad))
+    (l1, gu1, gv1, gt1), (l2, gu2, gv2, gt2) = got
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert torch.allclose(gu1, gu2, atol=1e-7, rtol=1e-4) and torch.allclose(gv1, gv2, atol=1e-7, rtol=1e-4)
+    if learn_temperature:
+        assert gt1.item() == pytest.approx(gt2.item(), rel=1e-4, abs=1e-7) and gt1.item() != 0
+
+
+def test_clip_closed_form_gradient_under_vmap_equals_each_cell():
+    from torch.func import vmap
+
+    torch.manual_seed(4)
+    u, v = torch.randn(3, 24, 6), torch.randn(3, 24, 6)
+    w = torch.randn(3, 6, 6, requires_grad=True)
+    log_tau = torch.tensor([0.03, 0.05, 0.1]).log().requires_grad_()
+    vmap(lambda a, b, m, t: clip_loss(a @ m, b, t.exp()))(u, v, w, log_tau).sum().backward()
+    got_w, got_t = w.grad, log_tau.grad
+    w.grad = log_tau.grad = None
+    sum(_autograd_clip(u[c] @ w[c], v[c], log_tau[c].exp()) for c in range(3)).backward()
+    assert torch.allclose(got_w, w.grad, atol=1e-7, rtol=1e-4)
+    assert torch.allclose(got_t, log_tau.grad, atol=1e-7, rtol=1e-4)
