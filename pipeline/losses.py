@@ -262,6 +262,7 @@ def structure_regularizer(
     gamma: float = 1.0,
     margin: float = 0.0,
     compiled: bool = False,
+    stacked: bool = False,
 ) -> torch.Tensor:
     """R_S between frozen inputs ``x`` (B, d_in) and head outputs ``z`` (B, d_out), in float32.
 
@@ -271,6 +272,8 @@ def structure_regularizer(
     none|mean|standard, applied after the L2 normalisation or, with ``center_first``, before
     it; ``similarity`` cosine|rbf (with ``gamma``)|spearman; ``margin``: D_l <- max(0, D_l - margin).
     ``compiled``: the default's elementwise work through torch.compile (see _cores).
+    ``stacked``: called under vmap (stacked sweep cells), where ``requires_grad`` cannot be seen:
+    the closed-form gradient is then built whenever gradients are enabled, and the core is eager.
     """
     if levels < 1:
         raise ValueError("levels must be >= 1")
@@ -284,11 +287,10 @@ def structure_regularizer(
                 gamma=gamma)
     with torch.autocast(device_type=z.device.type, enabled=False):
         if levels == 1 and divergence == "reference":  # the default: fused, with a closed-form gradient
-            batched = _batched(z)  # under vmap: eager, and requires_grad is not visible
-            compiled = compiled and not batched
+            compiled = compiled and not stacked  # a compiled function cannot run under vmap
             with torch.no_grad():  # the frozen side: no graph
                 s_frozen = _logits(x.detach(), **walk)
-            if similarity == "cosine" and torch.is_grad_enabled() and (z.requires_grad or batched):
+            if similarity == "cosine" and torch.is_grad_enabled() and (z.requires_grad or stacked):
                 y = _scaled_rows(z, temperature, centering, center_first, similarity)
                 d = _CosineStructure.apply(y, s_frozen, compiled)[0]
             else:  # no gradient wanted, or rbf / spearman: autograd through the same arithmetic
@@ -297,12 +299,6 @@ def structure_regularizer(
         with torch.no_grad():
             log_p = _walk(x.detach(), **walk)
         return _multilevel(log_p, _walk(z, **walk), levels, weighting, divergence, margin)
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a vmap-batched tensor (stacked sweep cells), which torch.compile'd
-    functions do not take."""
-    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t)
 
 
 def _multilevel(log_p, log_q, levels: int, weighting: str, divergence: str, margin: float) -> torch.Tensor:

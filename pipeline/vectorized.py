@@ -99,7 +99,8 @@ def _cell_losses(base: AlignmentModel, cfg: AlignConfig):
         if cfg.loss == "clip":
             return clip, clip, torch.zeros_like(clip)
         t = tau.detach()  # R_S takes tau as a constant, as train._structure does
-        reg = (structure_regularizer(xi, zi, t, **options) + structure_regularizer(xt, zt, t, **options)) / 2
+        reg = (structure_regularizer(xi, zi, t, stacked=True, **options)
+               + structure_regularizer(xt, zt, t, stacked=True, **options)) / 2
         return clip + lam * reg, clip, reg
 
     return losses
