@@ -209,7 +209,7 @@ def stored_dtype(store) -> np.dtype:
 def require_finite(x: np.ndarray, store, layer: str) -> np.ndarray:
     """``x`` (features of ``layer`` read from ``store``, missing rows left out), refused if any
     value is NaN or infinite: a damaged store never trains or scores in silence."""
-    if not all(np.isfinite(x[s:s + 65536]).all() for s in range(0, len(x), 65536)):  # no n x d mask at once
+    if not all(np.isfinite(x[s:s + 8192]).all() for s in range(0, len(x), 8192)):  # no n x d float32 copy or mask
         raise FeatcacheError(f"layer {layer} of {store.path} holds non-finite values in rows not marked missing",
                              f"run: featcache verify {store.path}")
     return x

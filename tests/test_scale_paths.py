@@ -156,3 +156,18 @@ def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
     want = [next((r for r, g in enumerate(row) if g in p), 10) for row, p in zip(order, positives)]
     assert ranks.tolist() == want and 0 < np.mean(ranks < 10) < 1
     assert {k: float((ranks < k).mean()) for k in (1, 5, 10)} == retrieval_recall_full(query, gallery, positives)
+
+
+def test_require_finite_checks_every_block_of_a_float16_table():
+    """Finiteness is checked block by block (no n x d float32 copy); a NaN in a late block counts."""
+    from featcache.cache.errors import FeatcacheError
+    from featcache.pipeline.cached import require_finite
+
+    class Store:
+        path = "s.zarr"
+
+    x = np.zeros((20_000, 4), dtype=np.float16)
+    assert require_finite(x, Store(), "block.00") is x
+    x[19_999, 3] = np.inf
+    with pytest.raises(FeatcacheError, match="non-finite"):
+        require_finite(x, Store(), "block.00")
