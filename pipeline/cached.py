@@ -189,7 +189,7 @@ def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarr
     if not done.all() or store.lost_chunks(layer, done):
         return store.read(layer, dtype)[rows]  # raises the error naming what is wrong
     wanted, inverse = np.unique(rows, return_inverse=True)
-    in_order = len(wanted) == len(rows) and np.array_equal(wanted, rows)  # sorted and distinct: no reordering copy
+    in_order = np.array_equal(wanted, rows)  # sorted and distinct: no reordering copy
     out = np.empty((len(wanted), store.width), dtype=dtype)
     chunk_of = wanted // store.chunk_rows
     for chunk in np.unique(chunk_of):
@@ -197,7 +197,6 @@ def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarr
         data = store.read_chunk(f"layers/{layer}", int(chunk))
         out[sel] = data[wanted[sel] - store.chunk_slice(int(chunk)).start]
     return out if in_order else out[inverse]
-
 
 
 def stored_dtype(store) -> np.dtype:

@@ -130,7 +130,7 @@ def score_table(
                 const.add(name)
             else:
                 out[name] = prepare(x, metric, k, rows, device)
-            del x
+            del x  # freed before the next layer is read, not after
         return out, const
 
     img, const_img = prepared(image_feats)

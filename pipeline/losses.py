@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 COMPILE = ("auto", "on", "off")
 
 
-def compile_wanted(mode: str, device: torch.device) -> bool:
+def compile_wanted(mode: str) -> bool:
     """Whether the whole loss goes through torch.compile: ``on`` only. Its first compile takes
     45 s on a CPU and 86 s on an H200 for a small further gain (docs/benchmarks.md)."""
     return mode == "on"
@@ -99,8 +99,7 @@ class _ClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(u, v, inv_tau):
-        loss, g, d_inv_tau = _clip_parts(u @ v.mT, inv_tau, with_grad=True)
-        return loss, g, d_inv_tau
+        return _clip_parts(u @ v.mT, inv_tau, with_grad=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -165,9 +165,8 @@ class CachedData:
         """One split's rows of one layer, in the dtype the store holds (float16 by default):
         half the memory of float32, and exact, since the heads cast each batch (heads.py)."""
         pf = self.train if split == "train" else self.val
-        store = pf.images if modality == "image" else pf.texts
-        return self.memo((split, modality, layer),
-                         lambda: (pf.image if modality == "image" else pf.text)(layer, stored_dtype(store)))
+        read, store = (pf.image, pf.images) if modality == "image" else (pf.text, pf.texts)
+        return self.memo((split, modality, layer), lambda: read(layer, stored_dtype(store)))
 
 
 VAL_FRACTION = 0.1
@@ -260,7 +259,7 @@ def _structure(model, cfg: AlignConfig, xi, xt, zi=None, zt=None) -> torch.Tenso
         zi, zt = model(xi, xt)
     options = structure_options(cfg) | {"compiled": core_compiled(cfg.compile, len(zi))}
     tau = model.temperature.detach()  # the contrastive loss's tau, learnable or not (method.md); no host read
-    rs = structure_function(compile_wanted(cfg.compile, zi.device))
+    rs = structure_function(compile_wanted(cfg.compile))
     return (rs(xi, zi, tau, **options) + rs(xt, zt, tau, **options)) / 2
 
 

@@ -175,7 +175,7 @@ def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]
     xi, xt, vi, vt = tensors
     device = xi.device
     stack = _Stack(models, cfg0)
-    compiled = compile_wanted(cfg0.compile, device)  # the whole stacked loss, forward and backward
+    compiled = compile_wanted(cfg0.compile)  # the whole stacked loss, forward and backward
     losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0)), compiled)
     val_losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0),
                                     in_dims=(0, 0, None, None, 0)), compiled)
