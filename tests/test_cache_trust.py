@@ -157,6 +157,24 @@ def test_corrupt_chunk_stops_eval_with_the_chunk_named(trained):
     assert str(test_store) in out.output.replace("\n", "") and "Traceback" not in out.output
 
 
+@pytest.mark.parametrize("layers", ["auto", "last"])
+def test_corrupt_training_chunk_stops_align_with_nothing_written(tiny_vit, tiny_bert, trained, layers):
+    """Training reads its rows chunk by chunk (the layer table one layer at a time): a flipped
+    byte there is still one line naming the chunk, and no run is left behind."""
+    pairs, cache, runs = trained
+    train_store = next(p for p in find_stores(cache) if p.parts[-3] == "train" and "vit" in p.parts[-2])
+    last = FeatureStore.open(train_store).layers[-1]
+    victim = chunk_files(train_store, last)[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    before = sorted(p.name for p in runs.iterdir())
+    out = align(tiny_vit, tiny_bert, pairs, cache, runs, "--layers", layers)
+    assert out.exit_code == 2 and f"chunk 0 of {last} fails its checksum" in out.output, out.output
+    assert "Traceback" not in out.output
+    assert sorted(p.name for p in runs.iterdir()) == before
+
+
 @pytest.mark.parametrize("split", ["..", "../../escape", "/abs", ".", "", "a\x01b"])
 def test_hostile_split_and_file_names_stay_inside_the_cache(tiny_bert, tmp_path, split):
     data = tmp_path / "data"
