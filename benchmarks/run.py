@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/run.py --only scale [--scale-full]   # stage two against cache size
     .venv/bin/python benchmarks/run.py --only layer_target           # 13 x 7 layers at n = 50k
 
-Each benchmark prints its figures and ratio; all results go to one JSON file.
+Each benchmark prints its figures and ratio; all results go to one JSON file. Beside it,
+step_profile.py (where a training step's time goes) and stacked_drift.py (stacked against
+sequential sweep cells on one device).
 Numbers belong in docs/benchmarks.md together with the command and the machine.
 """
 
