@@ -8,7 +8,8 @@ Layout of a store (see docs/design.md)::
     texts    (rows,)     the strings encoded (text stores only)
     missing  (rows,)     rows whose input could not be decoded (--skip-bad); never zero-filled
     layers/<name>        (rows, width) float16, one zarr chunk per row chunk
-    done/<name>          (n_chunks,) bool, one zarr chunk per row chunk: the chunk of <name> is final
+    done/<name>          (n_chunks,) uint64, one zarr chunk per row chunk: 0 while the chunk of
+                         <name> is unfinished, then its seal
 
 A chunk is a range of ``chunk_rows`` rows: one zarr chunk of every layer array and of
 ``missing``, and one ``done`` flag per layer. ("Block" always means a transformer block.)
@@ -19,13 +20,21 @@ disjoint objects, so several processes can fill one store side by side.
 Every zarr chunk ends in a crc32c checksum (zarr v3's ``crc32c`` codec after zstd). Reads of
 a finished chunk check that its object exists and that its checksum holds; either failure is
 a :class:`CorruptChunk` naming the store, layer and chunk, never a silent NaN or wrong value.
+
+A checksum only says an object is intact, not that it belongs where it lies: a chunk moved to
+another position, layer or store (a merge of two caches, a sync gone wrong) passes it. So a
+finished chunk's done flag is its seal: a crc32c of the store's identity, the layer, the chunk
+index, and the chunk's ``missing`` and feature bytes as stored. Every read recomputes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -35,7 +44,9 @@ import featcache.cache.location as loc
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 
-FORMAT_VERSION = 2  # 2: crc32c on every chunk, chunks written even when empty
+FORMAT_VERSION = 3  # 2: crc32c on every chunk, chunks written even when empty; 3: done flags are seals
+_FORMATS = {1: "without chunk checksums", 2: "without chunk seals"}
+_DONE = 1 << 32  # a seal is this bit and a crc32c: never 0, the value of an unfinished chunk
 _MIN_CHUNK_BYTES = 1 << 20
 # Every array: zstd, then a crc32c of the compressed bytes.
 _ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
@@ -117,7 +128,8 @@ class FeatureStore:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Location) -> "FeatureStore":
+    def open(cls, path: Location, formats: tuple[int, ...] = (FORMAT_VERSION,)) -> "FeatureStore":
+        """``formats``: what may be opened; only ``verify --reseal`` opens format 2, to seal it."""
         path = loc.as_location(path)
         if not loc.has_group(path):
             raise FeatcacheError(f"no feature store at {path}")
@@ -128,11 +140,14 @@ class FeatureStore:
                 f"feature store {path} was never fully created",
                 "run the extract command again; it will rebuild it",
             )
-        if attrs.get("format") != FORMAT_VERSION:
+        if attrs.get("format") not in formats:
+            written = _FORMATS.get(attrs.get("format"), "by another featcache")
+            reseal = (f"seal it in place (every chunk's checksum is checked first): featcache verify --reseal {path}; "
+                      "or " if attrs.get("format") == 2 else "")
             raise FeatcacheError(
-                f"the store {path} has format {attrs.get('format')!r}, written without chunk checksums; "
+                f"the store {path} has format {attrs.get('format')!r}, written {written}; "
                 f"this featcache reads format {FORMAT_VERSION} only",
-                f"rebuild it: {rebuild_command(attrs)}",
+                f"{reseal}rebuild it: {rebuild_command(attrs)}",
             )
         return cls(path, group)
 
@@ -230,6 +245,15 @@ class FeatureStore:
         """What makes two stores' features comparable: the encoder's weights, preprocessing, pooling."""
         return self.identity["encoder"]
 
+    def _seal(self, layer: str, chunk: int, missing: np.ndarray, data: np.ndarray) -> int:
+        """The done flag of a finished chunk: binds its bytes to this store, layer and position."""
+        if not hasattr(self, "_seal_key"):
+            self._seal_key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        crc = google_crc32c.value(f"{self._seal_key}\0{layer}\0{chunk}\0{self.chunk_rows}\0".encode())
+        crc = google_crc32c.extend(crc, np.ascontiguousarray(missing, dtype=bool))
+        crc = google_crc32c.extend(crc, np.ascontiguousarray(data, dtype=self.attrs["dtype"]))
+        return _DONE | crc
+
     def chunk_slice(self, chunk: int) -> slice:
         start = chunk * self.chunk_rows
         return slice(start, min(self.rows, start + self.chunk_rows))
@@ -306,16 +330,20 @@ class FeatureStore:
         for name in new:
             self.group.create_array(f"layers/{name}", shape=(self.rows, self.width), dtype=self.attrs["dtype"],
                                     chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **_ARRAY_OPTIONS)
-            self.group.create_array(f"done/{name}", shape=(max(self.n_chunks, 1),), dtype=bool, chunks=(1,),
-                                    fill_value=False, overwrite=True, **_ARRAY_OPTIONS)
+            self.group.create_array(f"done/{name}", shape=(max(self.n_chunks, 1),), dtype=np.uint64, chunks=(1,),
+                                    fill_value=0, overwrite=True, **_ARRAY_OPTIONS)
         if new:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
 
-    def done_chunks(self, layer: str) -> np.ndarray:
+    def seals(self, layer: str) -> np.ndarray:
+        """Each chunk's done flag: 0 while unfinished, else its seal."""
         if layer not in self.layers:
-            return np.zeros(self.n_chunks, dtype=bool)
-        return self._decoded(f"done/{layer}", slice(0, self.n_chunks)).astype(bool)
+            return np.zeros(self.n_chunks, dtype=np.uint64)
+        return self._decoded(f"done/{layer}", slice(0, self.n_chunks)).astype(np.uint64)
+
+    def done_chunks(self, layer: str) -> np.ndarray:
+        return self.seals(layer) != 0
 
     def pending_chunks(self, layers: list[str]) -> list[int]:
         pending = np.zeros(self.n_chunks, dtype=bool)
@@ -328,27 +356,35 @@ class FeatureStore:
     ) -> None:
         """Write one chunk's rows for the given layers, then mark them done.
 
-        The data goes first and the done flags last, so a kill between the two only costs
-        recomputing this chunk.
+        The data goes first and the done flags (seals) last, so a kill between the two only
+        costs recomputing this chunk.
         """
         sl = self.chunk_slice(chunk)
         self.fence()
+        seals = {name: self._seal(name, chunk, missing, values) for name, values in features.items()}
         with zarr.config.set(_WRITE_EVERY_CHUNK):
             self.array("missing")[sl] = missing
             for name, values in features.items():
                 self.array(f"layers/{name}")[sl] = values
             self.fence()  # the data may have taken long: still ours before anything is marked done
-            for name in features:
-                self.array(f"done/{name}")[chunk] = True
+            for name, seal in seals.items():
+                self.array(f"done/{name}")[chunk] = seal
+
+    def write_seals(self, layer: str, seals: np.ndarray) -> None:
+        """Replace a layer's done flags with ``seals`` (0: unfinished); ``verify --reseal``."""
+        with zarr.config.set(_WRITE_EVERY_CHUNK):
+            done = self.group.create_array(f"done/{layer}", shape=(max(self.n_chunks, 1),), dtype=np.uint64,
+                                           chunks=(1,), fill_value=0, overwrite=True, **_ARRAY_OPTIONS)
+            done[: self.n_chunks] = seals
 
     def chunk_done(self, layer: str, chunk: int) -> bool:
-        return bool(self._decoded(f"done/{layer}", chunk))
+        return int(self._decoded(f"done/{layer}", chunk)) != 0
 
     def clear_done(self, layer: str, chunks: list[int]) -> None:
         """Mark chunks unfinished so the next extract recomputes them (``verify --repair``)."""
         with zarr.config.set(_WRITE_EVERY_CHUNK):
             for chunk in chunks:
-                self.array(f"done/{layer}")[chunk] = False
+                self.array(f"done/{layer}")[chunk] = 0
 
     # -- checking --------------------------------------------------------------------------
     def stored_chunks(self, array: str) -> set[int]:
@@ -366,14 +402,30 @@ class FeatureStore:
         done = self.done_chunks(layer) if done is None else done
         return [int(b) for b in np.flatnonzero(done) if b not in present]
 
-    def read_chunk(self, array: str, chunk: int, dtype=None) -> np.ndarray:
-        """One chunk's rows of ``array``; a failed checksum is a :class:`CorruptChunk`."""
+    def _raw_chunk(self, array: str, chunk: int) -> np.ndarray:
+        """One chunk as stored, its crc32c checked."""
         try:
-            return np.asarray(self.array(array)[self.chunk_slice(chunk)], dtype=dtype)
+            return np.asarray(self.array(array)[self.chunk_slice(chunk)])
         except ValueError as err:
             if not _checksum_failed(err):
                 raise
             raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, "fails its checksum") from None
+
+    def _check_seal(self, layer: str, chunk: int, seal: int, missing: np.ndarray, data: np.ndarray) -> None:
+        if seal and self._seal(layer, chunk, missing, data) != seal:
+            raise CorruptChunk(self.path, layer, chunk, "does not match its seal: its bytes were written for "
+                               "another position, layer or store (a chunk moved or copied in), or its "
+                               "missing-row chunk was")
+
+    def read_chunk(self, array: str, chunk: int, dtype=None) -> np.ndarray:
+        """One chunk's rows of ``array``, checksummed and, for a finished layer chunk, checked
+        against its seal; either failure is a :class:`CorruptChunk`."""
+        data = self._raw_chunk(array, chunk)
+        if array.startswith("layers/"):
+            layer = array.removeprefix("layers/")
+            self._check_seal(layer, chunk, int(self._decoded(f"done/{layer}", chunk)),
+                             self._raw_chunk("missing", chunk), data)
+        return np.asarray(data, dtype=dtype)
 
     # -- reading ---------------------------------------------------------------------------
     def is_complete(self, layer: str | None = None) -> bool:
@@ -387,7 +439,8 @@ class FeatureStore:
                 f"layer {layer!r} is not in the store {self.path}",
                 f"stored layers: {', '.join(self.layers) or 'none'}",
             )
-        done = self.done_chunks(layer)
+        seals = self.seals(layer)
+        done = seals != 0
         if not done.all():
             raise FeatcacheError(
                 f"layer {layer!r} of {self.path} is incomplete ({int(done.sum())}/{self.n_chunks} chunks)",
@@ -398,13 +451,17 @@ class FeatureStore:
         if lost:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
-            return np.asarray(self.array(array)[:], dtype=dtype)
+            data, missing = np.asarray(self.array(array)[:]), self._decoded("missing")
         except ValueError as err:
             if not _checksum_failed(err):
                 raise
-        for chunk in range(self.n_chunks):  # find the bad chunk, to name it
-            self.read_chunk(array, chunk)
-        raise AssertionError("a checksum failed on a full read but on no single chunk")
+            for chunk in range(self.n_chunks):  # find the bad chunk, to name it
+                self.read_chunk(array, chunk)
+            raise AssertionError("a checksum failed on a full read but on no single chunk") from None
+        for chunk in range(self.n_chunks):
+            sl = self.chunk_slice(chunk)
+            self._check_seal(layer, chunk, int(seals[chunk]), missing[sl], data[sl])
+        return np.asarray(data, dtype=dtype)
 
     def read_finished(self, layer: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Rows of finished chunks only, with their row indices; for readers racing a writer."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
-from featcache.cache.store import CorruptChunk, FeatureStore
+from featcache.cache.store import FORMAT_VERSION, CorruptChunk, FeatureStore
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,45 @@ def repair_store(store: FeatureStore, bad: list[BadChunk]) -> int:
     return len(cleared)
 
 
-def verify(paths: list[Location], repair: bool = False) -> list[BadChunk]:
-    """Verify (and optionally repair) stores; returns every problem found."""
+def reseal_store(path: Location) -> list[BadChunk]:
+    """Bring a format-2 store (checksums, no seals) to format 3 in place, without recomputing it.
+
+    Every finished chunk's checksum is checked before its seal is written. A chunk that is lost
+    or fails its checksum is left unfinished, for the same extract command to recompute. The
+    format becomes 3 last, so a killed reseal leaves a format-2 store that the next one redoes.
+    It can only vouch for positions as they are now: format 2 never recorded them.
+    """
+    store = FeatureStore.open(path, formats=(2, FORMAT_VERSION))
+    if store.attrs["format"] == FORMAT_VERSION:
+        return []
+    bad = []
+    with all_writers_locked(store.path, str(store.path)):  # never under a running extract
+        for layer in store.layers:
+            seals, present = np.zeros(store.n_chunks, dtype=np.uint64), store.stored_chunks(f"layers/{layer}")
+            for chunk in np.flatnonzero(store.done_chunks(layer)):
+                chunk = int(chunk)
+                if chunk not in present:
+                    bad.append(BadChunk(str(store.path), layer, chunk, "is marked done but its data is missing "
+                                        "(left unfinished)"))
+                    continue
+                try:
+                    data, missing = store._raw_chunk(f"layers/{layer}", chunk), store._raw_chunk("missing", chunk)
+                except CorruptChunk as err:
+                    bad.append(BadChunk(str(store.path), layer, chunk, f"{err.problem} (left unfinished)"))
+                    continue
+                seals[chunk] = store._seal(layer, chunk, missing, data)
+            store.write_seals(layer, seals)
+        store.group.attrs["format"] = FORMAT_VERSION
+    return bad
+
+
+def verify(paths: list[Location], repair: bool = False, reseal: bool = False) -> list[BadChunk]:
+    """Verify (and optionally repair, or first reseal) stores; returns every problem found."""
     found = []
     for path in paths:
         try:
+            if reseal:
+                found += reseal_store(path)
             store = FeatureStore.open(path)
         except FeatcacheError as err:
             found.append(BadChunk(str(path), "store", None, err.message))

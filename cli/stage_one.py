@@ -99,8 +99,10 @@ def verify(
     stores: Optional[list[str]] = typer.Argument(None, help="Store paths or URLs [default: every store in the cache]."),
     cache_dir: Optional[str] = CacheDir,
     repair: bool = typer.Option(False, help="Mark bad chunks unfinished, so the same extract recomputes them."),
+    reseal: bool = typer.Option(False, help="First bring stores of an older featcache (format 2) to format 3 in "
+                                            "place: each chunk's checksum is checked, then its seal written."),
 ):
-    """Check the checksum and presence of every finished chunk; exit 1 if any is bad."""
+    """Check the presence, checksum and seal of every finished chunk; exit 1 if any is bad."""
     from rich.table import Table
 
     from featcache.cache.location import is_url
@@ -117,9 +119,10 @@ def verify(
     with progress_bar() as progress:
         bad = []
         for path in progress.track(paths, description="verify"):
-            bad += run_verify([path], repair=repair)
+            bad += run_verify([path], repair=repair, reseal=reseal)
     if not bad:
-        console.print(f"{len(paths)} store(s) verified: every finished chunk is present and its checksum holds")
+        console.print(f"{len(paths)} store(s) verified: every finished chunk is present, its checksum holds "
+                      "and it matches its seal")
         return
     table = Table(title=f"{len(bad)} bad chunk(s) in {len({b.store for b in bad})} store(s)")
     for col in ("store", "layer", "chunk", "problem"):

@@ -145,6 +145,90 @@ def test_flipped_byte_and_deleted_chunk_are_caught_and_repaired_bitwise(tiny_vit
     assert {f: f.read_bytes() for f in originals} == originals  # the very chunk files, bitwise
 
 
+def test_chunks_moved_or_copied_in_are_caught_by_their_seals(tiny_vit, tmp_path):
+    """Intact chunk objects in the wrong place pass their crc32c: two chunks swapped, another
+    layer's chunk at the same position, and another store's chunk copied in with its done flag
+    (a merge of two caches). Each read names the chunk; verify --repair and the same extract
+    give the store back bitwise."""
+    import shutil
+
+    a, b = make_pairs(tmp_path / "a", n=40, seed=1), make_pairs(tmp_path / "b", n=40, seed=2)
+    argv = ("--split", "train", "--chunk-rows", 8)
+    extract(tiny_vit, a, tmp_path / "cache", *argv)
+    extract(tiny_vit, b, tmp_path / "other", *argv)
+    path, other = next(find_stores(tmp_path / "cache")), next(find_stores(tmp_path / "other"))
+    reference = store_arrays(path)
+
+    first, second = chunk_files(path, "block.02")[:2]  # 1. two chunks of one layer swapped
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+    shutil.copyfile(chunk_files(path, "block.00")[3], chunk_files(path, "block.01")[3])  # 2. another layer's
+    for part in ("layers", "done"):  # 3. another store's chunk 2 with its done flag, as a merge would copy it
+        for src in (other / part / "block.00" / "c").rglob("*"):
+            if src.is_file() and src.relative_to(other / part / "block.00" / "c").parts[0] == "2":
+                shutil.copyfile(src, path / part / "block.00" / "c" / src.relative_to(other / part / "block.00" / "c"))
+
+    store = FeatureStore.open(path)
+    for layer, chunk in (("block.02", 0), ("block.01", 3), ("block.00", 2)):
+        with pytest.raises(CorruptChunk, match=rf"chunk {chunk} of {layer} does not match its seal") as err:
+            store.read(layer)
+        assert "featcache verify --repair" in err.value.hint
+        with pytest.raises(CorruptChunk, match=rf"chunk {chunk} of {layer}"):
+            store.read_finished(layer)
+    out = invoke("verify", "--cache-dir", tmp_path / "cache")
+    assert out.exit_code == 1 and out.output.count("seal") >= 4, out.output  # chunks 0 and 1 of block.02
+    out = invoke("verify", "--repair", "--cache-dir", tmp_path / "cache")
+    assert "repaired: 4 chunk(s)" in out.output, out.output
+    extract(tiny_vit, a, tmp_path / "cache", *argv)
+    assert invoke("verify", "--cache-dir", tmp_path / "cache").exit_code == 0
+    assert store_arrays(path) == reference
+
+
+def _as_format_2(path):
+    """Rewrite a store as featcache wrote format 2: done flags are booleans, no seals."""
+    import zarr
+
+    from featcache.cache.store import _ARRAY_OPTIONS
+
+    store = FeatureStore.open(path)
+    for layer in store.layers:
+        flags = store.done_chunks(layer)
+        done = store.group.create_array(f"done/{layer}", shape=(store.n_chunks,), dtype=bool, chunks=(1,),
+                                        fill_value=False, overwrite=True, **_ARRAY_OPTIONS)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            done[:] = flags
+    store.group.attrs["format"] = 2
+
+
+def test_a_format_2_store_is_sealed_in_place_after_its_checksums(tiny_vit, tmp_path):
+    """An older featcache's store is refused with both ways out; verify --reseal checks every
+    chunk, seals the good ones, leaves a bad one unfinished, and extract recomputes only that."""
+    pairs, cache = make_pairs(tmp_path / "data", n=40), tmp_path / "cache"
+    argv = ("--split", "train", "--chunk-rows", 8)
+    extract(tiny_vit, pairs, cache, *argv)
+    path = next(find_stores(cache))
+    reference = store_arrays(path)
+    _as_format_2(path)
+    victim = chunk_files(path, "block.02")[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    with pytest.raises(FeatcacheError, match="format 2, written without chunk seals") as err:
+        FeatureStore.open(path)
+    assert f"featcache verify --reseal {path}" in err.value.hint and "--overwrite" in err.value.hint
+    out = invoke("verify", "--reseal", "--cache-dir", cache)
+    assert out.exit_code == 1 and "block.02" in out.output and "left unfinished" in out.output, out.output
+    store = FeatureStore.open(path)
+    assert store.attrs["format"] == 3 and store.pending_chunks(store.layers) == [1]
+    for layer in store.layers:
+        store.read_finished(layer)  # every sealed chunk reads back through its seal
+    extract(tiny_vit, pairs, cache, *argv)
+    assert invoke("verify", "--reseal", "--cache-dir", cache).exit_code == 0  # a format-3 store: only verified
+    assert store_arrays(path) == reference
+
+
 def test_corrupt_chunk_stops_eval_with_the_chunk_named(trained):
     pairs, cache, runs = trained
     test_store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "vit" in p.parts[-2])
@@ -294,20 +378,21 @@ def test_eval_refuses_stores_made_by_other_weights(trained):
     assert out.exit_code == 2 and "weights sha256" in out.output and "Traceback" not in out.output
 
 
-def test_old_format_store_is_refused_with_the_rebuild_command(tiny_vit, tmp_path):
+@pytest.mark.parametrize("old, without", [(1, "without chunk checksums"), (2, "without chunk seals")])
+def test_old_format_store_is_refused_with_the_rebuild_command(tiny_vit, tmp_path, old, without):
     pairs = make_pairs(tmp_path / "data", n=12)
     cache = tmp_path / "cache"
     extract(tiny_vit, pairs, cache, "--split", "train", "--layers", "last")
     path = next(find_stores(cache))
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["format"] = 1
+    meta["attributes"]["format"] = old
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(FeatcacheError, match="format 1") as err:
+    with pytest.raises(FeatcacheError, match=f"format {old}, written {without}") as err:
         FeatureStore.open(path)
     assert "featcache extract --model hf:" in err.value.hint and "--overwrite" in err.value.hint
     out = invoke("extract", "--model", f"hf:{tiny_vit}", "--dataset", pairs, "--cache-dir", cache,
                  "--split", "train", "--layers", "last")
-    assert out.exit_code == 2 and "format 1" in out.output
+    assert out.exit_code == 2 and f"format {old}" in out.output
 
 
 def test_a_chunk_of_only_bad_images_is_stored_not_lost(tiny_vit, tmp_path):
