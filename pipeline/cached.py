@@ -174,7 +174,7 @@ def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Sid
 
 def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
     """``store.read(layer)[rows]`` without the whole layer in memory: chunk by chunk, each
-    chunk's checksum checked as ``store.read`` checks it, keeping only the rows asked for.
+    chunk's checksum and seal checked as ``store.read`` checks them, keeping only the rows asked for.
 
     The layer table scores a few thousand rows of each of many layers; reading whole layers
     as float32 first would cost layers x rows x width x 4 bytes (61 GB for 25 layers of
@@ -183,7 +183,7 @@ def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarr
     read by ``store.read`` itself, so its errors and results stay the same.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    if not hasattr(store, "read_chunk") or layer not in store.layers:
+    if not hasattr(store, "read_chunks") or layer not in store.layers:
         return store.read(layer, dtype)[rows]
     done = store.done_chunks(layer)
     if not done.all() or store.lost_chunks(layer, done):
@@ -192,10 +192,9 @@ def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarr
     in_order = np.array_equal(wanted, rows)  # sorted and distinct: no reordering copy
     out = np.empty((len(wanted), store.width), dtype=dtype)
     chunk_of = wanted // store.chunk_rows
-    for chunk in np.unique(chunk_of):
+    for chunk, data in store.read_chunks(layer, np.unique(chunk_of)):
         sel = np.flatnonzero(chunk_of == chunk)
-        data = store.read_chunk(f"layers/{layer}", int(chunk))
-        out[sel] = data[wanted[sel] - store.chunk_slice(int(chunk)).start]
+        out[sel] = data[wanted[sel] - store.chunk_slice(chunk).start]
     return out if in_order else out[inverse]
 
 
