@@ -24,7 +24,8 @@ a :class:`CorruptChunk` naming the store, layer and chunk, never a silent NaN or
 A checksum only says an object is intact, not that it belongs where it lies: a chunk moved to
 another position, layer or store (a merge of two caches, a sync gone wrong) passes it. So a
 finished chunk's done flag is its seal: a crc32c of the store's identity, the layer, the chunk
-index, and the chunk's ``missing`` and feature bytes as stored. Every read recomputes it.
+index, and the chunk's ``missing`` and feature bytes as stored. Every read recomputes it. The
+shared row arrays (ids, groups, texts) have seals in the attributes (``row_seals``).
 """
 
 from __future__ import annotations
@@ -56,13 +57,35 @@ _ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 _WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
-def _checksum_failed(err: ValueError) -> bool:
-    """zarr's crc32c codec raises a plain ValueError; this tells it from other value errors."""
-    return "checksum" in str(err)
+def _decode_problem(err: ValueError) -> str:
+    """What a ValueError from reading zarr chunks means: zarr's crc32c codec raises a plain one,
+    and so does decoding an intact object of another dtype or shape (copied from another store)."""
+    if "checksum" in str(err):
+        return "fails its checksum"
+    return "cannot be decoded as a chunk of this array (another dtype or shape: copied from another store?)"
+
+
+def _identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def rows_seal(identity: dict, name: str, values: list[str]) -> int:
+    """The seal of a shared row array (ids, groups, texts), kept in the store's attributes: these
+    arrays pair captions with images, so another store's copy must not pass."""
+    crc = google_crc32c.value(f"{_identity_key(identity)}\0{name}\0".encode())
+    return _DONE | google_crc32c.extend(crc, json.dumps(list(values)).encode())
+
+
+class CorruptArray(FeatcacheError):
+    """A whole array (or a selection of one) that cannot be read back."""
+
+    def __init__(self, path, name: str, problem: str, hint: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{path}: the array {name!r} {problem}", hint)
 
 
 class CorruptChunk(FeatcacheError):
-    """A finished chunk whose object is missing or fails its checksum."""
+    """A finished chunk whose object is missing, fails its checksum, or is not its own."""
 
     def __init__(self, path, layer: str, chunk: int, problem: str):
         self.path, self.layer, self.chunk, self.problem = path, layer, chunk, problem
@@ -194,9 +217,11 @@ class FeatureStore:
         group = zarr.open_group(str(path), mode="w", storage_options=loc.storage_options(path))
         n = len(ids)
         chunk = max(1, min(chunk_rows, n))
+        row_seals = {}
         with zarr.config.set(_WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
             for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
                 if values is not None:
+                    row_seals[name] = rows_seal(identity, name, [str(v) for v in values])
                     group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
                         np.asarray(values, dtype=str))
             group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False,
@@ -212,6 +237,7 @@ class FeatureStore:
                 "width": width,
                 "dtype": dtype,
                 "chunk_rows": chunk_rows,
+                "row_seals": row_seals,
                 "layers": [],
                 **(extra_attrs or {}),
             }
@@ -248,7 +274,7 @@ class FeatureStore:
     def _seal(self, layer: str, chunk: int, missing: np.ndarray, data: np.ndarray) -> int:
         """The done flag of a finished chunk: binds its bytes to this store, layer and position."""
         if not hasattr(self, "_seal_key"):
-            self._seal_key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+            self._seal_key = _identity_key(self.identity)
         crc = google_crc32c.value(f"{self._seal_key}\0{layer}\0{chunk}\0{self.chunk_rows}\0".encode())
         crc = google_crc32c.extend(crc, np.ascontiguousarray(missing, dtype=bool))
         crc = google_crc32c.extend(crc, np.ascontiguousarray(data, dtype=self.attrs["dtype"]))
@@ -272,16 +298,14 @@ class FeatureStore:
                                  f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs)}") from None
 
     def _decoded(self, name: str, selection=slice(None)) -> np.ndarray:
-        """An array read whose checksum failure is a clear error (per-chunk errors are finer)."""
+        """An array read whose damage is a clear error (per-chunk errors are finer)."""
         array = self.array(name)
         try:
             return np.asarray(array[selection])
         except ValueError as err:
-            if not _checksum_failed(err):
-                raise
-            raise FeatcacheError(f"{self.path}: the array {name!r} fails its checksum",
-                                 f"run: featcache verify {self.path}; if the damage is outside the layer "
-                                 f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
+            raise CorruptArray(self.path, name, _decode_problem(err),
+                               f"run: featcache verify {self.path}; if the damage is outside the layer "
+                               f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
 
     def whole(self, name: str) -> np.ndarray:
         """A shared array (ids, groups, texts, missing), every one of its chunks present.
@@ -298,7 +322,11 @@ class FeatureStore:
         return self._decoded(name)
 
     def _text(self, name: str) -> list[str]:
-        return [str(s) for s in self.whole(name)] if self.rows else []
+        values = [str(s) for s in self.whole(name)] if self.rows else []
+        if rows_seal(self.identity, name, values) != self.attrs.get("row_seals", {}).get(name):
+            raise CorruptArray(self.path, name, "does not match its seal: it was written for another store",
+                               f"rebuild the store: {rebuild_command(self.attrs)}")
+        return values
 
     @property
     def ids(self) -> list[str]:
@@ -407,9 +435,7 @@ class FeatureStore:
         try:
             return np.asarray(self.array(array)[self.chunk_slice(chunk)])
         except ValueError as err:
-            if not _checksum_failed(err):
-                raise
-            raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, "fails its checksum") from None
+            raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, _decode_problem(err)) from None
 
     def _check_seal(self, layer: str, chunk: int, seal: int, missing: np.ndarray, data: np.ndarray) -> None:
         if seal and self._seal(layer, chunk, missing, data) != seal:
@@ -462,12 +488,10 @@ class FeatureStore:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
             data, missing = np.asarray(self.array(array)[:]), self._decoded("missing")
-        except ValueError as err:
-            if not _checksum_failed(err):
-                raise
+        except ValueError:
             for chunk in range(self.n_chunks):  # find the bad chunk, to name it
                 self.read_chunk(array, chunk)
-            raise AssertionError("a checksum failed on a full read but on no single chunk") from None
+            raise AssertionError("a full read failed to decode but no single chunk did") from None
         for chunk in range(self.n_chunks):
             sl = self.chunk_slice(chunk)
             self._check_seal(layer, chunk, int(seals[chunk]), missing[sl], data[sl])

@@ -16,7 +16,7 @@ import numpy as np
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
-from featcache.cache.store import FORMAT_VERSION, CorruptChunk, FeatureStore
+from featcache.cache.store import FORMAT_VERSION, CorruptArray, CorruptChunk, FeatureStore, rows_seal
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ def _done_flags(store: FeatureStore, layer: str) -> tuple[list[int], list[BadChu
         try:
             if store.chunk_done(layer, chunk):
                 done.append(chunk)
-        except FeatcacheError:
-            bad.append(BadChunk(str(store.path), layer, chunk, "its done flag fails its checksum"))
+        except FeatcacheError as err:
+            problem = err.problem if isinstance(err, CorruptArray) else "cannot be read"
+            bad.append(BadChunk(str(store.path), layer, chunk, f"its done flag {problem}"))
     return done, bad
 
 
@@ -50,7 +51,7 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
         if name == "texts" and store.texts_absent:
             continue
         try:  # the shared row arrays; a bad chunk of ``missing`` is repairable and found per chunk below
-            store.array("missing") if name == "missing" else store.whole(name)
+            store.array("missing") if name == "missing" else store._text(name)  # checksums and seal
         except FeatcacheError as err:
             bad.append(BadChunk(path, name, None, f"{err.message.split(': ', 1)[-1]} (not repairable: "
                                                   "rebuild the store)"))
@@ -102,35 +103,71 @@ def repair_store(store: FeatureStore, bad: list[BadChunk]) -> int:
     return len(cleared)
 
 
+def _layer_seals(store: FeatureStore, layer: str, missing: dict, bad: list[BadChunk]) -> np.ndarray:
+    """Seals for a format-2 layer's finished chunks, each checked first; 0 for a chunk that is
+    unfinished or fails a check (reported in ``bad``, left for extract to recompute). Flags that
+    are already seals (a format-3 layer relabelled 2) are checked against their chunk, not redone."""
+    already = np.dtype(store.array(f"done/{layer}").dtype) == np.uint64
+    seals, present = np.zeros(store.n_chunks, dtype=np.uint64), store.stored_chunks(f"layers/{layer}")
+    note = lambda chunk, problem: bad.append(BadChunk(str(store.path), layer, chunk, f"{problem} (left unfinished)"))
+    for chunk in range(store.n_chunks):
+        try:
+            flag = int(store._decoded(f"done/{layer}", chunk))
+        except CorruptArray as err:
+            note(chunk, f"its done flag {err.problem}")
+            continue
+        if not flag:
+            continue
+        if chunk not in present:
+            note(chunk, "is marked done but its data is missing")
+            continue
+        try:
+            if chunk not in missing:
+                missing[chunk] = store._raw_chunk("missing", chunk)
+            data = store._raw_chunk(f"layers/{layer}", chunk)
+            if already:
+                store._check_seal(layer, chunk, flag, missing[chunk], data)
+        except CorruptChunk as err:
+            note(chunk, err.problem)
+            continue
+        seals[chunk] = flag if already else store._seal(layer, chunk, missing[chunk], data)
+    return seals
+
+
 def reseal_store(path: Location) -> list[BadChunk]:
     """Bring a format-2 store (checksums, no seals) to format 3 in place, without recomputing it.
 
-    Every finished chunk's checksum is checked before its seal is written. A chunk that is lost
-    or fails its checksum is left unfinished, for the same extract command to recompute. The
-    format becomes 3 last, so a killed reseal leaves a format-2 store that the next one redoes.
-    It can only vouch for positions as they are now: format 2 never recorded them.
+    Every finished chunk's checksum is checked before its seal is written; one that fails, or
+    whose flag cannot be read, is left unfinished for the same extract command to recompute.
+    The seals go to a journal (``reseal/<layer>``, listed in the ``resealed`` attribute) before
+    any done flag is replaced, and the format becomes 3 last: a reseal killed at any point is
+    finished by the next one, and never loses a flag. It can only vouch for positions as they
+    are now: format 2 never recorded them.
     """
     store = FeatureStore.open(path, formats=(2, FORMAT_VERSION))
     if store.attrs["format"] == FORMAT_VERSION:
         return []
-    bad = []
+    bad, missing = [], {}
     with all_writers_locked(store.path, str(store.path)):  # never under a running extract
         for layer in store.layers:
-            seals, present = np.zeros(store.n_chunks, dtype=np.uint64), store.stored_chunks(f"layers/{layer}")
-            for chunk in np.flatnonzero(store.done_chunks(layer)):
-                chunk = int(chunk)
-                if chunk not in present:
-                    bad.append(BadChunk(str(store.path), layer, chunk, "is marked done but its data is missing "
-                                        "(left unfinished)"))
-                    continue
-                try:
-                    data, missing = store._raw_chunk(f"layers/{layer}", chunk), store._raw_chunk("missing", chunk)
-                except CorruptChunk as err:
-                    bad.append(BadChunk(str(store.path), layer, chunk, f"{err.problem} (left unfinished)"))
-                    continue
-                seals[chunk] = store._seal(layer, chunk, missing, data)
-            store.write_seals(layer, seals)
+            if layer in store.attrs.get("resealed", []):
+                continue
+            store.group.require_group("reseal")
+            journal = store.group.create_array(f"reseal/{layer}", shape=(max(store.n_chunks, 1),), dtype=np.uint64,
+                                               chunks=(max(store.n_chunks, 1),), fill_value=0, overwrite=True)
+            journal[: store.n_chunks] = _layer_seals(store, layer, missing, bad)
+            store.group.attrs["resealed"] = store.attrs.get("resealed", []) + [layer]
+            store.attrs = dict(store.group.attrs)
+        if "row_seals" not in store.attrs:
+            names = [n for n in ("ids", "groups", "texts") if not (n == "texts" and store.texts_absent)]
+            store.group.attrs["row_seals"] = {n: rows_seal(store.identity, n, [str(v) for v in store.whole(n)])
+                                              for n in names}
+        for layer in store.layers:
+            store.write_seals(layer, np.asarray(store.group[f"reseal/{layer}"][: store.n_chunks]))
         store.group.attrs["format"] = FORMAT_VERSION
+        if "resealed" in store.group.attrs:  # leftovers of a finished reseal are harmless, but tidy
+            del store.group.attrs["resealed"]
+            del store.group["reseal"]
     return bad
 
 

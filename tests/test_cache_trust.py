@@ -229,6 +229,88 @@ def test_a_format_2_store_is_sealed_in_place_after_its_checksums(tiny_vit, tmp_p
     assert store_arrays(path) == reference
 
 
+def test_a_killed_reseal_is_finished_by_the_next_with_no_flag_lost(tiny_vit, tmp_path, monkeypatch):
+    """A reseal killed while computing seals, or while replacing the done flags, loses nothing:
+    the journal carries the seals over, and the next reseal seals every finished chunk."""
+    from featcache.cache import verify as verify_module
+
+    pairs, cache = make_pairs(tmp_path / "data", n=40), tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train", "--chunk-rows", 8)
+    path = next(find_stores(cache))
+    reference = store_arrays(path)
+    _as_format_2(path)
+    layers, calls = FeatureStore.open(path, formats=(2,)).layers, []
+    real_seals, real_write = verify_module._layer_seals, FeatureStore.write_seals
+
+    def killed_seals(store, layer, *a):  # killed after the journal holds two layers
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(layer)
+        return real_seals(store, layer, *a)
+
+    def killed_write(store, layer, seals):  # killed midway through replacing a layer's flags
+        real_write(store, layer, np.where(np.arange(len(seals)) < len(seals) // 2, seals, 0))
+        raise KeyboardInterrupt
+
+    for fake in ((verify_module, "_layer_seals", killed_seals), (FeatureStore, "write_seals", killed_write)):
+        monkeypatch.setattr(*fake)
+        with pytest.raises(KeyboardInterrupt):
+            verify_module.reseal_store(path)
+        monkeypatch.undo()
+    assert FeatureStore.open(path, formats=(2,)).attrs["resealed"] == layers  # still format 2, journal whole
+    assert verify_module.reseal_store(path) == []
+    store = FeatureStore.open(path)
+    assert store.pending_chunks(layers) == [] and "resealed" not in store.attrs and "reseal" not in store.group
+    assert store_arrays(path) == reference and invoke("verify", "--cache-dir", cache).exit_code == 0
+
+
+def test_foreign_objects_of_another_shape_or_store_are_named_and_repaired(tiny_vit, tmp_path):
+    """Intact objects from elsewhere that do not even decode here (a float32 store's chunk, a
+    format-2 done flag), a damaged flag in a format-2 store, and another store's ids: each is
+    named, never a traceback or a silent read, and the chunks are repaired bitwise."""
+    import shutil
+
+    a, b = make_pairs(tmp_path / "a", n=40, seed=1), make_pairs(tmp_path / "b", n=40, seed=2)
+    argv = ("--split", "train", "--chunk-rows", 8)
+    extract(tiny_vit, a, tmp_path / "cache", *argv)
+    extract(tiny_vit, a, tmp_path / "wide", *argv, "--dtype", "float32")
+    extract(tiny_vit, b, tmp_path / "other", *argv)
+    path, wide, other = (next(find_stores(tmp_path / d)) for d in ("cache", "wide", "other"))
+    reference = store_arrays(path)
+    shutil.copyfile(chunk_files(wide, "block.02")[1], chunk_files(path, "block.02")[1])
+    (path / "done" / "block.01" / "c" / "2").write_bytes((path / "done" / "block.01" / "c" / "2").read_bytes()[:-5])
+    store = FeatureStore.open(path)
+    with pytest.raises(CorruptChunk, match="chunk 1 of block.02 cannot be decoded as a chunk of this array"):
+        store.read("block.02")
+    out = invoke("verify", "--cache-dir", tmp_path / "cache")
+    assert out.exit_code == 1 and "Traceback" not in out.output and "cannot be decoded" in out.output, out.output
+    assert "done flag" in out.output
+    assert "repaired: 2 chunk(s)" in invoke("verify", "--repair", "--cache-dir", tmp_path / "cache").output
+    extract(tiny_vit, a, tmp_path / "cache", *argv)
+    assert store_arrays(path) == reference
+
+    _as_format_2(path)  # a damaged flag in a format-2 store: resealed around, left for extract
+    flag = path / "done" / "block.00" / "c" / "3"
+    data = bytearray(flag.read_bytes())
+    data[0] ^= 0xFF
+    flag.write_bytes(bytes(data))
+    out = invoke("verify", "--reseal", "--cache-dir", tmp_path / "cache")
+    assert out.exit_code == 1 and "its done flag fails its checksum (left unfinished)" in out.output, out.output
+    assert FeatureStore.open(path).pending_chunks(["block.00"]) == [3]
+    extract(tiny_vit, a, tmp_path / "cache", *argv)
+    assert store_arrays(path) == reference
+
+    import zarr  # another store's ids, intact, of the same length, in another order: misaligned pairs
+
+    ids = FeatureStore.open(path).ids
+    zarr.open_group(str(other), mode="r+")["ids"][:] = np.asarray(ids[::-1], dtype=str)
+    shutil.copyfile(other / "ids" / "c" / "0", path / "ids" / "c" / "0")
+    with pytest.raises(FeatcacheError, match="the array 'ids' does not match its seal"):
+        FeatureStore.open(path).ids
+    out = invoke("verify", "--cache-dir", tmp_path / "cache")
+    assert out.exit_code == 1 and "ids" in out.output and "seal" in out.output, out.output
+
+
 def test_corrupt_chunk_stops_eval_with_the_chunk_named(trained):
     pairs, cache, runs = trained
     test_store = next(p for p in find_stores(cache) if p.parts[-3] == "test" and "vit" in p.parts[-2])
