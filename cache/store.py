@@ -163,10 +163,12 @@ class FeatureStore:
                 f"feature store {path} was never fully created",
                 "run the extract command again; it will rebuild it",
             )
-        if attrs.get("format") not in formats:
-            written = _FORMATS.get(attrs.get("format"), "by another featcache")
+        rows_unsealed = attrs.get("format") == FORMAT_VERSION and "row_seals" not in attrs  # a development build
+        if attrs.get("format") not in formats or (rows_unsealed and 2 not in formats):
+            written = "without seals of its row arrays" if rows_unsealed else _FORMATS.get(attrs.get("format"),
+                                                                                           "by another featcache")
             reseal = (f"seal it in place (every chunk's checksum is checked first): featcache verify --reseal {path}; "
-                      "or " if attrs.get("format") == 2 else "")
+                      "or " if attrs.get("format") == 2 or rows_unsealed else "")
             raise FeatcacheError(
                 f"the store {path} has format {attrs.get('format')!r}, written {written}; "
                 f"this featcache reads format {FORMAT_VERSION} only",

@@ -16,7 +16,10 @@ import numpy as np
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
-from featcache.cache.store import FORMAT_VERSION, CorruptArray, CorruptChunk, FeatureStore, rows_seal
+import zarr
+
+from featcache.cache.store import (_ARRAY_OPTIONS, _WRITE_EVERY_CHUNK, FORMAT_VERSION, CorruptArray, CorruptChunk,
+                                   FeatureStore, rebuild_command, rows_seal)
 
 
 @dataclass(frozen=True)
@@ -145,30 +148,61 @@ def reseal_store(path: Location) -> list[BadChunk]:
     are now: format 2 never recorded them.
     """
     store = FeatureStore.open(path, formats=(2, FORMAT_VERSION))
-    if store.attrs["format"] == FORMAT_VERSION:
+    if store.attrs["format"] == FORMAT_VERSION and "row_seals" in store.attrs:
         return []
-    bad, missing = [], {}
     with all_writers_locked(store.path, str(store.path)):  # never under a running extract
-        for layer in store.layers:
-            if layer in store.attrs.get("resealed", []):
-                continue
-            store.group.require_group("reseal")
-            journal = store.group.create_array(f"reseal/{layer}", shape=(max(store.n_chunks, 1),), dtype=np.uint64,
-                                               chunks=(max(store.n_chunks, 1),), fill_value=0, overwrite=True)
-            journal[: store.n_chunks] = _layer_seals(store, layer, missing, bad)
-            store.group.attrs["resealed"] = store.attrs.get("resealed", []) + [layer]
-            store.attrs = dict(store.group.attrs)
-        if "row_seals" not in store.attrs:
+        if store.attrs["format"] == 2:
+            for layer in store.layers:
+                if layer not in store.attrs.get("resealed", []):
+                    _journal_layer(store, layer)
+        if "row_seals" not in store.attrs:  # format 2, or a development build of format 3
             names = [n for n in ("ids", "groups", "texts") if not (n == "texts" and store.texts_absent)]
             store.group.attrs["row_seals"] = {n: rows_seal(store.identity, n, [str(v) for v in store.whole(n)])
                                               for n in names}
-        for layer in store.layers:
-            store.write_seals(layer, np.asarray(store.group[f"reseal/{layer}"][: store.n_chunks]))
+        if store.attrs["format"] == 2:
+            for layer in store.layers:
+                store.write_seals(layer, _journaled(store, layer))
+        bad = [BadChunk(str(store.path), layer, chunk, problem) for layer, chunk, problem
+               in store.group.attrs.get("reseal_bad", [])]
         store.group.attrs["format"] = FORMAT_VERSION
-        if "resealed" in store.group.attrs:  # leftovers of a finished reseal are harmless, but tidy
-            del store.group.attrs["resealed"]
+        for name in ("resealed", "reseal_bad"):  # leftovers of a finished reseal are harmless, but tidy
+            if name in store.group.attrs:
+                del store.group.attrs[name]
+        if "reseal" in store.group:
             del store.group["reseal"]
     return bad
+
+
+def _journal_layer(store: FeatureStore, layer: str) -> None:
+    """One layer's seals into the journal, with what it left unfinished; then the layer is listed."""
+    bad = []
+    seals = _layer_seals(store, layer, {}, bad)
+    store.group.require_group("reseal")
+    with zarr.config.set(_WRITE_EVERY_CHUNK):
+        store.group.create_array(f"reseal/{layer}", shape=(max(store.n_chunks, 1),), dtype=np.uint64,
+                                 chunks=(max(store.n_chunks, 1),), fill_value=0, overwrite=True,
+                                 **_ARRAY_OPTIONS)[: store.n_chunks] = seals
+    store.group.attrs.update({"resealed": store.attrs.get("resealed", []) + [layer],
+                              "reseal_bad": store.attrs.get("reseal_bad", []) + [[b.layer, b.chunk, b.problem]
+                                                                                 for b in bad]})
+    store.attrs = dict(store.group.attrs)
+
+
+def _journaled(store: FeatureStore, layer: str) -> np.ndarray:
+    """A layer's journaled seals; a journal that is lost or damaged is a clear error, because
+    the layer's done flags may already be partly replaced."""
+    name = f"reseal/{layer}"
+    try:
+        if store.n_chunks and 0 not in store.stored_chunks(name):
+            raise CorruptArray(store.path, name, "is missing", "")
+        seals = store._decoded(name)
+        if seals.shape != (max(store.n_chunks, 1),):
+            raise CorruptArray(store.path, name, f"has shape {seals.shape}", "")
+    except FeatcacheError as err:
+        problem = err.problem if isinstance(err, CorruptArray) else "is missing"
+        raise FeatcacheError(f"{store.path}: the reseal journal of layer {layer!r} {problem}, and its done flags "
+                             "may already be partly replaced", f"rebuild the store: {rebuild_command(store.attrs)}") from None
+    return seals[: store.n_chunks].astype(np.uint64)
 
 
 def verify(paths: list[Location], repair: bool = False, reseal: bool = False) -> list[BadChunk]:

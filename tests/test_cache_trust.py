@@ -234,11 +234,17 @@ def test_a_killed_reseal_is_finished_by_the_next_with_no_flag_lost(tiny_vit, tmp
     the journal carries the seals over, and the next reseal seals every finished chunk."""
     from featcache.cache import verify as verify_module
 
+    import shutil
+
     pairs, cache = make_pairs(tmp_path / "data", n=40), tmp_path / "cache"
     extract(tiny_vit, pairs, cache, "--split", "train", "--chunk-rows", 8)
     path = next(find_stores(cache))
     reference = store_arrays(path)
     _as_format_2(path)
+    victim = chunk_files(path, "block.00")[2]  # found by the first run, reported by the last
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
     layers, calls = FeatureStore.open(path, formats=(2,)).layers, []
     real_seals, real_write = verify_module._layer_seals, FeatureStore.write_seals
 
@@ -258,10 +264,37 @@ def test_a_killed_reseal_is_finished_by_the_next_with_no_flag_lost(tiny_vit, tmp
             verify_module.reseal_store(path)
         monkeypatch.undo()
     assert FeatureStore.open(path, formats=(2,)).attrs["resealed"] == layers  # still format 2, journal whole
-    assert verify_module.reseal_store(path) == []
+    kept = tmp_path / "kept.zarr"
+    shutil.copytree(path, kept)
+    assert [(b.layer, b.chunk) for b in verify_module.reseal_store(path)] == [("block.00", 2)]
     store = FeatureStore.open(path)
-    assert store.pending_chunks(layers) == [] and "resealed" not in store.attrs and "reseal" not in store.group
+    assert store.pending_chunks(layers) == [2] and "resealed" not in store.attrs and "reseal" not in store.group
+    extract(tiny_vit, pairs, cache, "--split", "train", "--chunk-rows", 8)
     assert store_arrays(path) == reference and invoke("verify", "--cache-dir", cache).exit_code == 0
+
+    shutil.rmtree(kept / "reseal" / "block.01" / "c")  # a lost journal after flags were replaced: named
+    with pytest.raises(FeatcacheError, match="the reseal journal of layer 'block.01' is missing") as err:
+        verify_module.reseal_store(kept)
+    assert "--overwrite" in err.value.hint
+    out = invoke("verify", "--reseal", kept)
+    assert out.exit_code == 1 and "reseal journal" in out.output and "Traceback" not in out.output
+
+
+def test_a_format_3_store_without_row_seals_is_sealed_by_reseal(tiny_vit, tmp_path):
+    """Stores of the development build of format 3 had layer seals but none for ids, groups
+    and texts: refused with the reseal hint (not called another store's), then sealed in place."""
+    pairs, cache = make_pairs(tmp_path / "data", n=12), tmp_path / "cache"
+    extract(tiny_vit, pairs, cache, "--split", "train")
+    path = next(find_stores(cache))
+    ids = FeatureStore.open(path).ids
+    meta = json.loads((path / "zarr.json").read_text())
+    del meta["attributes"]["row_seals"]
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(FeatcacheError, match="written without seals of its row arrays") as err:
+        FeatureStore.open(path)
+    assert "featcache verify --reseal" in err.value.hint
+    assert invoke("verify", "--reseal", "--cache-dir", cache).exit_code == 0
+    assert FeatureStore.open(path).ids == ids and "row_seals" in FeatureStore.open(path).attrs
 
 
 def test_foreign_objects_of_another_shape_or_store_are_named_and_repaired(tiny_vit, tmp_path):
