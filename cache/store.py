@@ -50,11 +50,11 @@ _FORMATS = {1: "without chunk checksums", 2: "without chunk seals"}
 _DONE = 1 << 32  # a seal is this bit and a crc32c: never 0, the value of an unfinished chunk
 _MIN_CHUNK_BYTES = 1 << 20
 # Every array: zstd, then a crc32c of the compressed bytes.
-_ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 # Write every chunk, even one that equals the fill value (all-NaN rows, no missing rows), so
 # "marked done but no object" always means a lost chunk. This is a runtime setting, not
 # stored metadata, so every write goes through it.
-_WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
 def _decode_problem(err: ValueError) -> str:
@@ -220,14 +220,14 @@ class FeatureStore:
         n = len(ids)
         chunk = max(1, min(chunk_rows, n))
         row_seals = {}
-        with zarr.config.set(_WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
+        with zarr.config.set(WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
             for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
                 if values is not None:
                     row_seals[name] = rows_seal(identity, name, [str(v) for v in values])
-                    group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **_ARRAY_OPTIONS)[:] = (
+                    group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **ARRAY_OPTIONS)[:] = (
                         np.asarray(values, dtype=str))
             group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False,
-                               **_ARRAY_OPTIONS)[:] = np.zeros(n, dtype=bool)
+                               **ARRAY_OPTIONS)[:] = np.zeros(n, dtype=bool)
         group.create_group("layers")
         group.create_group("done")
         group.attrs.update(
@@ -273,7 +273,7 @@ class FeatureStore:
         """What makes two stores' features comparable: the encoder's weights, preprocessing, pooling."""
         return self.identity["encoder"]
 
-    def _seal(self, layer: str, chunk: int, missing: np.ndarray, data: np.ndarray) -> int:
+    def seal_of(self, layer: str, chunk: int, missing: np.ndarray, data: np.ndarray) -> int:
         """The done flag of a finished chunk: binds its bytes to this store, layer and position."""
         if not hasattr(self, "_seal_key"):
             self._seal_key = _identity_key(self.identity)
@@ -299,7 +299,7 @@ class FeatureStore:
             raise FeatcacheError(f"{self.path}: the array {name!r} is missing or its metadata is damaged "
                                  f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs)}") from None
 
-    def _decoded(self, name: str, selection=slice(None)) -> np.ndarray:
+    def decoded(self, name: str, selection=slice(None)) -> np.ndarray:
         """An array read whose damage is a clear error (per-chunk errors are finer)."""
         array = self.array(name)
         try:
@@ -321,9 +321,10 @@ class FeatureStore:
             if lost:
                 raise FeatcacheError(f"{self.path}: chunk {lost[0]} of the array {name!r} is missing",
                                      f"rebuild the store: {rebuild_command(self.attrs)}")
-        return self._decoded(name)
+        return self.decoded(name)
 
-    def _text(self, name: str) -> list[str]:
+    def row_values(self, name: str) -> list[str]:
+        """A shared row array (ids, groups, texts) as strings, checked against its seal."""
         values = [str(s) for s in self.whole(name)] if self.rows else []
         if rows_seal(self.identity, name, values) != self.attrs.get("row_seals", {}).get(name):
             raise CorruptArray(self.path, name, "does not match its seal: it was written for another store",
@@ -332,11 +333,11 @@ class FeatureStore:
 
     @property
     def ids(self) -> list[str]:
-        return self._text("ids")
+        return self.row_values("ids")
 
     @property
     def groups(self) -> list[str]:
-        return self._text("groups")
+        return self.row_values("groups")
 
     @property
     def texts_absent(self) -> bool:
@@ -346,7 +347,7 @@ class FeatureStore:
 
     @property
     def texts(self) -> list[str] | None:
-        return None if self.texts_absent else self._text("texts")
+        return None if self.texts_absent else self.row_values("texts")
 
     @property
     def missing(self) -> np.ndarray:
@@ -359,9 +360,9 @@ class FeatureStore:
         new = [n for n in names if n not in self.layers]
         for name in new:
             self.group.create_array(f"layers/{name}", shape=(self.rows, self.width), dtype=self.attrs["dtype"],
-                                    chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **_ARRAY_OPTIONS)
+                                    chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **ARRAY_OPTIONS)
             self.group.create_array(f"done/{name}", shape=(max(self.n_chunks, 1),), dtype=np.uint64, chunks=(1,),
-                                    fill_value=0, overwrite=True, **_ARRAY_OPTIONS)
+                                    fill_value=0, overwrite=True, **ARRAY_OPTIONS)
         if new:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
@@ -370,7 +371,7 @@ class FeatureStore:
         """Each chunk's done flag: 0 while unfinished, else its seal."""
         if layer not in self.layers:
             return np.zeros(self.n_chunks, dtype=np.uint64)
-        return self._decoded(f"done/{layer}", slice(0, self.n_chunks)).astype(np.uint64)
+        return self.decoded(f"done/{layer}", slice(0, self.n_chunks)).astype(np.uint64)
 
     def done_chunks(self, layer: str) -> np.ndarray:
         return self.seals(layer) != 0
@@ -391,8 +392,8 @@ class FeatureStore:
         """
         sl = self.chunk_slice(chunk)
         self.fence()
-        seals = {name: self._seal(name, chunk, missing, values) for name, values in features.items()}
-        with zarr.config.set(_WRITE_EVERY_CHUNK):
+        seals = {name: self.seal_of(name, chunk, missing, values) for name, values in features.items()}
+        with zarr.config.set(WRITE_EVERY_CHUNK):
             self.array("missing")[sl] = missing
             for name, values in features.items():
                 self.array(f"layers/{name}")[sl] = values
@@ -402,17 +403,17 @@ class FeatureStore:
 
     def write_seals(self, layer: str, seals: np.ndarray) -> None:
         """Replace a layer's done flags with ``seals`` (0: unfinished); ``verify --reseal``."""
-        with zarr.config.set(_WRITE_EVERY_CHUNK):
+        with zarr.config.set(WRITE_EVERY_CHUNK):
             done = self.group.create_array(f"done/{layer}", shape=(max(self.n_chunks, 1),), dtype=np.uint64,
-                                           chunks=(1,), fill_value=0, overwrite=True, **_ARRAY_OPTIONS)
+                                           chunks=(1,), fill_value=0, overwrite=True, **ARRAY_OPTIONS)
             done[: self.n_chunks] = seals
 
     def chunk_done(self, layer: str, chunk: int) -> bool:
-        return int(self._decoded(f"done/{layer}", chunk)) != 0
+        return int(self.decoded(f"done/{layer}", chunk)) != 0
 
     def clear_done(self, layer: str, chunks: list[int]) -> None:
         """Mark chunks unfinished so the next extract recomputes them (``verify --repair``)."""
-        with zarr.config.set(_WRITE_EVERY_CHUNK):
+        with zarr.config.set(WRITE_EVERY_CHUNK):
             for chunk in chunks:
                 self.array(f"done/{layer}")[chunk] = 0
 
@@ -432,15 +433,15 @@ class FeatureStore:
         done = self.done_chunks(layer) if done is None else done
         return [int(b) for b in np.flatnonzero(done) if b not in present]
 
-    def _raw_chunk(self, array: str, chunk: int) -> np.ndarray:
+    def raw_chunk(self, array: str, chunk: int) -> np.ndarray:
         """One chunk as stored, its crc32c checked."""
         try:
             return np.asarray(self.array(array)[self.chunk_slice(chunk)])
         except ValueError as err:
             raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, _decode_problem(err)) from None
 
-    def _check_seal(self, layer: str, chunk: int, seal: int, missing: np.ndarray, data: np.ndarray) -> None:
-        if seal and self._seal(layer, chunk, missing, data) != seal:
+    def check_seal(self, layer: str, chunk: int, seal: int, missing: np.ndarray, data: np.ndarray) -> None:
+        if seal and self.seal_of(layer, chunk, missing, data) != seal:
             raise CorruptChunk(self.path, layer, chunk, "does not match its seal: its bytes were written for "
                                "another position, layer or store (a chunk moved or copied in), or its "
                                "missing-row chunk was")
@@ -448,11 +449,11 @@ class FeatureStore:
     def read_chunk(self, array: str, chunk: int, dtype=None) -> np.ndarray:
         """One chunk's rows of ``array``, checksummed and, for a finished layer chunk, checked
         against its seal; either failure is a :class:`CorruptChunk`."""
-        data = self._raw_chunk(array, chunk)
+        data = self.raw_chunk(array, chunk)
         if array.startswith("layers/"):
             layer = array.removeprefix("layers/")
-            self._check_seal(layer, chunk, int(self._decoded(f"done/{layer}", chunk)),
-                             self._raw_chunk("missing", chunk), data)
+            self.check_seal(layer, chunk, int(self.decoded(f"done/{layer}", chunk)),
+                             self.raw_chunk("missing", chunk), data)
         return np.asarray(data, dtype=dtype)
 
     def read_chunks(self, layer: str, chunks, dtype=None) -> Iterator[tuple[int, np.ndarray]]:
@@ -461,8 +462,8 @@ class FeatureStore:
         call costs about a millisecond)."""
         seals, missing = self.seals(layer), self.whole("missing")
         for chunk in map(int, chunks):
-            data, sl = self._raw_chunk(f"layers/{layer}", chunk), self.chunk_slice(chunk)
-            self._check_seal(layer, chunk, int(seals[chunk]), missing[sl], data)
+            data, sl = self.raw_chunk(f"layers/{layer}", chunk), self.chunk_slice(chunk)
+            self.check_seal(layer, chunk, int(seals[chunk]), missing[sl], data)
             yield chunk, np.asarray(data, dtype=dtype)
 
     # -- reading ---------------------------------------------------------------------------
@@ -489,14 +490,14 @@ class FeatureStore:
         if lost:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
-            data, missing = np.asarray(self.array(array)[:]), self._decoded("missing")
+            data, missing = np.asarray(self.array(array)[:]), self.decoded("missing")
         except ValueError:
             for chunk in range(self.n_chunks):  # find the bad chunk, to name it
                 self.read_chunk(array, chunk)
             raise AssertionError("a full read failed to decode but no single chunk did") from None
         for chunk in range(self.n_chunks):
             sl = self.chunk_slice(chunk)
-            self._check_seal(layer, chunk, int(seals[chunk]), missing[sl], data[sl])
+            self.check_seal(layer, chunk, int(seals[chunk]), missing[sl], data[sl])
         return np.asarray(data, dtype=dtype)
 
     def read_finished(self, layer: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
 import zarr
 
-from featcache.cache.store import (_ARRAY_OPTIONS, _WRITE_EVERY_CHUNK, FORMAT_VERSION, CorruptArray, CorruptChunk,
+from featcache.cache.store import (ARRAY_OPTIONS, WRITE_EVERY_CHUNK, FORMAT_VERSION, CorruptArray, CorruptChunk,
                                    FeatureStore, rebuild_command, rows_seal)
 
 
@@ -54,7 +54,7 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
         if name == "texts" and store.texts_absent:
             continue
         try:  # the shared row arrays; a bad chunk of ``missing`` is repairable and found per chunk below
-            store.array("missing") if name == "missing" else store._text(name)  # checksums and seal
+            store.array("missing") if name == "missing" else store.row_values(name)  # checksums and seal
         except FeatcacheError as err:
             bad.append(BadChunk(path, name, None, f"{err.message.split(': ', 1)[-1]} (not repairable: "
                                                   "rebuild the store)"))
@@ -115,7 +115,7 @@ def _layer_seals(store: FeatureStore, layer: str, missing: dict, bad: list[BadCh
     note = lambda chunk, problem: bad.append(BadChunk(str(store.path), layer, chunk, f"{problem} (left unfinished)"))
     for chunk in range(store.n_chunks):
         try:
-            flag = int(store._decoded(f"done/{layer}", chunk))
+            flag = int(store.decoded(f"done/{layer}", chunk))
         except CorruptArray as err:
             note(chunk, f"its done flag {err.problem}")
             continue
@@ -126,14 +126,14 @@ def _layer_seals(store: FeatureStore, layer: str, missing: dict, bad: list[BadCh
             continue
         try:
             if chunk not in missing:
-                missing[chunk] = store._raw_chunk("missing", chunk)
-            data = store._raw_chunk(f"layers/{layer}", chunk)
+                missing[chunk] = store.raw_chunk("missing", chunk)
+            data = store.raw_chunk(f"layers/{layer}", chunk)
             if already:
-                store._check_seal(layer, chunk, flag, missing[chunk], data)
+                store.check_seal(layer, chunk, flag, missing[chunk], data)
         except CorruptChunk as err:
             note(chunk, err.problem)
             continue
-        seals[chunk] = flag if already else store._seal(layer, chunk, missing[chunk], data)
+        seals[chunk] = flag if already else store.seal_of(layer, chunk, missing[chunk], data)
     return seals
 
 
@@ -178,10 +178,10 @@ def _journal_layer(store: FeatureStore, layer: str) -> None:
     bad = []
     seals = _layer_seals(store, layer, {}, bad)
     store.group.require_group("reseal")
-    with zarr.config.set(_WRITE_EVERY_CHUNK):
+    with zarr.config.set(WRITE_EVERY_CHUNK):
         store.group.create_array(f"reseal/{layer}", shape=(max(store.n_chunks, 1),), dtype=np.uint64,
                                  chunks=(max(store.n_chunks, 1),), fill_value=0, overwrite=True,
-                                 **_ARRAY_OPTIONS)[: store.n_chunks] = seals
+                                 **ARRAY_OPTIONS)[: store.n_chunks] = seals
     store.group.attrs.update({"resealed": store.attrs.get("resealed", []) + [layer],
                               "reseal_bad": store.attrs.get("reseal_bad", []) + [[b.layer, b.chunk, b.problem]
                                                                                  for b in bad]})
@@ -195,7 +195,7 @@ def _journaled(store: FeatureStore, layer: str) -> np.ndarray:
     try:
         if store.n_chunks and 0 not in store.stored_chunks(name):
             raise CorruptArray(store.path, name, "is missing", "")
-        seals = store._decoded(name)
+        seals = store.decoded(name)
         if seals.shape != (max(store.n_chunks, 1),):
             raise CorruptArray(store.path, name, f"has shape {seals.shape}", "")
     except FeatcacheError as err:

@@ -189,13 +189,13 @@ def _as_format_2(path):
     """Rewrite a store as featcache wrote format 2: done flags are booleans, no seals."""
     import zarr
 
-    from featcache.cache.store import _ARRAY_OPTIONS
+    from featcache.cache.store import ARRAY_OPTIONS
 
     store = FeatureStore.open(path)
     for layer in store.layers:
         flags = store.done_chunks(layer)
         done = store.group.create_array(f"done/{layer}", shape=(store.n_chunks,), dtype=bool, chunks=(1,),
-                                        fill_value=False, overwrite=True, **_ARRAY_OPTIONS)
+                                        fill_value=False, overwrite=True, **ARRAY_OPTIONS)
         with zarr.config.set({"array.write_empty_chunks": True}):
             done[:] = flags
     store.group.attrs["format"] = 2
