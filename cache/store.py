@@ -69,11 +69,11 @@ def _identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def rows_seal(identity: dict, name: str, values: list[str]) -> int:
-    """The seal of a shared row array (ids, groups, texts), kept in the store's attributes: these
-    arrays pair captions with images, so another store's copy must not pass."""
+def rows_seal(identity: dict, name: str, values) -> int:
+    """The seal of a shared row array (ids, groups, texts; its values as strings), kept in the
+    store's attributes: these arrays pair captions with images, so another store's copy must not pass."""
     crc = google_crc32c.value(f"{_identity_key(identity)}\0{name}\0".encode())
-    return _DONE | google_crc32c.extend(crc, json.dumps(list(values)).encode())
+    return _DONE | google_crc32c.extend(crc, json.dumps([str(v) for v in values]).encode())
 
 
 class CorruptArray(FeatcacheError):
@@ -223,7 +223,7 @@ class FeatureStore:
         with zarr.config.set(WRITE_EVERY_CHUNK):  # every chunk exists from the start: absent means lost
             for name, values in (("ids", ids), ("groups", groups), ("texts", texts)):
                 if values is not None:
-                    row_seals[name] = rows_seal(identity, name, [str(v) for v in values])
+                    row_seals[name] = rows_seal(identity, name, values)
                     group.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),), **ARRAY_OPTIONS)[:] = (
                         np.asarray(values, dtype=str))
             group.create_array("missing", shape=(n,), dtype=bool, chunks=(chunk,), fill_value=False,
@@ -361,8 +361,7 @@ class FeatureStore:
         for name in new:
             self.group.create_array(f"layers/{name}", shape=(self.rows, self.width), dtype=self.attrs["dtype"],
                                     chunks=(chunk, self.width), fill_value=np.nan, overwrite=True, **ARRAY_OPTIONS)
-            self.group.create_array(f"done/{name}", shape=(max(self.n_chunks, 1),), dtype=np.uint64, chunks=(1,),
-                                    fill_value=0, overwrite=True, **ARRAY_OPTIONS)
+            self._new_done(name)
         if new:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
@@ -401,12 +400,15 @@ class FeatureStore:
             for name, seal in seals.items():
                 self.array(f"done/{name}")[chunk] = seal
 
+    def _new_done(self, layer: str) -> zarr.Array:
+        """A layer's done flags, all 0 (unfinished), replacing any there were."""
+        return self.group.create_array(f"done/{layer}", shape=(max(self.n_chunks, 1),), dtype=np.uint64,
+                                       chunks=(1,), fill_value=0, overwrite=True, **ARRAY_OPTIONS)
+
     def write_seals(self, layer: str, seals: np.ndarray) -> None:
         """Replace a layer's done flags with ``seals`` (0: unfinished); ``verify --reseal``."""
         with zarr.config.set(WRITE_EVERY_CHUNK):
-            done = self.group.create_array(f"done/{layer}", shape=(max(self.n_chunks, 1),), dtype=np.uint64,
-                                           chunks=(1,), fill_value=0, overwrite=True, **ARRAY_OPTIONS)
-            done[: self.n_chunks] = seals
+            self._new_done(layer)[: self.n_chunks] = seals
 
     def chunk_done(self, layer: str, chunk: int) -> bool:
         return int(self.decoded(f"done/{layer}", chunk)) != 0
@@ -490,7 +492,7 @@ class FeatureStore:
         if lost:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
-            data, missing = np.asarray(self.array(array)[:]), self.decoded("missing")
+            data, missing = np.asarray(self.array(array)[:]), self.whole("missing")
         except ValueError:
             for chunk in range(self.n_chunks):  # find the bad chunk, to name it
                 self.read_chunk(array, chunk)

@@ -9,15 +9,15 @@ the store ends up bitwise equal to an undamaged one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
+import zarr
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
-import zarr
-
 from featcache.cache.store import (ARRAY_OPTIONS, WRITE_EVERY_CHUNK, FORMAT_VERSION, CorruptArray, CorruptChunk,
                                    FeatureStore, rebuild_command, rows_seal)
 
@@ -34,17 +34,40 @@ class BadChunk:
         return self.chunk is not None
 
 
-def _done_flags(store: FeatureStore, layer: str) -> tuple[list[int], list[BadChunk]]:
-    """Chunks marked done, and chunks whose done flag itself cannot be read."""
-    done, bad = [], []
+def _done_flags(store: FeatureStore, layer: str) -> tuple[dict[int, int], list[BadChunk]]:
+    """The flag (seal, or 1 in format 2) of each chunk marked done, and chunks whose done flag
+    itself cannot be read."""
+    done, bad = {}, []
     for chunk in range(store.n_chunks):
         try:
-            if store.chunk_done(layer, chunk):
-                done.append(chunk)
+            flag = int(store.decoded(f"done/{layer}", chunk))
         except FeatcacheError as err:
             problem = err.problem if isinstance(err, CorruptArray) else "cannot be read"
             bad.append(BadChunk(str(store.path), layer, chunk, f"its done flag {problem}"))
+            continue
+        if flag:
+            done[chunk] = flag
     return done, bad
+
+
+def _readable_chunks(store: FeatureStore, layer: str, done: dict[int, int], missing: dict,
+                     bad: list[BadChunk]) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(chunk, flag, missing rows, rows)`` for each chunk in ``done`` whose object is there and
+    whose checksums hold (its own and its missing-row chunk's, read once into ``missing``);
+    the others go to ``bad``."""
+    present = store.stored_chunks(f"layers/{layer}")
+    for chunk, flag in done.items():
+        if chunk not in present:
+            bad.append(BadChunk(str(store.path), layer, chunk, "is marked done but its data is missing"))
+            continue
+        try:
+            if chunk not in missing:
+                missing[chunk] = store.raw_chunk("missing", chunk)
+            data = store.raw_chunk(f"layers/{layer}", chunk)
+        except CorruptChunk as err:
+            bad.append(BadChunk(str(store.path), layer, chunk, err.problem))
+            continue
+        yield chunk, flag, missing[chunk], data
 
 
 def verify_store(store: FeatureStore) -> list[BadChunk]:
@@ -63,6 +86,7 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
     except FeatcacheError:
         missing_present = set()
     finished: set[int] = set()
+    missing: dict = {}
     for layer in store.layers:
         try:
             store.array(f"layers/{layer}"), store.array(f"done/{layer}")
@@ -73,13 +97,9 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
         done, flag_bad = _done_flags(store, layer)
         bad += flag_bad
         finished.update(done)
-        present = store.stored_chunks(f"layers/{layer}")
-        for chunk in done:
-            if chunk not in present:
-                bad.append(BadChunk(path, layer, chunk, "is marked done but its data is missing"))
-                continue
+        for chunk, flag, missing_rows, data in _readable_chunks(store, layer, done, missing, bad):
             try:
-                store.read_chunk(f"layers/{layer}", chunk)
+                store.check_seal(layer, chunk, flag, missing_rows, data)
             except CorruptChunk as err:
                 bad.append(BadChunk(path, layer, chunk, err.problem))
     for chunk in sorted(finished):
@@ -88,8 +108,8 @@ def verify_store(store: FeatureStore) -> list[BadChunk]:
             continue
         try:
             store.read_chunk("missing", chunk)
-        except CorruptChunk:
-            bad.append(BadChunk(path, "missing", chunk, "fails its checksum"))
+        except CorruptChunk as err:
+            bad.append(BadChunk(path, "missing", chunk, err.problem))
     return bad
 
 
@@ -111,29 +131,17 @@ def _layer_seals(store: FeatureStore, layer: str, missing: dict, bad: list[BadCh
     unfinished or fails a check (reported in ``bad``, left for extract to recompute). Flags that
     are already seals (a format-3 layer relabelled 2) are checked against their chunk, not redone."""
     already = np.dtype(store.array(f"done/{layer}").dtype) == np.uint64
-    seals, present = np.zeros(store.n_chunks, dtype=np.uint64), store.stored_chunks(f"layers/{layer}")
-    note = lambda chunk, problem: bad.append(BadChunk(str(store.path), layer, chunk, f"{problem} (left unfinished)"))
-    for chunk in range(store.n_chunks):
+    seals = np.zeros(store.n_chunks, dtype=np.uint64)
+    done, found = _done_flags(store, layer)
+    for chunk, flag, missing_rows, data in _readable_chunks(store, layer, done, missing, found):
         try:
-            flag = int(store.decoded(f"done/{layer}", chunk))
-        except CorruptArray as err:
-            note(chunk, f"its done flag {err.problem}")
-            continue
-        if not flag:
-            continue
-        if chunk not in present:
-            note(chunk, "is marked done but its data is missing")
-            continue
-        try:
-            if chunk not in missing:
-                missing[chunk] = store.raw_chunk("missing", chunk)
-            data = store.raw_chunk(f"layers/{layer}", chunk)
             if already:
-                store.check_seal(layer, chunk, flag, missing[chunk], data)
+                store.check_seal(layer, chunk, flag, missing_rows, data)
         except CorruptChunk as err:
-            note(chunk, err.problem)
+            found.append(BadChunk(str(store.path), layer, chunk, err.problem))
             continue
-        seals[chunk] = flag if already else store.seal_of(layer, chunk, missing[chunk], data)
+        seals[chunk] = flag if already else store.seal_of(layer, chunk, missing_rows, data)
+    bad += [replace(b, problem=f"{b.problem} (left unfinished)") for b in found]
     return seals
 
 
@@ -152,13 +160,13 @@ def reseal_store(path: Location) -> list[BadChunk]:
         return []
     with all_writers_locked(store.path, str(store.path)):  # never under a running extract
         if store.attrs["format"] == 2:
+            missing = {}  # each missing-row chunk read once, for every layer
             for layer in store.layers:
                 if layer not in store.attrs.get("resealed", []):
-                    _journal_layer(store, layer)
+                    _journal_layer(store, layer, missing)
         if "row_seals" not in store.attrs:  # format 2, or a development build of format 3
             names = [n for n in ("ids", "groups", "texts") if not (n == "texts" and store.texts_absent)]
-            store.group.attrs["row_seals"] = {n: rows_seal(store.identity, n, [str(v) for v in store.whole(n)])
-                                              for n in names}
+            store.group.attrs["row_seals"] = {n: rows_seal(store.identity, n, store.whole(n)) for n in names}
         if store.attrs["format"] == 2:
             for layer in store.layers:
                 store.write_seals(layer, _journaled(store, layer))
@@ -173,10 +181,10 @@ def reseal_store(path: Location) -> list[BadChunk]:
     return bad
 
 
-def _journal_layer(store: FeatureStore, layer: str) -> None:
+def _journal_layer(store: FeatureStore, layer: str, missing: dict) -> None:
     """One layer's seals into the journal, with what it left unfinished; then the layer is listed."""
     bad = []
-    seals = _layer_seals(store, layer, {}, bad)
+    seals = _layer_seals(store, layer, missing, bad)
     store.group.require_group("reseal")
     with zarr.config.set(WRITE_EVERY_CHUNK):
         store.group.create_array(f"reseal/{layer}", shape=(max(store.n_chunks, 1),), dtype=np.uint64,
@@ -191,17 +199,22 @@ def _journal_layer(store: FeatureStore, layer: str) -> None:
 def _journaled(store: FeatureStore, layer: str) -> np.ndarray:
     """A layer's journaled seals; a journal that is lost or damaged is a clear error, because
     the layer's done flags may already be partly replaced."""
-    name = f"reseal/{layer}"
-    try:
-        if store.n_chunks and 0 not in store.stored_chunks(name):
-            raise CorruptArray(store.path, name, "is missing", "")
-        seals = store.decoded(name)
-        if seals.shape != (max(store.n_chunks, 1),):
-            raise CorruptArray(store.path, name, f"has shape {seals.shape}", "")
-    except FeatcacheError as err:
-        problem = err.problem if isinstance(err, CorruptArray) else "is missing"
+    name, problem = f"reseal/{layer}", None
+    if store.n_chunks and 0 not in store.stored_chunks(name):
+        problem = "is missing"
+    else:
+        try:
+            seals = store.decoded(name)
+        except CorruptArray as err:
+            problem = err.problem
+        except FeatcacheError:  # its metadata is gone
+            problem = "is missing"
+        else:
+            if seals.shape != (max(store.n_chunks, 1),):
+                problem = f"has shape {seals.shape}"
+    if problem:
         raise FeatcacheError(f"{store.path}: the reseal journal of layer {layer!r} {problem}, and its done flags "
-                             "may already be partly replaced", f"rebuild the store: {rebuild_command(store.attrs)}") from None
+                             "may already be partly replaced", f"rebuild the store: {rebuild_command(store.attrs)}")
     return seals[: store.n_chunks].astype(np.uint64)
 
 

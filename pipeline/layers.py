@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.cached import read_rows  # noqa: F401  (its earlier home)
+from featcache.pipeline.cached import read_rows
 from featcache.pipeline.alignment import (METRICS, QUERY_METRICS, alignment_score, k_for, knn,  # noqa: F401
                                           linear_cka, permuted, prepare)
 
