@@ -133,26 +133,33 @@ def _loss_step(model, opt, xi, xt, rs) -> None:
         torch.cuda.synchronize()
 
 
+def _step_fixture(batch: int):
+    """A fixed batch of ``batch`` pairs of width 384 on DEVICE, linear heads 384 -> 512 with
+    AdamW, and ``step(rs)``: one timed optimiser step (see _loss_step)."""
+    from featcache.pipeline.heads import AlignmentModel
+
+    torch.manual_seed(0)
+    xi, xt = torch.randn(batch, 384, device=DEVICE), torch.randn(batch, 384, device=DEVICE)
+    model = AlignmentModel("linear", 384, 384, 512, 0.05, False).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return lambda rs: _loss_step(model, opt, xi, xt, rs)
+
+
 def bench_train_step(quick: bool) -> dict:
     """One optimiser step with clip+structure against clip alone, at batch 4,096: R_S as trained
     (fused, closed-form gradient, elementwise core compiled: ``--compile auto``), the same eager
     (``--compile off``), and the earlier form (autograd through log space, still the path of
     levels > 1)."""
-    from featcache.pipeline.heads import AlignmentModel
     from featcache.pipeline.losses import _multilevel, _walk, structure_regularizer
 
     b = 1024 if quick else 4096
-    torch.manual_seed(0)
-    xi, xt = torch.randn(b, 384, device=DEVICE), torch.randn(b, 384, device=DEVICE)
-    model = AlignmentModel("linear", 384, 384, 512, 0.05, False).to(DEVICE)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = _step_fixture(b)
     forms = {
         "fused_compiled": lambda x, z, tau: structure_regularizer(x, z, tau, compiled=True),
         "fused_eager": structure_regularizer,
         "autograd_log_space": lambda x, z, tau: _multilevel(_walk(x.detach(), tau), _walk(z, tau), 1, "none",
                                                             "reference", 0.0),
     }
-    step = lambda rs: _loss_step(model, opt, xi, xt, rs)
     t = time.perf_counter()
     step(forms["fused_compiled"])  # compiles the core (once per process)
     t_first = time.perf_counter() - t
@@ -327,17 +334,11 @@ def bench_vectorized_sweep(quick: bool) -> dict:
 def bench_structure_compile(quick: bool) -> dict:
     """A clip+structure step with R_S eager and through torch.compile, against a clip step
     (linear heads 384 -> 512; alternating, median of 3; compile time reported apart)."""
-    from featcache.pipeline.heads import AlignmentModel
     from featcache.pipeline.losses import maybe_compile, structure_regularizer
 
     b = 1024 if quick else 4096
-    torch.manual_seed(0)
-    xi, xt = torch.randn(b, 384, device=DEVICE), torch.randn(b, 384, device=DEVICE)
-    model = AlignmentModel("linear", 384, 384, 512, 0.05, False).to(DEVICE)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = _step_fixture(b)
     compiled = maybe_compile(structure_regularizer, True)
-
-    step = lambda rs: _loss_step(model, opt, xi, xt, rs)
 
     t_compile = timed(lambda: step(compiled))  # the first call compiles (forward and backward)
     step(structure_regularizer)

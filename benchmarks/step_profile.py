@@ -11,16 +11,12 @@ warnings.filterwarnings("ignore")
 import numpy as np, torch
 import run as bench
 from featcache.pipeline import losses
-from featcache.pipeline.heads import AlignmentModel
 from featcache.pipeline.losses import structure_regularizer
 
 dev, b = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else ("cuda", 4096)
-torch.manual_seed(0)
-xi, xt = torch.randn(b, 384, device=dev), torch.randn(b, 384, device=dev)
-model = AlignmentModel("linear", 384, 384, 512, 0.05, False).to(dev)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+bench.DEVICE = dev
+step = bench._step_fixture(b)  # the train_step benchmark's batch, heads and optimiser
 rs = lambda x, z, tau: structure_regularizer(x, z, tau, compiled=True)
-step = lambda f: bench._loss_step(model, opt, xi, xt, f)
 for _ in range(3):
     step(None); step(rs)
 from torch.profiler import profile, ProfilerActivity
