@@ -280,6 +280,30 @@ def test_a_killed_reseal_is_finished_by_the_next_with_no_flag_lost(tiny_vit, tmp
     assert out.exit_code == 1 and "reseal journal" in out.output and "Traceback" not in out.output
 
 
+def test_a_reseal_on_a_read_only_cache_is_refused_and_changes_nothing(tiny_vit, tmp_path):
+    """A format-2 cache on a read-only mount: --reseal names what it could not write and leaves
+    the store as it was, to be sealed once it is writable."""
+    import subprocess
+
+    pairs, cache, ro = make_pairs(tmp_path / "data", n=12), tmp_path / "cache", tmp_path / "ro"
+    extract(tiny_vit, pairs, cache, "--split", "train")
+    path = next(find_stores(cache))
+    _as_format_2(path)
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    ro.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(cache), str(ro)], capture_output=True, text=True)
+    if bound.returncode != 0:  # needs root (CI and the dev machines run as root)
+        pytest.skip(f"cannot bind-mount here: {bound.stderr.strip()}")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)]).returncode == 0
+        out = invoke("verify", "--reseal", "--cache-dir", ro)
+        assert out.exit_code == 1 and "Read-only file system" in out.output and "Traceback" not in out.output
+    finally:
+        subprocess.run(["umount", str(ro)])
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert invoke("verify", "--reseal", "--cache-dir", cache).exit_code == 0
+
+
 def test_a_format_3_store_without_row_seals_is_sealed_by_reseal(tiny_vit, tmp_path):
     """Stores of the development build of format 3 had layer seals but none for ids, groups
     and texts: refused with the reseal hint (not called another store's), then sealed in place."""
