@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from featcache.cache.errors import FeatcacheError
 
 PAIRS, CLASSES = "pairs", "classes"
@@ -30,7 +32,11 @@ class ImageSide:
     groups: list[str]
     load: Callable[[int], "object"]  # row -> RGB PIL image on white; raises BadImage
     raw: Callable[[int], bytes]  # row -> the bytes that define it, for the content digest
-    sources: list[str] = field(default_factory=list)  # file per row, where there is one
+    sources: list[str] = field(default_factory=list)  # where each row's bytes live (a file, shard:key)
+    # The listing of what holds each row's bytes: () -> (rows, 2) int64 of size and mtime_ns of
+    # its file or shard. Reading it opens no image, so a rerun can tell unchanged rows from the
+    # listing alone (featcache.pipeline.provenance). None: rows held in memory, digested by content.
+    stamps: Callable[[], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,7 +93,8 @@ class Split:
         rows = sorted(sorted(range(len(im)), key=lambda i: hash_unit(im.ids[i], "limit"))[:limit])
         images = ImageSide([im.ids[i] for i in rows], [im.groups[i] for i in rows],
                            lambda i: im.load(rows[i]), lambda i: im.raw(rows[i]),
-                           [im.sources[i] for i in rows] if im.sources else [])
+                           [im.sources[i] for i in rows] if im.sources else [],
+                           (lambda: im.stamps()[rows]) if im.stamps is not None else None)
         keep = set(images.ids)
         texts = self.texts
         if texts is not None and self.kind == PAIRS:
@@ -135,7 +142,6 @@ def decode_image(data: bytes, source: str):
         raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {detail}",
                        "fix or remove the file, or pass --skip-bad to record it as a missing row") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
 
         wide = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
@@ -155,7 +161,21 @@ def file_images(paths: list[Path], ids: list[str], groups: list[str]) -> ImageSi
             raise BadImage(f"cannot read image {paths[i]}: {err.strerror}")
 
     return ImageSide(ids, groups, lambda i: decode_image(raw(i), str(paths[i])), raw,
-                     [str(p) for p in paths])
+                     [str(p) for p in paths], lambda: file_stamps(paths))
+
+
+def file_stamps(paths: list[Path]) -> np.ndarray:
+    """(size, mtime_ns) of each file: one stat each, no file opened. A file that cannot be
+    stat'ed gets (-1, -1): it never matches a stored stamp, so its row is read and fails there."""
+
+    out = np.full((len(paths), 2), -1, dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out[i] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def prompt_side(classnames: list[str], templates: list[str]) -> TextSide:
