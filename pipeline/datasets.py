@@ -142,7 +142,6 @@ def decode_image(data: bytes, source: str):
         raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {detail}",
                        "fix or remove the file, or pass --skip-bad to record it as a missing row") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-
         wide = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(wide * 255.0 / top), 0, 255).astype(np.uint8), "L")
