@@ -7,6 +7,8 @@ Layout of a store (see docs/design.md)::
     groups   (rows,)     what a row belongs to: its image for a caption, its class for an image
     texts    (rows,)     the strings encoded (text stores only)
     missing  (rows,)     rows whose input could not be decoded (--skip-bad); never zero-filled
+    sources/stamp  (rows, 2)   image stores: size and mtime_ns of the file or shard each row was
+    sources/sha256 (rows, 32)  read from, and the sha256 of its bytes; 0 until its chunk is written
     layers/<name>        (rows, width) float16, one zarr chunk per row chunk
     done/<name>          (n_chunks,) uint64, one zarr chunk per row chunk: 0 while the chunk of
                          <name> is unfinished, then its seal
@@ -366,6 +368,29 @@ class FeatureStore:
             self.group.attrs["layers"] = self.layers + new
             self.attrs = dict(self.group.attrs)
 
+    def ensure_sources(self) -> None:
+        """Create the per-row source arrays (image stores): where each row came from, written with
+        its chunk, so a rerun can tell an unchanged input from the listing alone."""
+        chunk = max(1, min(self.chunk_rows, self.rows))
+        for name, width in (("stamp", 2), ("sha256", 32)):
+            if f"sources/{name}" not in self.group:
+                dtype = np.int64 if name == "stamp" else np.uint8
+                self.group.create_array(f"sources/{name}", shape=(self.rows, width), dtype=dtype,
+                                        chunks=(chunk, width), fill_value=0, **ARRAY_OPTIONS)
+
+    @property
+    def has_sources(self) -> bool:
+        return "sources/sha256" in self.group
+
+    def sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stamps, sha256) of every row: zeros where a row's chunk was never written."""
+        return self.decoded("sources/stamp"), self.decoded("sources/sha256")
+
+    def write_sources(self, rows: slice | np.ndarray, stamps: np.ndarray, hashes: np.ndarray) -> None:
+        with zarr.config.set(WRITE_EVERY_CHUNK):
+            self.array("sources/stamp")[rows] = stamps
+            self.array("sources/sha256")[rows] = hashes
+
     def seals(self, layer: str) -> np.ndarray:
         """Each chunk's done flag: 0 while unfinished, else its seal."""
         if layer not in self.layers:
@@ -382,16 +407,20 @@ class FeatureStore:
         return [int(b) for b in np.flatnonzero(pending)]
 
     def write_chunk(
-        self, chunk: int, features: dict[str, np.ndarray], missing: np.ndarray
+        self, chunk: int, features: dict[str, np.ndarray], missing: np.ndarray,
+        sources: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Write one chunk's rows for the given layers, then mark them done.
 
         The data goes first and the done flags (seals) last, so a kill between the two only
-        costs recomputing this chunk.
+        costs recomputing this chunk. ``sources``: the rows' (stamps, sha256), see
+        :meth:`ensure_sources`; written with the data, so a finished chunk always has them.
         """
         sl = self.chunk_slice(chunk)
         self.fence()
         seals = {name: self.seal_of(name, chunk, missing, values) for name, values in features.items()}
+        if sources is not None:
+            self.write_sources(sl, *sources)
         with zarr.config.set(WRITE_EVERY_CHUNK):
             self.array("missing")[sl] = missing
             for name, values in features.items():

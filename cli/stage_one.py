@@ -49,6 +49,8 @@ def extract(
         return  # under torchrun, rank 0 reports
     from rich.table import Table
 
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
     table = Table(title=f"featcache extract: {model} on {dataset}")
     for col in ("split", "rows", "layers", "missing", "on disk", "wall s", "rows/s"):
         table.add_column(col)

@@ -37,6 +37,15 @@ class ImageSide:
     # its file or shard. Reading it opens no image, so a rerun can tell unchanged rows from the
     # listing alone (featcache.pipeline.provenance). None: rows held in memory, digested by content.
     stamps: Callable[[], np.ndarray] | None = None
+    # (row, bytes) -> image: decoding bytes already read, so a row's content hash costs no second
+    # read. None: ``load`` reads them again.
+    decode: Callable[[int, bytes], "object"] | None = None
+
+    def load_hashed(self, row: int):
+        """The row's image and the sha256 of the bytes it was decoded from."""
+        data = self.raw(row)
+        image = self.decode(row, data) if self.decode is not None else self.load(row)
+        return image, hashlib.sha256(data).digest()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,7 +103,8 @@ class Split:
         images = ImageSide([im.ids[i] for i in rows], [im.groups[i] for i in rows],
                            lambda i: im.load(rows[i]), lambda i: im.raw(rows[i]),
                            [im.sources[i] for i in rows] if im.sources else [],
-                           (lambda: im.stamps()[rows]) if im.stamps is not None else None)
+                           (lambda: im.stamps()[rows]) if im.stamps is not None else None,
+                           (lambda i, data: im.decode(rows[i], data)) if im.decode is not None else None)
         keep = set(images.ids)
         texts = self.texts
         if texts is not None and self.kind == PAIRS:
@@ -160,7 +170,7 @@ def file_images(paths: list[Path], ids: list[str], groups: list[str]) -> ImageSi
             raise BadImage(f"cannot read image {paths[i]}: {err.strerror}")
 
     return ImageSide(ids, groups, lambda i: decode_image(raw(i), str(paths[i])), raw,
-                     [str(p) for p in paths], lambda: file_stamps(paths))
+                     [str(p) for p in paths], lambda: file_stamps(paths), lambda i, data: decode_image(data, str(paths[i])))
 
 
 def file_stamps(paths: list[Path]) -> np.ndarray:

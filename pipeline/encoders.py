@@ -8,9 +8,10 @@ of one layer are alive at a time beyond the model's own.
 from __future__ import annotations
 
 import hashlib
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,33 +28,53 @@ VISION_POOLINGS = ("cls", "mean", "cls+mean")
 TEXT_POOLINGS = ("mean", "cls")
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over the parameters' bytes, independent of parameter names and their order."""
+def weights_digest(model: nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over the parameters' bytes, independent of parameter names and their order.
+
+    ``skip``: parameters the checkpoint lacked, which the loader filled with fresh random values.
+    They are left out so the identity is what was read from disk: the same checkpoint gives the
+    same digest on every load, and any changed tensor in it a new one.
+    """
+    left_out = set(skip)
     tensor_digests = sorted(
         hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
-        for t in model.state_dict().values()
-        if t.is_floating_point()
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and name not in left_out
     )
     return hashlib.sha256("".join(tensor_digests).encode()).hexdigest()
+
+
+class Tap(NamedTuple):
+    """Where a layer is read: a module's output, or its input (``embed``: what enters block 0)."""
+
+    module: nn.Module
+    kind: str  # "output" | "input"
 
 
 class _Stop(Exception):
     """Raised from a hook once every requested layer is pooled, to skip the rest of the model."""
 
 
+def _stop(*_args) -> None:
+    raise _Stop
+
+
 @dataclass
 class Encoder:
-    """A frozen encoder with its preprocessing and hooked layer modules."""
+    """A frozen encoder with its preprocessing and the taps its layers are read from."""
 
     entry: EncoderEntry
     model: nn.Module
-    modules: dict[str, nn.Module]  # canonical layer name -> module whose output is that layer
+    taps: dict[str, Tap]  # canonical layer name -> where that layer is read
     width: int
     num_prefix_tokens: int
     preprocessing: dict
     device: torch.device
     tokenizer: object = None
     native_image_size: int | None = None  # the pretrained input size, what --image-size -1 means
+    default_image_size: int | None = None  # what no --image-size means: the registry's or the processor's
+    uninitialised: list[str] = field(default_factory=list)  # parameters the checkpoint lacked
+    forward_kwargs: dict = field(default_factory=dict)  # e.g. interpolate_pos_encoding at another size
     _digest: str | None = field(default=None, repr=False)
 
     @property
@@ -66,11 +87,11 @@ class Encoder:
 
     @property
     def n_blocks(self) -> int:
-        return sum(1 for n in self.modules if n.startswith("block."))
+        return sum(1 for n in self.taps if n.startswith("block."))
 
     @property
     def has_final(self) -> bool:
-        return "final" in self.modules
+        return "final" in self.taps
 
     @property
     def layer_names(self) -> list[str]:
@@ -79,7 +100,7 @@ class Encoder:
     @property
     def weights_digest(self) -> str:
         if self._digest is None:
-            self._digest = weights_digest(self.model)
+            self._digest = weights_digest(self.model, tuple(self.uninitialised))
         return self._digest
 
     def pooled_width(self, pooling: str) -> int:
@@ -87,26 +108,37 @@ class Encoder:
 
     def check_pooling(self, pooling: str) -> None:
         allowed = VISION_POOLINGS if self.modality == "image" else TEXT_POOLINGS
+        if self.modality == "image" and self.num_prefix_tokens == 0:
+            allowed = ("mean",)  # SigLIP: no CLS token to pool
         if pooling not in allowed:
             raise FeatcacheError(f"pooling {pooling!r} is not available for {self.modality} encoders",
                                  f"choose one of: {', '.join(allowed)}")
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare_images(self, images: list) -> torch.Tensor:
-        """PIL images (already RGB on white) -> normalised pixel batch."""
+        """PIL images (already RGB on white) -> normalised pixel batch, as the model's processor
+        does it: the shorter side resized (to ``resize_size``, else the output size) and the
+        centre cropped, or the whole image resized to a square."""
         from PIL import Image
 
-        size = self.preprocessing["image_size"]
-        mean = np.asarray(self.preprocessing["mean"], dtype=np.float32)
-        std = np.asarray(self.preprocessing["std"], dtype=np.float32)
+        prep = self.preprocessing
+        size = prep["image_size"]
+        mode, _, resample = prep["resize"].partition(" ")
+        resample = getattr(Image.Resampling, resample.upper())
+        edge = prep.get("resize_size", size)
+        mean = np.asarray(prep["mean"], dtype=np.float32)
+        std = np.asarray(prep["std"], dtype=np.float32)
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
         for i, img in enumerate(images):
-            w, h = img.size
-            scale = size / min(w, h)
-            rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((rw, rh), Image.BICUBIC)
-            left, top = (rw - size) // 2, (rh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+            if mode == "square":
+                img = img.resize((size, size), resample)
+            else:
+                w, h = img.size
+                scale = edge / min(w, h)
+                rw, rh = max(edge, round(w * scale)), max(edge, round(h * scale))
+                img = img.resize((rw, rh), resample)
+                left, top = (rw - size) // 2, (rh - size) // 2
+                img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.float32) / 255.0
             out[i] = ((arr - mean) / std).transpose(2, 0, 1)
         return torch.from_numpy(out)
@@ -141,28 +173,73 @@ class Encoder:
             patches = tokens[:, self.num_prefix_tokens:].mean(1)
             return {"cls": cls, "mean": patches, "cls+mean": torch.cat([cls, patches], -1)}[pooling]
 
-        def make_hook(name: str):
-            def hook(_module, _args, output):
-                tokens = output[0] if isinstance(output, (tuple, list)) else output
-                pooled[name] = pool(tokens)
-                if wanted.issubset(pooled):
-                    raise _Stop
+        def take(name: str, tokens) -> None:
+            tokens = tokens[0] if isinstance(tokens, (tuple, list)) else tokens
+            pooled[name] = pool(tokens)
+            if wanted.issubset(pooled):
+                raise _Stop
 
-            return hook
-
-        handles = [self.modules[n].register_forward_hook(make_hook(n)) for n in layers]
+        handles = [self._hook(n, take) for n in layers]
         try:
             with self._autocast():
-                if self.modality == "text":
-                    self.model(**inputs)
-                else:
-                    self.model(inputs) if self.entry.backend == "timm" else self.model(pixel_values=inputs)
+                self._run(inputs)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
         return {n: pooled[n] for n in layers}
+
+    def _hook(self, name: str, take):
+        tap = self.taps[name]
+        if tap.kind == "input":
+            return tap.module.register_forward_pre_hook(
+                lambda _m, args, kwargs: take(name, args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        return tap.module.register_forward_hook(lambda _m, _args, output: take(name, output))
+
+    def _run(self, inputs) -> None:
+        if self.modality == "text":
+            self.model(**inputs, **self.forward_kwargs)
+        elif self.entry.backend == "timm":
+            self.model(inputs)
+        else:
+            self.model(pixel_values=inputs, **self.forward_kwargs)
+
+    def check_initialised(self, layers: list[str]) -> str | None:
+        """Refuse to extract layers that use parameters the checkpoint lacked; otherwise return
+        the one-line note about them (None when the checkpoint was complete).
+
+        Which parameters a layer uses is read off one forward pass of a blank input that stops at
+        the last requested layer, as extraction does: a pooler after the last block never runs.
+        """
+        if not self.uninitialised:
+            return None
+        owners = {n.rsplit(".", 1)[0] for n in self.uninitialised}
+        ran: set[str] = set()
+        handles = [m.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name))
+                   for name, m in self.model.named_modules() if name in owners]
+        stop = []
+        try:
+            from featcache.pipeline.hf_encoder import dummy_inputs
+
+            stop = [self._hook(max(layers, key=self.layer_names.index), _stop)]
+            inputs = {k: v.to(self.device) for k, v in dummy_inputs(self.model).items()}
+            with torch.inference_mode():
+                self.model(**inputs)
+        except _Stop:
+            pass
+        finally:
+            for h in handles + stop:
+                h.remove()
+        shown = ", ".join(self.uninitialised[:3]) + (", ..." if len(self.uninitialised) > 3 else "")
+        used = sorted(n for n in self.uninitialised if n.rsplit(".", 1)[0] in ran)
+        if used:
+            raise FeatcacheError(
+                f"{self.name}: the checkpoint lacks {len(used)} parameters that the requested layers use "
+                f"({', '.join(used[:3])}{', ...' if len(used) > 3 else ''}); they would be random",
+                "use a complete checkpoint, or extract only layers before them with --layers")
+        return (f"{self.name}: {len(self.uninitialised)} parameters are not in the checkpoint ({shown}); "
+                "the requested layers do not use them, and the cache's identity leaves them out")
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -189,13 +266,15 @@ def load_encoder(spec: str, device: str = "auto", image_size: int | None = None)
     if entry.backend == "timm":
         enc = _load_timm(entry, source, image_size)
     else:
-        enc = _load_hf(entry, source, image_size)
+        from featcache.pipeline import hf_encoder
+
+        enc = hf_encoder.load(entry, source, image_size)
     enc.model.to(dev).eval().requires_grad_(False)
     enc.device = dev
     return enc
 
 
-def _check_image_size(size: int, patch: int) -> None:
+def check_image_size(size: int, patch: int) -> None:
     if size <= 0 or size % patch:
         raise FeatcacheError(f"image size {size} is not a positive multiple of the patch size {patch}",
                              f"try {max(patch, round(size / patch) * patch)}")
@@ -204,15 +283,22 @@ def _check_image_size(size: int, patch: int) -> None:
 def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encoder:
     import timm
 
+    name, options = parse_timm_source(entry, name)
     size = image_size or entry.default_image_size
     try:
-        model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
+        with _seeded(not options["pretrained"]):
+            model = timm.create_model(name, dynamic_img_size=True, **options)
+    except Exception as err:  # noqa: BLE001 - timm and the hub raise many types; each is named below
+        first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        if "Unknown model" in str(err) or "Invalid model" in str(err):
             raise FeatcacheError(f"unknown timm model {name!r}", "see timm.list_models()") from None
-        raise network_error(entry, err) from None
-    except OSError as err:  # hub unreachable or offline mode
-        raise network_error(entry, err) from None
+        if options.get("pretrained_cfg_overlay"):
+            raise FeatcacheError(f"{entry.name}: cannot load the checkpoint file into {name} "
+                                 f"({type(err).__name__}: {first})",
+                                 "checkpoint= takes a .safetensors, .pth or .bin file of this timm model") from None
+        if isinstance(err, (OSError, RuntimeError, ValueError)):
+            raise network_error(entry, err) from None
+        raise
     if not all(hasattr(model, a) for a in ("blocks", "norm_pre", "norm", "embed_dim", "num_prefix_tokens")):
         raise FeatcacheError(f"{entry.name}: unsupported architecture {type(model).__name__}",
                              "featcache hooks timm vision transformers (.blocks, .norm_pre, .norm)")
@@ -220,60 +306,57 @@ def _load_timm(entry: EncoderEntry, name: str, image_size: int | None) -> Encode
     if size is None or size == -1:
         size = cfg["input_size"][-1]
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1,))[0]
-    _check_image_size(size, patch)
-    modules = {"embed": model.norm_pre}
-    modules.update({block_name(i): blk for i, blk in enumerate(model.blocks)})
+    check_image_size(size, patch)
+    taps = {"embed": Tap(model.norm_pre, "output")}
+    taps.update({block_name(i): Tap(blk, "output") for i, blk in enumerate(model.blocks)})
     if not isinstance(model.norm, nn.Identity):
-        modules["final"] = model.norm
+        taps["final"] = Tap(model.norm, "output")
     prep = {"image_size": size, "resize": "shorter-side bicubic", "crop": "center",
             "mean": list(cfg.get("mean", IMAGENET_MEAN)), "std": list(cfg.get("std", IMAGENET_STD)),
             "background": "white"}
-    return Encoder(entry, model, modules, model.embed_dim, model.num_prefix_tokens, prep, torch.device("cpu"),
-                   native_image_size=cfg["input_size"][-1])
+    return Encoder(entry, model, taps, model.embed_dim, model.num_prefix_tokens, prep, torch.device("cpu"),
+                   native_image_size=cfg["input_size"][-1],
+                   default_image_size=entry.default_image_size or cfg["input_size"][-1])
 
 
-def _load_hf(entry: EncoderEntry, source: str, image_size: int | None) -> Encoder:
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def parse_timm_source(entry: EncoderEntry, source: str) -> tuple[str, dict]:
+    """``NAME``, ``NAME:pretrained=False`` or ``NAME:checkpoint=FILE`` (NAME may be timm's own
+    ``local-dir:PATH`` or ``hf-hub:ID``) -> the model name and ``timm.create_model`` options."""
+    name, options = source, {}
+    head, sep, tail = source.rpartition(":")
+    if sep and re.fullmatch(r"\w+=[^,]*(,\w+=[^,]*)*", tail):
+        name = head
+        options = dict(item.split("=", 1) for item in tail.split(","))
+    unknown = set(options) - {"pretrained", "checkpoint"}
+    if unknown:
+        raise FeatcacheError(f"{entry.name}: unknown timm option {sorted(unknown)[0]!r}",
+                             "timm:NAME takes pretrained=False or checkpoint=FILE")
+    pretrained = options.get("pretrained", "true").lower()
+    if pretrained not in ("true", "false", "1", "0"):
+        raise FeatcacheError(f"{entry.name}: pretrained={options['pretrained']!r} is not true or false")
+    out: dict = {"pretrained": pretrained in ("true", "1")}
+    if "checkpoint" in options:
+        path = Path(options["checkpoint"]).expanduser()
+        if not path.is_file():
+            raise FeatcacheError(f"{entry.name}: the checkpoint file {path} does not exist",
+                                 "checkpoint= takes a local .safetensors, .pth or .bin file")
+        # Loaded as the model's pretrained weights, so timm's own key conversions apply.
+        out = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path.resolve())}}
+    return name, out
 
-    hf_logging.disable_progress_bar()  # featcache draws its own progress
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    try:
-        model = AutoModel.from_pretrained(source, local_files_only=offline or Path(source).exists())
-    except OSError as err:
-        raise network_error(entry, err) from None
-    except ValueError as err:  # e.g. a model that needs its own code (trust_remote_code)
-        raise FeatcacheError(f"{entry.name}: transformers cannot build this model ({str(err).splitlines()[0][:200]})",
-                             "featcache loads standard architectures without remote code; see docs/usage.md") from None
-    config = model.config
-    layers = getattr(getattr(model, "encoder", None), "layer", None)
-    if layers is None or not hasattr(model, "embeddings"):
-        raise FeatcacheError(f"{entry.name}: unsupported architecture {type(model).__name__}",
-                             "featcache hooks models with .embeddings and .encoder.layer (BERT, ViT, DINOv2 families)")
-    modules = {"embed": model.embeddings}
-    modules.update({block_name(i): blk for i, blk in enumerate(layers)})
-    final = getattr(model, "layernorm", None)
-    if final is not None:
-        modules["final"] = final
-    if entry.modality == "text":
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline or Path(source).exists())
-        prep = {"tokenizer": type(tokenizer).__name__, "max_length": entry.max_length,
-                "vocab_size": tokenizer.vocab_size}
-        return Encoder(entry, model, modules, config.hidden_size, 0, prep, torch.device("cpu"), tokenizer)
-    size = image_size or entry.default_image_size
-    if size == -1:
-        size = config.image_size
-    _check_image_size(size, config.patch_size)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    proc = Path(source) / "preprocessor_config.json"
-    if proc.exists():
-        import json
+class _seeded:
+    """``pretrained=False``: the same random weights on every load, so the cache is reused."""
 
-        data = json.loads(proc.read_text())
-        mean, std = data.get("image_mean", mean), data.get("image_std", std)
-    prep = {"image_size": size, "resize": "shorter-side bicubic", "crop": "center",
-            "mean": list(mean), "std": list(std), "background": "white"}
-    n_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    return Encoder(entry, model, modules, config.hidden_size, n_prefix, prep, torch.device("cpu"),
-                   native_image_size=config.image_size)
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            self.rng = torch.random.fork_rng(devices=[])
+            self.rng.__enter__()
+            torch.manual_seed(0)
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.rng.__exit__(*exc)

@@ -18,6 +18,7 @@ from featcache.cache.locks import all_writers_locked, store_lock
 from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
+from featcache.pipeline import provenance
 from featcache.pipeline.catalog import is_combined, load_dataset
 from featcache.pipeline.datasets import BadImage, ImageSide, Split
 from featcache.pipeline.encoders import Encoder, load_encoder
@@ -64,6 +65,7 @@ class ExtractResult:
     seconds: float
     computed_rows: int
     missing_rows: int
+    notes: list[str] = field(default_factory=list)  # one-line notices for the user (e.g. a partial checkpoint)
 
     @property
     def rows_per_s(self) -> float:
@@ -115,31 +117,36 @@ def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names:
     aliases = [a for a, name in ALIASES.items() if name == encoder.name]
     return {"names": [encoder.name, *aliases],
             "defaults": {"pooling": encoder.entry.default_pooling,
-                         "image_size": encoder.entry.default_image_size if encoder.modality == "image" else None,
+                         "image_size": encoder.default_image_size if encoder.modality == "image" else None,
                          "pretrained_image_size": encoder.native_image_size},
             "command": command_for(cfg, split), "dataset_label": cfg.dataset, "dataset_splits": split_names}
 
 
 def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str,
-                   split_names: list[str]) -> FeatureStore:
+                   split_names: list[str], stamps=None) -> FeatureStore:
+    """The split's store, created or checked: its identity, and for image files that every
+    finished row's input is unchanged (``stamps``: the side's listing, read once by the caller)."""
     side = split.side(encoder.modality)
     spec = store_spec(cfg, encoder, split, pooling)
     identity = {
         "encoder": encoder.identity(pooling),
-        "dataset": {"name": split.dataset, "split": split.name, "side": encoder.modality,
-                    "kind": split.kind, "rows": len(side), "sha256": split.digest(encoder.modality),
-                    "limit": cfg.limit},
+        "dataset": provenance.dataset_identity(split, encoder.modality, cfg.limit),
         "dtype": cfg.dtype,
     }
+    path = store_path(cfg.cache_dir, spec)
+    identity = provenance.adopt_legacy(path, identity, side)
     extra = {"classnames": split.classnames, "templates": split.templates} if split.classnames else {}
     store = FeatureStore.create_or_open(
-        store_path(cfg.cache_dir, spec), identity=identity, versions=library_versions(),
+        path, identity=identity, versions=library_versions(),
         ids=side.ids, groups=side.groups, texts=getattr(side, "texts", None),
         width=encoder.pooled_width(pooling), dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
         extra_attrs=store_attrs(cfg, encoder, split, split_names),
     )
     if extra and "classes" not in store.attrs:
         store.group.attrs["classes"] = extra
+    if provenance.tracked(side):
+        store.ensure_sources()
+        provenance.check_rows(store, side, stamps)
     return store
 
 
@@ -153,17 +160,20 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.side)
 
     def __getitem__(self, row: int):
+        """(row, pixels, error, sha256 of the bytes decoded): hashed here, on the one read."""
         try:
-            return row, self.encoder.prepare_images([self.side.load(row)])[0], None
+            image, digest = self.side.load_hashed(row)
+            return row, self.encoder.prepare_images([image])[0], None, digest
         except BadImage as err:
-            return row, None, err.message
+            return row, None, err.message, bytes(32)
 
 
 def _collate(items):
-    rows = [r for r, _, _ in items]
-    good = [x for _, x, _ in items if x is not None]
-    errors = {r: e for r, _, e in items if e is not None}
-    return rows, (torch.stack(good) if good else None), errors
+    rows = [r for r, _, _, _ in items]
+    good = [x for _, x, _, _ in items if x is not None]
+    errors = {r: e for r, _, e, _ in items if e is not None}
+    hashes = np.frombuffer(b"".join(h for _, _, _, h in items), dtype=np.uint8).reshape(len(items), 32)
+    return rows, (torch.stack(good) if good else None), errors, hashes
 
 
 def _text_batch(encoder: Encoder, side, rows: list[int]):
@@ -183,7 +193,7 @@ def _batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[li
 
 
 def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
-                    pooling: str, chunks: list[int], progress, task) -> int:
+                    pooling: str, chunks: list[int], progress, task, stamps=None) -> int:
     """Compute and write whole chunks; returns the number of rows computed."""
     batches = _batches(store, chunks, cfg.batch_size)
     if encoder.modality == "image":
@@ -193,11 +203,11 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
             pin_memory=encoder.device.type == "cuda", persistent_workers=False,
         )
     else:
-        loader = (_text_batch(encoder, side, rows) for rows in batches)
+        loader = (_text_batch(encoder, side, rows) + (None,) for rows in batches)
 
     pending: dict[int, dict] = {}
     computed, delay = 0, _batch_delay_s()
-    for rows, inputs, errors in loader:
+    for rows, inputs, errors, hashes in loader:
         if errors and not cfg.skip_bad:
             raise FeatcacheError(next(iter(errors.values())),
                                  "fix the input, or pass --skip-bad to record it as a missing row; "
@@ -206,7 +216,10 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
         sl = store.chunk_slice(chunk)
         buf = pending.setdefault(chunk, {
             "features": {n: np.full((sl.stop - sl.start, store.width), np.nan, dtype=cfg.dtype) for n in layers},
-            "missing": np.zeros(sl.stop - sl.start, dtype=bool), "filled": 0})
+            "missing": np.zeros(sl.stop - sl.start, dtype=bool), "filled": 0,
+            "sha256": np.zeros((sl.stop - sl.start, 32), dtype=np.uint8)})
+        if hashes is not None:
+            buf["sha256"][np.asarray(rows) - sl.start] = hashes
         good_rows = [r for r in rows if r not in errors]
         if inputs is not None:
             out = encoder.forward(inputs, layers, pooling)
@@ -223,7 +236,8 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
         computed += len(rows)
         if buf["filled"] == sl.stop - sl.start:
             todo = [n for n in layers if not store.chunk_done(n, chunk)]
-            store.write_chunk(chunk, {n: buf["features"][n] for n in todo}, buf["missing"])
+            sources = (stamps[sl], buf["sha256"]) if stamps is not None else None
+            store.write_chunk(chunk, {n: buf["features"][n] for n in todo}, buf["missing"], sources)
             del pending[chunk]
         if task is not None:
             progress.update(task, advance=len(rows))
@@ -247,8 +261,9 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
     with store_lock(path, f"shard-{worker.label}", blocking=False,
                     what=f"{path} (shard {worker.index}/{worker.count})") as held:
         # Creating the skeleton and adding layer arrays is metadata: one process at a time.
+        stamps = side.stamps() if provenance.tracked(side) else None  # one stat per file, no image opened
         with store_lock(path, "meta", blocking=True, what=str(path)):
-            store = open_store_for(cfg, encoder, split, pooling, split_names or [split.name])
+            store = open_store_for(cfg, encoder, split, pooling, split_names or [split.name], stamps)
             store.ensure_layers(layers)
         store.fence = held.check
         pending = store.pending_chunks(layers)
@@ -257,11 +272,12 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
                                  total=sum(store.chunk_slice(b).stop - store.chunk_slice(b).start for b in own)) \
             if progress is not None else None
         try:
-            computed = _compute_chunks(cfg, encoder, side, store, layers, pooling, own, progress, task)
+            computed = _compute_chunks(cfg, encoder, side, store, layers, pooling, own, progress, task, stamps)
             if worker.count > 1 and cfg.steal:
                 for chunk in worker.steal_order(pending):
                     if any(not store.chunk_done(n, chunk) for n in layers):
-                        computed += _compute_chunks(cfg, encoder, side, store, layers, pooling, [chunk], None, None)
+                        computed += _compute_chunks(cfg, encoder, side, store, layers, pooling, [chunk], None, None,
+                                                    stamps)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FeatcacheError(f"no space left on the device of {path} ({err.strerror})",
@@ -298,6 +314,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     pooling = cfg.pooling or encoder.entry.default_pooling
     encoder.check_pooling(pooling)
     layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)
+    note = encoder.check_initialised(layers)
     init_distributed(worker, encoder.device.type)
     chosen = [splits[s].limited(cfg.limit) for s in names]
     if cfg.overwrite:
@@ -311,6 +328,8 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     barrier(worker)  # every rank's chunks are written before anyone reports the store complete
     if worker.count > 1:  # other workers flagged missing rows in their chunks too: count them from the store
         results = [replace(r, missing_rows=int(FeatureStore.open(r.path).missing.sum())) for r in results]
+    if note:
+        results = [replace(r, notes=[*r.notes, note]) for r in results]
     for r in results:
         if r.rows and r.missing_rows == r.rows:
             raise FeatcacheError(f"no row of {cfg.dataset}/{r.split} could be read: all {r.rows} were recorded as "

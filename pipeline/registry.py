@@ -92,9 +92,9 @@ def resolve_entry(spec: str) -> EncoderEntry:
         local = Path(target).expanduser()
         source = str(local.resolve()) if local.exists() else target
         modality = _hf_modality(source)
+        # The image size, like the rest of the preprocessing, is the model's own processor's.
         return EncoderEntry(encoder_key(spec), modality, "hf", lambda: source, local.exists(), f"Hugging Face {target}",
-                            "cls" if modality == "image" else "mean",
-                            224 if modality == "image" else None)
+                            _hf_default_pooling(source, modality))
     raise FeatcacheError(
         f"unknown model {spec!r}",
         f"known: {', '.join(sorted(list(REGISTRY) + list(ALIASES)))}, or timm:<name>, hf:<repo-or-path>",
@@ -113,7 +113,12 @@ def _hf_config(source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except ValueError as err:  # a config naming its own code, or a model type transformers lacks
+        raise FeatcacheError(f"hf:{source}: transformers cannot read this model's config "
+                             f"({str(err).splitlines()[0][:200]})",
+                             "featcache loads standard transformers architectures and never runs a model "
+                             "folder's own code; see docs/data.md") from None
     except OSError as err:
         entry = EncoderEntry(f"hf:{source}", "text", "hf", lambda: source, False, "", "mean")
         raise network_error(entry, err) from None
@@ -122,6 +127,12 @@ def _hf_config(source: str):
 def _hf_modality(source: str) -> str:
     config = _hf_config(source)
     return "image" if hasattr(config, "image_size") and not hasattr(config, "vocab_size") else "text"
+
+
+def _hf_default_pooling(source: str, modality: str) -> str:
+    if modality == "text":
+        return "mean"
+    return "mean" if _hf_config(source).model_type.startswith("siglip") else "cls"  # SigLIP has no CLS token
 
 
 def prepare_offline(names: tuple[str, ...] = ("dinov2-s", "minilm")) -> dict[str, str]:

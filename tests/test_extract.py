@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
 from featcache.pipeline.catalog import load_dataset
 from featcache.pipeline.encoders import load_encoder
+from featcache.pipeline.provenance import dataset_identity
 from featcache.pipeline.extract import ExtractConfig, extract
 
 runner = CliRunner()
@@ -45,7 +48,11 @@ def test_stored_values_equal_direct_forward(tiny_vit, pairs, cache_dir):
         ref = hidden[i][:, 0].numpy()
         np.testing.assert_allclose(store.read(name), ref, rtol=2e-3, atol=2e-3)
     assert store.identity["encoder"]["pooling"] == "cls"
-    assert store.identity["dataset"]["sha256"] == split.digest("image")
+    assert store.identity["dataset"] == dataset_identity(split, "image", None)
+    # each finished row records the sha256 of the very bytes it was computed from
+    _, hashes = store.sources()
+    assert [h.tobytes() for h in hashes] == [hashlib.sha256(split.images.raw(i)).digest()
+                                              for i in range(len(split.images))]
 
 
 def test_text_side_mean_pooling(tiny_bert, pairs, cache_dir):
