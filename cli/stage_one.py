@@ -62,6 +62,18 @@ def extract(
         console.print(f"  {r.split}: {r.path}", highlight=False, soft_wrap=True)
 
 
+def _deep(path) -> list:
+    from featcache.cache.store import FeatureStore
+    from featcache.cache.verify import BadChunk
+    from featcache.pipeline.provenance import verify_deep
+
+    try:
+        store = FeatureStore.open(path)
+    except FeatcacheError:
+        return []  # run_verify has reported it
+    return [BadChunk(str(path), "sources", None, problem) for problem in verify_deep(store)]
+
+
 @app.command("ls")
 @friendly
 def list_stores(cache_dir: Optional[str] = CacheDir):
@@ -103,6 +115,8 @@ def verify(
     repair: bool = typer.Option(False, help="Mark bad chunks unfinished, so the same extract recomputes them."),
     reseal: bool = typer.Option(False, help="First bring stores of an older featcache (format 2) to format 3 in "
                                             "place: each chunk's checksum is checked, then its seal written."),
+    deep: bool = typer.Option(False, help="Also re-read every image and check its sha256 against the one its "
+                                          "features were computed from."),
 ):
     """Check the presence, checksum and seal of every finished chunk; exit 1 if any is bad."""
     from rich.table import Table
@@ -122,6 +136,8 @@ def verify(
         bad = []
         for path in progress.track(paths, description="verify"):
             bad += run_verify([path], repair=repair, reseal=reseal)
+            if deep:
+                bad += _deep(path)
     if not bad:
         console.print(f"{len(paths)} store(s) verified: every finished chunk is present, its checksum holds "
                       "and it matches its seal")

@@ -115,10 +115,23 @@ def check_rows(store: FeatureStore, side, stamps: np.ndarray) -> None:
         store.write_sources(changed, stamps[changed], stored_hashes[changed])
 
 
-def verify_deep(store: FeatureStore, side, progress=None) -> list[str]:
-    """Re-hash every recorded input against the store (``featcache verify --deep``); problems found."""
+def verify_deep(store: FeatureStore, progress=None) -> list[str]:
+    """Re-hash every recorded input against the store (``featcache verify --deep``); problems found.
+
+    The inputs are found again from the data set as the extract command named it (relative
+    paths from the folder it ran in)."""
+    from featcache.pipeline.catalog import load_dataset
+
     if not store.has_sources:
-        return [f"{store.path}: records no per-row sources (text side, in-memory data, or an older store)"]
+        return []  # a text side or in-memory data: their content is in the identity itself
+    label, data = store.attrs.get("dataset_label"), store.identity["dataset"]
+    try:
+        side = load_dataset(label)[data["split"]].limited(data.get("limit")).side("image")
+    except (FeatcacheError, KeyError) as err:
+        return [f"{store.path}: its data set {label!r} cannot be read from here to check its images "
+                f"({getattr(err, 'message', err)}); run verify --deep from the folder extract ran in"]
+    if side.ids != store.ids:
+        return [f"{store.path}: the data set {label!r} now lists other rows than the store"]
     _, hashes = store.sources()
     problems = []
     for row in np.flatnonzero(hashes.any(axis=1)):

@@ -113,7 +113,7 @@ def _hf_config(source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except ValueError as err:  # a config naming its own code, or a model type transformers lacks
         raise FeatcacheError(f"hf:{source}: transformers cannot read this model's config "
                              f"({str(err).splitlines()[0][:200]})",
@@ -122,6 +122,14 @@ def _hf_config(source: str):
     except OSError as err:
         entry = EncoderEntry(f"hf:{source}", "text", "hf", lambda: source, False, "", "mean")
         raise network_error(entry, err) from None
+    if getattr(config, "auto_map", None):
+        # transformers would build its own class and ignore the folder's code: features of another
+        # model than its authors meant, so refuse rather than guess.
+        raise FeatcacheError(f"hf:{source}: the model's config.json names its own code (auto_map: "
+                             f"{', '.join(sorted(config.auto_map))}); featcache never runs a model folder's code",
+                             "use a model of a standard transformers architecture, or remove auto_map from "
+                             "config.json if the architecture is the standard one")
+    return config
 
 
 def _hf_modality(source: str) -> str:
