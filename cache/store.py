@@ -386,6 +386,14 @@ class FeatureStore:
         """(stamps, sha256) of every row: zeros where a row's chunk was never written."""
         return self.decoded("sources/stamp"), self.decoded("sources/sha256")
 
+    def content_sha256(self) -> str | None:
+        """One digest of every row's input bytes (None for stores without sources, or before
+        every chunk is written): what a run records to say which images it was trained on."""
+        if not self.has_sources:
+            return None
+        hashes = self.sources()[1]
+        return hashlib.sha256(hashes.tobytes()).hexdigest() if hashes.any(axis=1).all() else None
+
     def write_sources(self, rows: slice | np.ndarray, stamps: np.ndarray, hashes: np.ndarray) -> None:
         with zarr.config.set(WRITE_EVERY_CHUNK):
             self.array("sources/stamp")[rows] = stamps

@@ -137,7 +137,11 @@ class PairedFeatures:
         return read_rows(self.texts, layer, self.text_rows, dtype)
 
     def identities(self) -> dict:
-        return {"image": {"path": str(self.images.path), **self.images.identity},
+        """What a run records of its stores; for image files also the digest of every input's
+        bytes, since the identity names them by their listing."""
+        content = getattr(self.images, "content_sha256", lambda: None)()
+        return {"image": {"path": str(self.images.path), **self.images.identity,
+                          **({"content_sha256": content} if content else {})},
                 "text": {"path": str(self.texts.path), **self.texts.identity}}
 
     def subset(self, keep: np.ndarray) -> "PairedFeatures":

@@ -97,7 +97,8 @@ def test_same_file_name_two_data_sets_never_mixed(tiny_vit, tiny_bert, two_files
     (run_b,) = [p for p in runs.iterdir() if p != run_a]
     paths = lambda run: {read_json(run / "config.json")["cache"]["train"][s]["path"] for s in ("image", "text")}
     assert paths(run_a).isdisjoint(paths(run_b))
-    sha = lambda run: read_json(run / "config.json")["cache"]["train"]["image"]["dataset"]["sha256"]
+    # same file names, other images: the runs record different image content
+    sha = lambda run: read_json(run / "config.json")["cache"]["train"]["image"]["content_sha256"]
     assert sha(run_a) != sha(run_b)
     for run in (run_a, run_b):
         out = invoke("eval", "retrieval", "--run", run.name, "--cache-dir", cache, "--runs-dir", runs)
