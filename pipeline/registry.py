@@ -134,6 +134,13 @@ def _hf_config(source: str):
 
 def _hf_modality(source: str) -> str:
     config = _hf_config(source)
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        tower = arch.replace("Model", "") if arch.endswith("Model") else "CLIP"
+        raise FeatcacheError(f"hf:{source} holds an image and a text tower ({arch}): featcache extracts one "
+                             "encoder at a time",
+                             f"save each tower as its own model, e.g. {tower}VisionModel.from_pretrained(...)"
+                             f".save_pretrained(DIR) and {tower}TextModel likewise, then use hf:DIR")
     return "image" if hasattr(config, "image_size") and not hasattr(config, "vocab_size") else "text"
 
 

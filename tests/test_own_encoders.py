@@ -268,3 +268,15 @@ def test_timm_hub_name_without_network_is_one_line(tmp_path, monkeypatch):
                               str(make_pairs(tmp_path / "data", n=4)), "--cache-dir", str(tmp_path / "cache")])
     assert out.exit_code == 2 and "could not be fetched" in out.output, out.output
     assert "Traceback" not in out.output
+
+
+def test_a_two_tower_model_says_how_to_split_it(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = dict(image_size=32, patch_size=8, **SMALL)
+    text = dict(vocab_size=30, max_position_embeddings=16, **SMALL)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path / "clip")
+    out = cli_extract(tmp_path / "clip", make_pairs(tmp_path / "data", n=4), tmp_path / "cache")
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    assert "holds an image and a text tower (CLIPModel)" in text and "CLIPVisionModel.from_pretrained" in text
