@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline import builtin_data, user_data
+from featcache.pipeline import builtin_data, corpora, hfds_data, user_data, wds_data
 from featcache.pipeline.datasets import DatasetEntry, Split
 
 DATASETS: dict[str, DatasetEntry] = {entry.name: entry for entry in builtin_data.ENTRIES}
@@ -33,9 +33,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), options
 
 
+# The corpus formats: spec prefix -> (the name its caches are stored under, its splits).
+CORPORA = {"wds": (wds_data.dataset_name, wds_data.load_wds), "hfds": (hfds_data.dataset_name, hfds_data.load_hfds)}
+
+
 def is_combined(spec: str) -> bool:
-    """``a+b``: the union of two data sets, each cached on its own (a path with '+' is not one)."""
-    return "+" in spec and not Path(spec).exists()
+    """``a+b``: the union of two data sets, each cached on its own (a path with '+' is not one,
+    nor is a ``wds:``/``hfds:`` spec, whose pattern may hold a '+')."""
+    return "+" in spec and not corpora.is_corpus(spec) and not Path(spec).exists()
 
 
 def _content_digest(path: Path) -> str:
@@ -73,10 +78,15 @@ def canonical_name(spec: str) -> str:
     a digest of its resolved path and content, so two different ``pairs.jsonl`` never share a
     store, and an edited file is a new data set rather than a stale cache.
     """
-    name, options = parse_spec(spec)
-    path = Path(name)
-    if name not in DATASETS and (path.suffix in (".csv", ".jsonl", ".json") or path.is_dir()) and path.exists():
-        name = f"{path.resolve().stem}.{_content_digest(path)}"
+    corpus = corpora.split_spec(spec)
+    if corpus is not None:  # wds:PATTERN / hfds:PATH: named by the file listing, no file read
+        fmt, target, options = corpus
+        name = CORPORA[fmt][0](target, options)
+    else:
+        name, options = parse_spec(spec)
+        path = Path(name)
+        if name not in DATASETS and (path.suffix in (".csv", ".jsonl", ".json") or path.is_dir()) and path.exists():
+            name = f"{path.resolve().stem}.{_content_digest(path)}"
 
     def short(value: str) -> str:  # a file option is named by its stem and content hash
         path = Path(value)
@@ -88,12 +98,20 @@ def canonical_name(spec: str) -> str:
 
 
 def load_dataset(spec: str) -> dict[str, Split]:
-    """Every split of a data set spec: a registered name, ``a+b``, or a path for users' data."""
+    """Every split of a data set spec: a registered name, ``a+b``, ``wds:PATTERN``,
+    ``hfds:PATH``, or a path for users' data."""
     if is_combined(spec):
         raise FeatcacheError(f"{spec!r} combines data sets: each part is cached on its own",
                              "extract and read it through featcache extract/align, which split it on '+'")
-    name, options = parse_spec(spec)
-    if name in DATASETS:
+    corpus = corpora.split_spec(spec)
+    name, options = corpus[1:] if corpus is not None else parse_spec(spec)
+    if corpus is not None:
+        try:
+            splits = CORPORA[corpus[0]][1](name, options)
+        except OSError as err:
+            raise FeatcacheError(f"cannot read the data set {name}: {err.strerror or err} ({err.filename})",
+                                 "point --dataset at readable files") from None
+    elif name in DATASETS:
         splits = DATASETS[name].build(options)
     elif Path(name).exists():
         try:
@@ -105,7 +123,8 @@ def load_dataset(spec: str) -> dict[str, Split]:
         raise FeatcacheError(
             f"unknown data set {name!r}",
             f"known: {', '.join(sorted(DATASETS))}; or a path to a .csv/.jsonl of image,caption rows, "
-            "a COCO or Karpathy .json, or an image folder with class subfolders",
+            "a COCO or Karpathy .json, an image folder with class subfolders, wds:SHARDS-{0..9}.tar "
+            "(webdataset shards) or hfds:PATH (a Hugging Face data set on disk)",
         )
     cname = canonical_name(spec)
     for split in splits.values():

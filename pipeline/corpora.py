@@ -3,7 +3,7 @@ sets on disk) share: the spec grammar, file listings and stamps, per-process ope
 building paired splits from samples.
 
 A corpus side holds no open file: readers open what they need in the process that reads
-(``_Handles``), so an image side pickles into DataLoader workers as plain lists and arrays.
+(``Handles``), so an image side pickles into DataLoader workers as plain lists and arrays.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def split_spec(spec: str) -> tuple[str, str, dict] | None:
     options: dict[str, str] = {}
     while True:
         head, sep, tail = target.rpartition(":")
-        if not sep or not head or not _OPTIONS.match(tail):
+        if not sep or not _OPTIONS.match(tail):
             break
         parsed = {}
         for item in tail.split(","):
@@ -58,6 +58,8 @@ def split_spec(spec: str) -> tuple[str, str, dict] | None:
     target = target.strip()
     if not target:
         raise FeatcacheError(f"{spec!r} names no data", f"write {fmt}:PATH (see docs/data.md)")
+    if "\0" in spec:
+        raise FeatcacheError(f"{spec!r} holds a NUL character", "no path can hold one")
     return fmt, target, options
 
 
@@ -74,6 +76,17 @@ def is_url(path: str) -> bool:
 
 def local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
+
+
+def filesystem(url: str):
+    """(fsspec file system, path within it) of a URL; a protocol fsspec cannot serve is a clear error."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise FeatcacheError(f"cannot open {url}: {err}",
+                             "install the fsspec package of that protocol (s3fs for s3://, gcsfs for gs://)") from None
 
 
 def has_glob(path: str) -> bool:
@@ -93,10 +106,11 @@ def expand(pattern: str, what: str, hint: str) -> list[str]:
     for item in expanded:
         if has_glob(item):
             if is_url(item):
-                import fsspec
-
-                fs, path = fsspec.core.url_to_fs(item)
-                matches = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+                fs, path = filesystem(item)
+                try:
+                    matches = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+                except Exception as err:  # noqa: BLE001 - fsspec back ends raise many types
+                    raise FeatcacheError(f"cannot list {item}: {type(err).__name__}: {err}", hint) from None
             else:
                 import glob
 
@@ -159,25 +173,22 @@ def stat_files(paths: list[str]) -> list[Stat]:
         except OSError:
             continue
         out[i] = Stat(st.st_size, st.st_mtime_ns)
-    if remote:
-        import fsspec
-
-        for parent, rows in remote.items():
-            fs, _ = fsspec.core.url_to_fs(paths[rows[0]])
+    for parent, rows in remote.items():
+        fs, _ = filesystem(paths[rows[0]])
+        try:
+            listing = {fs._strip_protocol(e["name"]): e for e in fs.ls(fs._strip_protocol(parent), detail=True)}
+        except Exception:  # noqa: BLE001 - a listing refused: stat one by one
+            listing = {}
+        for i in rows:
+            key = fs._strip_protocol(paths[i])
             try:
-                listing = {fs._strip_protocol(e["name"]): e for e in fs.ls(fs._strip_protocol(parent), detail=True)}
-            except Exception:  # noqa: BLE001 - a listing refused: stat one by one
-                listing = {}
-            for i in rows:
-                key = fs._strip_protocol(paths[i])
-                try:
-                    info = listing.get(key) or fs.info(key)
-                except Exception:  # noqa: BLE001 - fsspec back ends raise many types
-                    continue
-                if info.get("size") is None:
-                    continue
-                tag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or "")
-                out[i] = Stat(int(info["size"]), _mtime_ns(info), tag)
+                info = listing.get(key) or fs.info(key)
+            except Exception:  # noqa: BLE001 - fsspec back ends raise many types
+                continue
+            if info.get("size") is None:
+                continue
+            tag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c") or "")
+            out[i] = Stat(int(info["size"]), _mtime_ns(info), tag)
     return out
 
 
@@ -197,17 +208,19 @@ def listing_digest(fmt: str, paths: list[str], stats: list[Stat]) -> str:
 
 
 def readable_stem(pattern: str, fallback: str) -> str:
-    """A short readable name for a pattern: its file name up to the first brace or glob, else
-    the folder holding it (``/data/cc3m/{00000..00099}.tar`` -> ``cc3m``)."""
+    """A short readable name for a path or pattern: a file's or folder's own name; for a
+    pattern, its folder's name and the file name up to the first brace or glob
+    (``/data/cc3m/shard-{00000..00099}.tar`` -> ``cc3m-shard``)."""
     text = local(pattern).rstrip("/")
     cut = re.search(r"[{*?\[]", text)
-    fixed = text[: cut.start()] if cut else text
-    head, _, base = fixed.rpartition("/")
-    stem = re.sub(r"(\.tar|\.parquet|\.arrow)$", "", base) if not cut else base
-    stem = stem.strip("-_.")
-    if not stem:
-        stem = head.rstrip("/").rpartition("/")[2]
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", stem) or fallback
+    if cut is None:
+        stem = re.sub(r"\.(tar|parquet|arrow)$", "", text.rpartition("/")[2])
+    else:
+        folder, _, prefix = text[: cut.start()].rpartition("/")
+        folder = folder.rstrip("/").rpartition("/")[2]
+        prefix = prefix.strip("-_.")
+        stem = f"{folder}-{prefix}" if folder and prefix else folder or prefix
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", stem).strip(".") or fallback
 
 
 # -- per-process open files -----------------------------------------------------------------
@@ -244,7 +257,7 @@ class Handles:
 
 
 # -- paired splits --------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class Sample:
     """One image and its captions, as a format lists it."""
 
@@ -268,6 +281,9 @@ class RowView:
 
     def raw(self, i: int) -> bytes:
         return self.reader.raw(int(self.rows[i]))
+
+    def decode(self, i: int, data: bytes):
+        return self.reader.decode(int(self.rows[i]), data)
 
     def stamps(self) -> np.ndarray:
         return self.reader.stamps()[self.rows]
@@ -310,7 +326,8 @@ def pair_splits(dataset: str, samples: list[Sample], reader, unique: str = "all"
         ids = [s.id for s in mine]
         rows = np.array([s.row for s in mine], dtype=np.int64)
         view = RowView(reader, rows)
-        images = ImageSide(ids, list(ids), view.load, view.raw, [reader.source(int(r)) for r in rows], view.stamps)
+        images = ImageSide(ids, list(ids), view.load, view.raw, [reader.source(int(r)) for r in rows],
+                           stamps=view.stamps, decode=view.decode)
         cap_ids, cap_groups, texts, problems = [], [], [], {}
         for s in mine:
             for caption, problem in zip(s.captions, s.problems):
