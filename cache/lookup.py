@@ -10,6 +10,7 @@ Any difference is a one-line error naming the field; a missing store names the e
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 
 import featcache.cache.location as loc
@@ -41,11 +42,12 @@ class StoreQuery:
     def extract_command(self, cache_dir: Location | None = None) -> str:
         limited = re.fullmatch(r"(.*)-sample(\d+)", self.split)
         split, sample = limited.groups() if limited else (self.split, "")
-        cmd = f"featcache extract --model {self.encoder} --layers all --dataset {self.source or self.dataset}"
-        cmd += f" --split {split}" + (f" --limit {sample}" if sample else "")
-        cmd += f" --pooling {self.pooling}" if self.pooling else ""
+        q = lambda value: shlex.quote(str(value))  # noqa: E731 - a wds:{0..9} pattern must survive the shell
+        cmd = f"featcache extract --model {q(self.encoder)} --layers all --dataset {q(self.source or self.dataset)}"
+        cmd += f" --split {q(split)}" + (f" --limit {sample}" if sample else "")
+        cmd += f" --pooling {q(self.pooling)}" if self.pooling else ""
         cmd += f" --image-size {self.image_size}" if self.image_size else ""
-        return cmd + (f" --cache-dir {cache_dir}" if cache_dir is not None else "")
+        return cmd + (f" --cache-dir {q(cache_dir)}" if cache_dir is not None else "")
 
 
 def _names(store: FeatureStore) -> set[str]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 from typing import Iterator
 
 import google_crc32c
@@ -123,7 +124,7 @@ def extract_command(attrs: dict, layers: str | None = None, overwrite: bool = Fa
         command = (f"featcache extract --model {enc.get('name', 'MODEL')} --dataset {data.get('name', 'DATASET')} "
                    f"--split {data.get('split', 'SPLIT')} --layers all")
     if layers:
-        command = re.sub(r"--layers \S+", f"--layers {layers}", command)
+        command = re.sub(r"--layers ('[^']*'|\S+)", lambda _: f"--layers {shlex.quote(layers)}", command)
     return command + (" --overwrite" if overwrite else "")
 
 

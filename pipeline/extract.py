@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -104,10 +105,12 @@ def store_spec(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str)
 
 def command_for(cfg: ExtractConfig, split: Split) -> str:
     """The extract command that (re)builds one split's store: recorded for error hints."""
-    cmd = f"featcache extract --model {cfg.model} --layers {cfg.layers} --dataset {cfg.dataset} --split {split.name}"
+    q = lambda value: shlex.quote(str(value))  # noqa: E731 - a pasted wds:{0..9} must not be brace-expanded
+    cmd = (f"featcache extract --model {q(cfg.model)} --layers {q(cfg.layers)} --dataset {q(cfg.dataset)} "
+           f"--split {q(split.name)}")
     for flag, value in (("--limit", cfg.limit), ("--pooling", cfg.pooling), ("--image-size", cfg.image_size),
                         ("--cache-dir", cfg.cache_dir)):
-        cmd += f" {flag} {value}" if value is not None else ""
+        cmd += f" {flag} {q(value)}" if value is not None else ""
     return cmd + (" --dtype float32" if cfg.dtype == "float32" else "")
 
 
