@@ -101,8 +101,11 @@ def check_rows(store: FeatureStore, side, stamps: np.ndarray) -> None:
     """
     if not tracked(side) or not store.has_sources:
         return
+    # Done flags first: a chunk's sources are written before its flags, so every chunk seen
+    # finished here has its sources, even while other shards are finishing chunks.
+    finished = finished_rows(store, store.layers)
     stored_stamps, stored_hashes = store.sources()
-    changed = np.flatnonzero(finished_rows(store, store.layers) & (stored_stamps != stamps).any(axis=1))
+    changed = np.flatnonzero(finished & (stored_stamps != stamps).any(axis=1))
     for row in changed:
         row = int(row)
         now = _content_hash(side, row)
