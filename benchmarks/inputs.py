@@ -1,7 +1,7 @@
 """Stage one's inputs: what a rerun costs, what the data set's digest costs, and webdataset shards
 against the same images as loose files. Every ratio is measured side by side in one run.
 
-    .venv/bin/python benchmarks/inputs.py [--rows 20000] [--wds-rows 559] [--model dinov2]
+    .venv/bin/python benchmarks/inputs.py [--rows 20000] [--wds-rows 559] [--model dinov2] [--cold]
 
 1. A no-op rerun of extract on a finished store of ``--rows`` images: its wall time and the image
    files it opens (Python's audit hook counts every open()), against the first extraction.
@@ -54,7 +54,17 @@ def _write_images(root: Path, n: int) -> Path:
     return root / "pairs.jsonl"
 
 
-def bench_rerun(rows: int, tmp: Path) -> dict:
+def _drop_caches() -> bool:
+    """Empty the OS page cache (root on Linux), so reads come from the disk as on a first pass."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_rerun(rows: int, tmp: Path, cold: bool = False) -> dict:
     global OPENED
     from conftest import save_tiny_vit
 
@@ -71,23 +81,27 @@ def bench_rerun(rows: int, tmp: Path) -> dict:
     extract(cfg)
     first = time.perf_counter() - t
     OPENED = []
+    cold = cold and _drop_caches()
     t = time.perf_counter()
     [again] = extract(cfg)
     rerun, opened = time.perf_counter() - t, len(OPENED)
     OPENED = None
     split = load_dataset(str(pairs))["train"]
+    cold and _drop_caches()
     t = time.perf_counter()
     split.images.stamps()
     listing = time.perf_counter() - t
     t = time.perf_counter()
     dataset_identity(split, "image", None)
     identity = time.perf_counter() - t
+    cold and _drop_caches()
     t = time.perf_counter()
     split.digest("image")  # the content digest: every image's bytes hashed
     content = time.perf_counter() - t
-    out = {"rows": rows, "first_extract_s": first, "noop_rerun_s": rerun, "rerun_computed_rows": again.computed_rows,
+    out = {"rows": rows, "cold_page_cache": cold, "first_extract_s": first, "noop_rerun_s": rerun, "rerun_computed_rows": again.computed_rows,
            "rerun_images_opened": opened, "listing_s": listing, "listing_identity_s": listing + identity,
            "content_digest_s": content, "content_over_listing": content / (listing + identity)}
+    print(f"{'cold' if cold else 'warm'} page cache")
     print(f"no-op rerun on {rows} finished images: {rerun:.2f}s (first extraction {first:.1f}s), "
           f"{again.computed_rows} rows computed, {opened} image files opened")
     print(f"digest: listing + identity {listing + identity:.3f}s (stat {listing:.3f}s) | content hash of every "
@@ -146,6 +160,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000, help="images of the no-op rerun and digest benchmarks")
     ap.add_argument("--wds-rows", type=int, default=None, help="Tux Paint training images for wds (default all)")
     ap.add_argument("--model", default="dinov2", help="encoder of the wds benchmark")
+    ap.add_argument("--cold", action="store_true", help="drop the OS page cache before each timed read (root)")
     ap.add_argument("--only", nargs="*", choices=["rerun", "wds"], default=["rerun", "wds"])
     ap.add_argument("--out", type=Path, default=Path("bench-out/inputs.json"))
     args = ap.parse_args()
@@ -156,7 +171,7 @@ def main() -> None:
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with tempfile.TemporaryDirectory() as tmp:
         if "rerun" in args.only:
-            results["rerun"] = bench_rerun(args.rows, Path(tmp) / "rerun")
+            results["rerun"] = bench_rerun(args.rows, Path(tmp) / "rerun", args.cold)
         if "wds" in args.only:
             results["wds"] = bench_wds(args.model, args.wds_rows, Path(tmp) / "wds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
