@@ -68,9 +68,9 @@ def bench_rerun(rows: int, tmp: Path, cold: bool = False) -> dict:
     global OPENED
     from conftest import save_tiny_vit
 
-    from featcache.pipeline.catalog import load_dataset
-    from featcache.pipeline.extract import ExtractConfig, extract
-    from featcache.pipeline.provenance import dataset_identity
+    from featcache.pipeline.data.catalog import load_dataset
+    from featcache.pipeline.extract.provenance import dataset_identity
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     t = time.perf_counter()
     pairs = _write_images(tmp / "data", rows)
@@ -111,8 +111,8 @@ def bench_rerun(rows: int, tmp: Path, cold: bool = False) -> dict:
 
 def bench_wds(model: str, rows: int | None, tmp: Path, shard_rows: int = 100) -> dict:
     """Tux Paint's training images as loose files (a JSONL) and as wds shards of the same bytes."""
-    from featcache.pipeline.catalog import load_dataset
-    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.data.catalog import load_dataset
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     split = load_dataset("tuxpaint")["train"]
     n = min(rows or len(split.images), len(split.images))

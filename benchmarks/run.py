@@ -42,9 +42,10 @@ def timed(fn, repeat: int = 1) -> float:
 def bench_extraction(quick: bool) -> dict:
     """Extraction (decode, forward, pool, float16 zarr writes) against the bare forward pass."""
     from featcache.cache.store import FeatureStore
-    from featcache.pipeline.catalog import load_dataset
-    from featcache.pipeline.encoders import load_encoder
-    from featcache.pipeline.extract import ExtractConfig, _batches, extract
+    from featcache.pipeline.data.catalog import load_dataset
+    from featcache.pipeline.extract.loading import load_encoder
+    from featcache.pipeline.extract.run import ExtractConfig, extract
+    from featcache.pipeline.extract.run import chunk_batches as _batches
 
     n = 64 if quick else 256
     batch = 32
@@ -98,7 +99,7 @@ def bench_extraction(quick: bool) -> dict:
 
 def bench_layer_table(quick: bool) -> dict:
     """All-pairs mutual-kNN table (one kNN search per layer) against per-pair recomputation."""
-    from featcache.pipeline.layers import mutual_knn, rice_k, score_table
+    from featcache.pipeline.select.table import mutual_knn, rice_k, score_table
 
     n = 1000 if quick else 5000
     rng = np.random.default_rng(0)
@@ -120,7 +121,7 @@ def bench_layer_table(quick: bool) -> dict:
 def _loss_step(model, opt, xi, xt, rs) -> None:
     """One optimiser step of the CLIP loss, plus 10 x R_S through ``rs`` when given, on a fixed
     batch; it waits for the GPU, so a timer around it times the step."""
-    from featcache.pipeline.losses import clip_loss
+    from featcache.pipeline.common.losses import clip_loss
 
     zi, zt = model(xi, xt)
     loss = clip_loss(zi, zt, 0.05)
@@ -136,7 +137,7 @@ def _loss_step(model, opt, xi, xt, rs) -> None:
 def _step_fixture(batch: int):
     """A fixed batch of ``batch`` pairs of width 384 on DEVICE, linear heads 384 -> 512 with
     AdamW, and ``step(rs)``: one timed optimiser step (see _loss_step)."""
-    from featcache.pipeline.heads import AlignmentModel
+    from featcache.pipeline.train.heads import AlignmentModel
 
     torch.manual_seed(0)
     xi, xt = torch.randn(batch, 384, device=DEVICE), torch.randn(batch, 384, device=DEVICE)
@@ -150,14 +151,14 @@ def bench_train_step(quick: bool) -> dict:
     (fused, closed-form gradient, elementwise core compiled: ``--compile auto``), the same eager
     (``--compile off``), and the earlier form (autograd through log space, still the path of
     levels > 1)."""
-    from featcache.pipeline.losses import _multilevel, _walk, structure_regularizer
+    from featcache.pipeline.common.losses import multilevel, structure_regularizer, walk_log_probs
 
     b = 1024 if quick else 4096
     step = _step_fixture(b)
     forms = {
         "fused_compiled": lambda x, z, tau: structure_regularizer(x, z, tau, compiled=True),
         "fused_eager": structure_regularizer,
-        "autograd_log_space": lambda x, z, tau: _multilevel(_walk(x.detach(), tau), _walk(z, tau), 1, "none",
+        "autograd_log_space": lambda x, z, tau: multilevel(walk_log_probs(x.detach(), tau), walk_log_probs(z, tau), 1, "none",
                                                             "reference", 0.0),
     }
     t = time.perf_counter()
@@ -180,7 +181,10 @@ def bench_train_step(quick: bool) -> dict:
 
 def bench_sweep(quick: bool) -> dict:
     """The 12-cell grid (layers x loss x 3 seeds) from the cache, against one run."""
-    from featcache.pipeline.train import AlignConfig, load_cached, sweep, train
+    from featcache.pipeline.train.config import AlignConfig
+    from featcache.pipeline.train.loop import train
+    from featcache.pipeline.train.plan import load_cached
+    from featcache.pipeline.train.sweep import sweep
 
     epochs = 30 if quick else 200
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +204,10 @@ def bench_sweep(quick: bool) -> dict:
 
 def bench_retrieval(quick: bool) -> dict:
     """faiss retrieval recall at gallery 10k, 100k, 1M against a full-matrix sort."""
-    from featcache.pipeline.metrics import retrieval_recall, retrieval_recall_full
+    from featcache.pipeline.evaluate.metrics import (
+        retrieval_recall,
+        retrieval_recall_full,
+    )
 
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
     q_n = 500
@@ -297,7 +304,10 @@ def bench_scaling(quick: bool) -> dict:
 def bench_vectorized_sweep(quick: bool) -> dict:
     """Seeds x lambda grids on Tux Paint (12 and 96 cells, clip+structure, one layer pair) trained
     as stacked cells (vectorised sweep) and one by one, against one run of the same config."""
-    from featcache.pipeline.train import AlignConfig, load_cached, sweep, train
+    from featcache.pipeline.train.config import AlignConfig
+    from featcache.pipeline.train.loop import train
+    from featcache.pipeline.train.plan import load_cached
+    from featcache.pipeline.train.sweep import sweep
 
     epochs = SWEEP_EPOCHS or (2 if quick else 10)
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,7 +344,7 @@ def bench_vectorized_sweep(quick: bool) -> dict:
 def bench_structure_compile(quick: bool) -> dict:
     """A clip+structure step with R_S eager and through torch.compile, against a clip step
     (linear heads 384 -> 512; alternating, median of 3; compile time reported apart)."""
-    from featcache.pipeline.losses import maybe_compile, structure_regularizer
+    from featcache.pipeline.common.losses import maybe_compile, structure_regularizer
 
     b = 1024 if quick else 4096
     step = _step_fixture(b)
@@ -364,9 +374,9 @@ def bench_s3(quick: bool) -> dict:
     from moto.server import ThreadedMotoServer
 
     from featcache.cache.store import FeatureStore, find_stores
-    from featcache.pipeline.catalog import load_dataset
-    from featcache.pipeline.encoders import load_encoder
-    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.data.catalog import load_dataset
+    from featcache.pipeline.extract.loading import load_encoder
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     n, batch = (32 if quick else 128), 32
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -435,8 +445,8 @@ def _layered(n: int, width: int, layers: int, peak: int, seed: int) -> dict[str,
 def bench_layer_target(quick: bool) -> dict:
     """The layer-table target: 13 x 7 layers, width 384, n = 50k, exact search against exact
     neighbours of QUERIES random rows (every pair's score and the best pair compared)."""
-    from featcache.pipeline.alignment import prepare
-    from featcache.pipeline.layers import score_table
+    from featcache.pipeline.select.metrics import prepare
+    from featcache.pipeline.select.table import score_table
 
     n, queries = (10_000, 2_000) if quick else (LAYER_TARGET_N, LAYER_TARGET_QUERIES)
     img, txt = _layered(n, 384, 13, 9, 1), _layered(n, 384, 7, 4, 2)
@@ -455,7 +465,7 @@ def bench_layer_target(quick: bool) -> dict:
     diff = np.abs(np.asarray(sub.scores) - np.asarray(exact.scores))
     # one pair's overlap, the earlier k x k comparison against the sorted-key intersection
     a, b = prepare(img["block.09"], "mutual_knn", exact.k), prepare(txt["block.04"], "mutual_knn", exact.k)
-    from featcache.pipeline.alignment import mutual_knn_score
+    from featcache.pipeline.select.metrics import mutual_knn_score
     t_kk = timed(lambda: (a.nn[:, :, None] == b.nn[:, None, :]).any(-1).sum(-1).mean())
     t_keys = timed(lambda: mutual_knn_score(a, b))
     out = {"rows": n, "k": exact.k, "queries": queries, "exact_s": t_exact, "queries_s": t_sub,
@@ -509,7 +519,7 @@ def _child(task: dict) -> dict:
     t = time.perf_counter()
     kind = task["kind"]
     if kind == "table":
-        from featcache.pipeline.layers import LayerRows, score_table
+        from featcache.pipeline.select.table import LayerRows, score_table
 
         img, txt = FeatureStore.open(task["image"]), FeatureStore.open(task["text"])
         rows = np.sort(np.random.default_rng(0).permutation(img.rows)[:task["n"]])
@@ -518,8 +528,10 @@ def _child(task: dict) -> dict:
                             queries=task.get("queries"))
         extra = {"k": table.k, "best": table.best()}
     elif kind == "epoch":  # one epoch of the real trainer (train.train) on every row of the store
-        from featcache.pipeline.cached import PairedFeatures
-        from featcache.pipeline.train import AlignConfig, CachedData, train
+        from featcache.pipeline.features import PairedFeatures
+        from featcache.pipeline.train.config import AlignConfig
+        from featcache.pipeline.train.loop import train
+        from featcache.pipeline.train.plan import CachedData
 
         img, txt = FeatureStore.open(task["image"]), FeatureStore.open(task["text"])
         rows = np.arange(img.rows)
@@ -533,7 +545,7 @@ def _child(task: dict) -> dict:
         extra = {"epoch_s": summary["seconds"], "steps": summary["steps"],
                  "features_bytes": 2 * img.rows * img.width * np.dtype(img.attrs["dtype"]).itemsize}
     elif kind == "eval":
-        from featcache.pipeline.metrics import retrieval_ranks
+        from featcache.pipeline.evaluate.metrics import retrieval_ranks
 
         img, txt = FeatureStore.open(task["image"]), FeatureStore.open(task["text"])
         xi, xt = img.read(img.layers[-1]), txt.read(txt.layers[-1])
@@ -548,7 +560,7 @@ def _child(task: dict) -> dict:
         extra = {"read_s": t_read, "retrieval_s": time.perf_counter() - t0, "queries": len(xt), "gallery": len(xi),
                  "t2i_r1": float((r_t2i < 1).mean()), "i2t_r1": float((r_i2t < 1).mean())}
     elif kind == "gallery":  # retrieval memory: 500 queries against a gallery made here
-        from featcache.pipeline.metrics import retrieval_ranks
+        from featcache.pipeline.evaluate.metrics import retrieval_ranks
 
         rng = np.random.default_rng(0)
         gallery = rng.standard_normal((task["n"], 512), dtype=np.float32)

@@ -4,12 +4,16 @@ epoch, next to two sequential runs of the same cells (the device's own run-to-ru
 
     python benchmarks/stacked_drift.py [cuda|cpu]      # from the repository root
 """
-import json, sys, tempfile
+import json
+import sys
+import tempfile
 from pathlib import Path
+
 sys.path.insert(0, "tests")
-import torch
 from conftest import build_tiny_cache
-from featcache.pipeline.train import AlignConfig, sweep
+
+from featcache.pipeline.train.config import AlignConfig
+from featcache.pipeline.train.sweep import sweep
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 root = Path(tempfile.mkdtemp())

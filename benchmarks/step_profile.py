@@ -5,13 +5,18 @@ transposed add and one, and TF32 matrix products (CUDA only).
 
     python benchmarks/step_profile.py [DEVICE BATCH]    # default: cuda 4096
 """
-import sys, time, warnings
+import sys
+import time
+import warnings
+
 sys.path.insert(0, "benchmarks")
 warnings.filterwarnings("ignore")
-import numpy as np, torch
+import numpy as np
 import run as bench
-from featcache.pipeline import losses
-from featcache.pipeline.losses import structure_regularizer
+import torch
+
+from featcache.pipeline.common import losses
+from featcache.pipeline.common.losses import structure_regularizer
 
 dev, b = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else ("cuda", 4096)
 bench.DEVICE = dev
@@ -19,7 +24,8 @@ step = bench._step_fixture(b)  # the train_step benchmark's batch, heads and opt
 rs = lambda x, z, tau: structure_regularizer(x, z, tau, compiled=True)
 for _ in range(3):
     step(None); step(rs)
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
 for name, f in (("clip", None), ("clip+structure", rs)):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(5):

@@ -10,10 +10,10 @@ Any difference is a one-line error naming the field; a missing store names the e
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 
 import featcache.cache.location as loc
+from featcache.cache.commands import extract_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.naming import safe_component, split_dir, split_label
@@ -41,13 +41,9 @@ class StoreQuery:
 
     def extract_command(self, cache_dir: Location | None = None) -> str:
         limited = re.fullmatch(r"(.*)-sample(\d+)", self.split)
-        split, sample = limited.groups() if limited else (self.split, "")
-        q = lambda value: shlex.quote(str(value))  # noqa: E731 - a wds:{0..9} pattern must survive the shell
-        cmd = f"featcache extract --model {q(self.encoder)} --layers all --dataset {q(self.source or self.dataset)}"
-        cmd += f" --split {q(split)}" + (f" --limit {sample}" if sample else "")
-        cmd += f" --pooling {q(self.pooling)}" if self.pooling else ""
-        cmd += f" --image-size {self.image_size}" if self.image_size else ""
-        return cmd + (f" --cache-dir {q(cache_dir)}" if cache_dir is not None else "")
+        split, sample = limited.groups() if limited else (self.split, None)
+        return extract_command(self.encoder, self.source or self.dataset, split, limit=sample, pooling=self.pooling,
+                               image_size=self.image_size or None, cache_dir=cache_dir)
 
 
 def _names(store: FeatureStore) -> set[str]:

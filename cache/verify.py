@@ -16,10 +16,18 @@ import numpy as np
 import zarr
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.locks import all_writers_locked
 from featcache.cache.location import Location
-from featcache.cache.store import (ARRAY_OPTIONS, WRITE_EVERY_CHUNK, FORMAT_VERSION, CorruptArray, CorruptChunk,
-                                   FeatureStore, rebuild_command, rows_seal)
+from featcache.cache.locks import all_writers_locked
+from featcache.cache.store import (
+    ARRAY_OPTIONS,
+    FORMAT_VERSION,
+    WRITE_EVERY_CHUNK,
+    CorruptArray,
+    CorruptChunk,
+    FeatureStore,
+    rebuild_command,
+    rows_seal,
+)
 
 
 @dataclass(frozen=True)

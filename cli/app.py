@@ -35,7 +35,7 @@ def _setup(storage_option: list[str] = typer.Option(
     except FeatcacheError as err:
         _error(f"{err.message} ({err.hint})")
 
-    from featcache.pipeline.runs import BrokenRunWarning
+    from featcache.pipeline.train.runs import BrokenRunWarning
 
     warnings.simplefilter("always", BrokenRunWarning)
     default_show = warnings.showwarning
@@ -106,8 +106,14 @@ def _error(line: str) -> None:
 
 
 def progress_bar():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     class Rate(TextColumn):
         def __init__(self):

@@ -8,8 +8,19 @@ from typing import Optional
 import typer
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, eval_app, friendly,
-                               parse_list, progress_bar, runs_dir_or_default, score_table_view)
+from featcache.cli.app import (
+    CacheDir,
+    RunsDir,
+    app,
+    cache_dir_or_default,
+    console,
+    eval_app,
+    friendly,
+    parse_list,
+    progress_bar,
+    runs_dir_or_default,
+    score_table_view,
+)
 
 
 def _print_eval(result: dict) -> None:
@@ -51,7 +62,7 @@ def eval_retrieval_cmd(
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
-    from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
+    from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 
     _print_eval(eval_retrieval(RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives,
                                                baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
@@ -75,7 +86,7 @@ def eval_classify_cmd(
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
     from featcache.cache.lookup import StoreNotFound
-    from featcache.pipeline.evaluate import ClassifyConfig, eval_classify
+    from featcache.pipeline.evaluate.classify import ClassifyConfig, eval_classify
 
     cfg = ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
                          classnames=classnames, baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
@@ -83,8 +94,8 @@ def eval_classify_cmd(
     try:
         result = eval_classify(cfg)
     except StoreNotFound as err:
-        from featcache.pipeline.cached import dataset_key
-        from featcache.pipeline.evaluate import classify_spec
+        from featcache.pipeline.common.names import dataset_key
+        from featcache.pipeline.evaluate.classify import classify_spec
 
         if err.query.dataset != dataset_key(classify_spec(cfg)):
             raise  # the run's own training cache is missing: --extract of this set cannot help
@@ -97,9 +108,9 @@ def eval_classify_cmd(
 
 def _extract_for_run(cfg) -> None:
     """Stage one for a classification set, with the run's encoders and options (eval classify --extract)."""
-    from featcache.pipeline.evaluate import classify_spec
-    from featcache.pipeline.extract import ExtractConfig, extract
-    from featcache.pipeline.runs import find_run, read_json
+    from featcache.pipeline.evaluate.classify import classify_spec
+    from featcache.pipeline.extract.run import ExtractConfig, extract
+    from featcache.pipeline.train.runs import find_run, read_json
 
     run_cfg = read_json(find_run(cfg.runs_dir, cfg.run) / "config.json")
     sides = ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size")),
@@ -126,7 +137,12 @@ def report(
     from rich.table import Table
 
     from featcache.pipeline.app.plots import metric_bars
-    from featcache.pipeline.app.report import build_report, layer_pair_rows, run_rows, write_outputs
+    from featcache.pipeline.app.report import (
+        build_report,
+        layer_pair_rows,
+        run_rows,
+        write_outputs,
+    )
 
     filters = {}
     for item in where or []:
@@ -164,7 +180,8 @@ def demo(
     cache_dir: Optional[str] = CacheDir,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
-    from featcache.pipeline.app.demo import DemoConfig, quick as quick_config, run_demo, with_openmoji
+    from featcache.pipeline.app.demo import DemoConfig, run_demo, with_openmoji
+    from featcache.pipeline.app.demo import quick as quick_config
 
     if dataset not in ("tuxpaint", "tuxpaint+openmoji"):
         raise FeatcacheError(f"the demo trains on tuxpaint or tuxpaint+openmoji, not {dataset!r}",
@@ -228,7 +245,14 @@ def study(
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
-    from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
+    from featcache.pipeline.app.study import (
+        StudyConfig,
+        recipe,
+        run_study,
+        scaling_markdown,
+        to_markdown,
+        variant_set,
+    )
 
     sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
     if variants is not None and layers is not None:

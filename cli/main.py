@@ -6,12 +6,13 @@ The commands live by stage; importing them registers them on the shared typer ap
 
 import sys
 
-from featcache.cli.app import app
-
 # Importing registers the commands; the order here is the order of `featcache --help`.
-from featcache.cli import stage_one  # noqa: E402,F401,I001
-from featcache.cli import stage_two  # noqa: E402,F401
-from featcache.cli import evaluation  # noqa: E402,F401
+from featcache.cli import (
+    evaluation,  # noqa: E402,F401
+    stage_one,  # noqa: E402,F401,I001
+    stage_two,  # noqa: E402,F401
+)
+from featcache.cli.app import app
 
 __all__ = ["app"]
 

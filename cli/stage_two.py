@@ -8,12 +8,22 @@ from typing import Optional
 
 import typer
 
-from featcache.cli.app import (CacheDir, RunsDir, app, cache_dir_or_default, console, friendly, parse_list,
-                               progress_bar, runs_dir_or_default, score_table_view)
+from featcache.cli.app import (
+    CacheDir,
+    RunsDir,
+    app,
+    cache_dir_or_default,
+    console,
+    friendly,
+    parse_list,
+    progress_bar,
+    runs_dir_or_default,
+    score_table_view,
+)
 
 
 def _align_config(image_model, text_model, dataset, cache_dir, runs_dir, **kw):
-    from featcache.pipeline.train import AlignConfig, SelectConfig
+    from featcache.pipeline.train.config import AlignConfig, SelectConfig
 
     select = SelectConfig(**{k[len("select_"):]: kw.pop(k) for k in list(kw) if k.startswith("select_")})
     return AlignConfig(image_model=image_model, text_model=text_model, dataset=dataset,
@@ -72,9 +82,10 @@ def layers(
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
     from featcache.pipeline.app.plots import layer_heatmap
-    from featcache.pipeline.runs import write_json
-    from featcache.pipeline.train import CachedData, SelectConfig, select_layers
-    from featcache.pipeline.cached import Side, open_pairs
+    from featcache.pipeline.features import Side, open_pairs
+    from featcache.pipeline.train.config import SelectConfig
+    from featcache.pipeline.train.plan import CachedData, select_layers
+    from featcache.pipeline.train.runs import write_json
 
     root = cache_dir_or_default(cache_dir)
     pairs = open_pairs(root, dataset, split, Side(image_model), Side(text_model))
@@ -136,8 +147,8 @@ def align(
     runs_dir: Optional[Path] = RunsDir,
 ):
     """Train alignment heads (or fit a training-free method) on the cached features; write a run record."""
-    from featcache.pipeline.runs import read_json
-    from featcache.pipeline.train import train
+    from featcache.pipeline.train.loop import train
+    from featcache.pipeline.train.runs import read_json
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, layers=layers, loss=loss,
                         levels=levels, weighting=weighting, divergence=divergence, lam=lam,
@@ -201,7 +212,7 @@ def sweep(
     """Train one run per grid cell from the cache alone (no encoder is loaded)."""
     import time
 
-    from featcache.pipeline.train import sweep as run_sweep
+    from featcache.pipeline.train.sweep import sweep as run_sweep
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels,
@@ -218,7 +229,7 @@ def sweep(
                          parse_list(pairs, int) if pairs else None, progress, grid, shard, vectorize)
     console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
     if runs:
-        from featcache.pipeline.runs import read_json
+        from featcache.pipeline.train.runs import read_json
 
         _print_choices(read_json(runs[0] / "config.json"), layers=False)
     _print_runs(runs)
@@ -247,7 +258,7 @@ def _print_choices(config: dict, layers: bool = True) -> None:
 def _print_runs(runs):
     from rich.table import Table
 
-    from featcache.pipeline.runs import read_json
+    from featcache.pipeline.train.runs import read_json
 
     table = Table()
     for col in ("run", "data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
@@ -267,7 +278,7 @@ def _print_runs(runs):
 def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="Show the N most recent."),
          clean: bool = typer.Option(False, help="Remove the .partial-* folders of runs that were killed.")):
     """List runs with their key config and best validation loss."""
-    from featcache.pipeline.runs import list_runs, partial_runs
+    from featcache.pipeline.train.runs import list_runs, partial_runs
 
     if clean:
         import shutil

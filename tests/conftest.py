@@ -80,7 +80,7 @@ def store_arrays(path) -> dict[str, bytes]:
 
 def build_tiny_cache(root: Path, n: int) -> dict:
     """A pair set of n rows with both tiny encoders extracted: the input of stage-two tests."""
-    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     pairs = make_pairs(root / "data", n=n)
     vit, bert = save_tiny_vit(root / "vit"), save_tiny_bert(root / "bert")
@@ -131,7 +131,7 @@ def align_then_eval_with_tracker(tiny_cache: dict, tmp_path: Path, log: str) -> 
     from typer.testing import CliRunner
 
     from featcache.cli.main import app
-    from featcache.pipeline.runs import find_run
+    from featcache.pipeline.train.runs import find_run
 
     runner = CliRunner()
     common = ["--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"], "--dataset",

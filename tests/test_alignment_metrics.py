@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
-from featcache.pipeline.alignment import METRICS, alignment_score, k_for
-from featcache.pipeline.layers import score_table
 from test_losses import ref_structure
+
+from featcache.pipeline.select.metrics import METRICS, alignment_score, k_for
+from featcache.pipeline.select.table import score_table
 
 
 def pair(seed, n=60, d=12):

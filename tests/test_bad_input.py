@@ -7,14 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import build_tiny_cache
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import build_tiny_cache, make_pairs
 from featcache.cli.main import app
-from featcache.pipeline.catalog import load_dataset
-from featcache.pipeline.datasets import decode_image
-from featcache.pipeline.runs import read_json
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.data.decode import decode_image
 
 runner = CliRunner()
 
@@ -237,7 +236,7 @@ def test_broken_run_directories_are_skipped_with_a_warning(tiny, tmp_path):
     (bad / "summary.json").write_text("{garbage")
     out = invoke("runs", "--runs-dir", runs)
     assert out.exit_code == 0 and "warning: skipping the run" in out.output
-    from featcache.pipeline.runs import BrokenRunWarning, list_runs
+    from featcache.pipeline.train.runs import BrokenRunWarning, list_runs
 
     with pytest.warns(BrokenRunWarning, match="summary.json cannot be read"):
         assert list_runs(runs) == [good]
@@ -268,7 +267,7 @@ def test_export_refuses_dirs_missing_parents_the_store_and_existing_files(tiny, 
 
 
 def test_interrupted_align_does_not_talk_about_chunks(tiny, tmp_path, monkeypatch):
-    import featcache.pipeline.train as train
+    import featcache.pipeline.train.loop as train
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt

@@ -5,22 +5,20 @@ disk) would: same file names, flipped bytes, deleted chunks, hostile names, live
 """
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_pairs, store_arrays
 from typer.testing import CliRunner
 
-from conftest import make_pairs, store_arrays
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import safe_component
 from featcache.cache.store import CorruptChunk, FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.runs import find_run, read_json
+from featcache.pipeline.train.runs import find_run, read_json
 
 runner = CliRunner()
 
@@ -233,9 +231,9 @@ def test_a_format_2_store_is_sealed_in_place_after_its_checksums(tiny_vit, tmp_p
 def test_a_killed_reseal_is_finished_by_the_next_with_no_flag_lost(tiny_vit, tmp_path, monkeypatch):
     """A reseal killed while computing seals, or while replacing the done flags, loses nothing:
     the journal carries the seals over, and the next reseal seals every finished chunk."""
-    from featcache.cache import verify as verify_module
-
     import shutil
+
+    from featcache.cache import verify as verify_module
 
     pairs, cache = make_pairs(tmp_path / "data", n=40), tmp_path / "cache"
     extract(tiny_vit, pairs, cache, "--split", "train", "--chunk-rows", 8)
@@ -610,7 +608,7 @@ def test_reference_baseline_fits_the_runs_own_training_pairs(tiny_vit, tiny_bert
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     for model in (tiny_vit, tiny_bert):
         extract(model, pairs, cache)
-    from featcache.pipeline.evaluate import training_pairs
+    from featcache.pipeline.evaluate.reference import training_pairs
 
     for n in ("4", None):
         extra = ("--pairs", n) if n else ()
@@ -648,7 +646,7 @@ def extract_raw(model, dataset, cache, *extra):
 def test_a_user_data_set_name_follows_its_content(tmp_path):
     import os
 
-    from featcache.pipeline.catalog import canonical_name
+    from featcache.pipeline.common.names import canonical_name
 
     path = make_pairs(tmp_path / "d", n=6)
     first = canonical_name(str(path))

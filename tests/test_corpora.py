@@ -16,9 +16,10 @@ import pytest
 from conftest import make_pairs
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline import corpora
-from featcache.pipeline.catalog import canonical_name, is_combined, load_dataset
-from featcache.pipeline.datasets import BadImage, hash_split
+from featcache.pipeline.common import listing
+from featcache.pipeline.common.names import canonical_name, hash_split, is_combined
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.data.rows import BadImage
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -87,17 +88,17 @@ def all_rows(splits) -> dict[str, tuple[str, int]]:
 
 # -- spec grammar -----------------------------------------------------------------------------
 def test_spec_grammar():
-    assert corpora.split_spec("s3://bucket/x.tar") is None
-    assert corpora.split_spec("wds:s3://bucket/x-{0..9}.tar") == ("wds", "s3://bucket/x-{0..9}.tar", {})
-    assert corpora.split_spec("hfds:/data/coco:image_column=img,text_column=caption") == \
+    assert listing.split_spec("s3://bucket/x.tar") is None
+    assert listing.split_spec("wds:s3://bucket/x-{0..9}.tar") == ("wds", "s3://bucket/x-{0..9}.tar", {})
+    assert listing.split_spec("hfds:/data/coco:image_column=img,text_column=caption") == \
         ("hfds", "/data/coco", {"image_column": "img", "text_column": "caption"})
-    assert corpora.split_spec("wds:/d/{0..3}.tar:salt=1") == ("wds", "/d/{0..3}.tar", {"salt": "1"})
-    assert corpora.split_spec("wds:/d/{0..3}.tar:salt=1:salt=2")[2] == {"salt": "2"}  # appended options win
-    assert corpora.split_spec("wds:/d/a=b/{0..3}.tar")[1] == "/d/a=b/{0..3}.tar"
+    assert listing.split_spec("wds:/d/{0..3}.tar:salt=1") == ("wds", "/d/{0..3}.tar", {"salt": "1"})
+    assert listing.split_spec("wds:/d/{0..3}.tar:salt=1:salt=2")[2] == {"salt": "2"}  # appended options win
+    assert listing.split_spec("wds:/d/a=b/{0..3}.tar")[1] == "/d/a=b/{0..3}.tar"
     assert not is_combined("wds:/d/a+b-{0..3}.tar") and not is_combined("hfds:/d/x+y")
     assert is_combined("tuxpaint+openmoji")
     with pytest.raises(FeatcacheError, match="names no data"):
-        corpora.split_spec("wds::salt=1")
+        listing.split_spec("wds::salt=1")
 
 
 # -- wds --------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def _assert_same_features(jsonl_results, corpus_results, id_of: dict[str, str]) 
 
 
 def test_extract_wds_matches_jsonl(tmp_path, tiny_vit):
-    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     rows = pair_rows(tmp_path / "imgs")
     pattern = shards_of(rows, tmp_path / "shards", split_in_json=True)
@@ -486,14 +487,14 @@ def test_extract_wds_matches_jsonl(tmp_path, tiny_vit):
     assert all(r.missing_rows == 0 for r in results)
     _assert_same_features(reference, results, {r["image"]: r["stem"] for r in rows})
     # stage two finds the stores by the same spec
-    from featcache.pipeline.cached import Side, open_store
+    from featcache.pipeline.features import Side, open_store
 
     store = open_store(tmp_path / "cache", f"wds:{pattern}", "train", Side(f"hf:{tiny_vit}"))
     assert store.ids == [r["stem"] for r in rows if r["split"] == "train"]
 
 
 def test_extract_hfds_matches_jsonl(tmp_path, tiny_vit):
-    from featcache.pipeline.extract import ExtractConfig, extract
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     rows = pair_rows(tmp_path / "imgs")
     folder = tmp_path / "hf"

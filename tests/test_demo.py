@@ -5,9 +5,15 @@ from io import StringIO
 from rich.console import Console
 
 from featcache.cli.evaluation import table_view
-from featcache.pipeline.app.demo import DemoConfig, demo_metrics, quick, split_limit, task_views
+from featcache.pipeline.app.demo import (
+    DemoConfig,
+    demo_metrics,
+    quick,
+    split_limit,
+    task_views,
+)
 from featcache.pipeline.app.report import build_report
-from featcache.pipeline.results import Column
+from featcache.pipeline.evaluate.results import Column
 
 SETS = ("tuxpaint", "openmoji", "tuxpaint+openmoji")
 

@@ -1,13 +1,13 @@
 """Evaluation and reports on caches of tiny random encoders."""
 
 import pytest
+from conftest import build_tiny_cache, make_pairs, save_tiny_bert, save_tiny_vit
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import build_tiny_cache, make_pairs, save_tiny_bert, save_tiny_vit
 from featcache.cli.main import app
-from featcache.pipeline.catalog import canonical_name
-from featcache.pipeline.runs import find_run, read_json
+from featcache.pipeline.common.names import canonical_name
+from featcache.pipeline.train.runs import find_run, read_json
 
 runner = CliRunner()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-
 import os
 import signal
 import subprocess
@@ -15,16 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_pairs, save_tiny_vit, store_arrays
 from typer.testing import CliRunner
 
-from conftest import make_pairs, save_tiny_vit, store_arrays
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.catalog import load_dataset
-from featcache.pipeline.encoders import load_encoder
-from featcache.pipeline.provenance import dataset_identity
-from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.extract.loading import load_encoder
+from featcache.pipeline.extract.provenance import dataset_identity
+from featcache.pipeline.extract.run import ExtractConfig, extract
 
 runner = CliRunner()
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from featcache.pipeline.layers import knn, linear_cka, mutual_knn, rice_k, score_table
+from featcache.pipeline.select.metrics import knn, linear_cka
+from featcache.pipeline.select.table import mutual_knn, rice_k, score_table
 
 
 def brute_mutual_knn(a, b, k):

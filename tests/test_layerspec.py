@@ -1,7 +1,7 @@
 import pytest
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.layerspec import resolve_layers
+from featcache.pipeline.common.layerspec import resolve_layers
 
 
 def test_all_is_embedding_plus_every_block():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.pipeline.losses import clip_loss, lambda_at, structure_regularizer
+from featcache.pipeline.common.losses import clip_loss, lambda_at, structure_regularizer
 
 
 def ref_clip(u, v, tau):
@@ -142,7 +142,7 @@ def test_standard_centering_survives_a_constant_dimension(center_first):
 
 
 def test_compile_falls_back_to_eager_when_unavailable(monkeypatch):
-    from featcache.pipeline.losses import maybe_compile
+    from featcache.pipeline.common.losses import maybe_compile
 
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
@@ -162,7 +162,7 @@ def test_compiled_structure_equals_eager_forward_and_backward(levels):
     """torch.compile of the whole R_S (``--compile on``) keeps its value and gradient."""
     import warnings
 
-    from featcache.pipeline.losses import maybe_compile
+    from featcache.pipeline.common.losses import maybe_compile
 
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.normal(size=(24, 12)), dtype=torch.float32)
@@ -211,7 +211,7 @@ def test_closed_form_gradient_equals_autograd(switches, compiled, device):
     """The default R_S's gradient is written out by hand (losses._CosineStructure, eager or with
     its core compiled): value and gradient must equal autograd's through the log-space form that
     levels > 1 still use."""
-    from featcache.pipeline.losses import _multilevel, _walk
+    from featcache.pipeline.common.losses import multilevel, walk_log_probs
 
     torch.manual_seed(1)
     x, z0 = torch.randn(48, 12, device=device), torch.randn(48, 6, device=device)
@@ -222,7 +222,7 @@ def test_closed_form_gradient_equals_autograd(switches, compiled, device):
         if fused:
             v = structure_regularizer(x, z, 0.07, compiled=compiled, **switches)
         else:
-            v = _multilevel(_walk(x, 0.07, **walk), _walk(z, 0.07, **walk), 1, "none", "reference",
+            v = multilevel(walk_log_probs(x, 0.07, **walk), walk_log_probs(z, 0.07, **walk), 1, "none", "reference",
                             switches.get("margin", 0.0))
         v.backward()
         grads.append((v.item(), z.grad))
@@ -244,7 +244,7 @@ def test_closed_form_gradient_under_vmap_equals_each_cell():
 
 
 def test_core_compiles_only_where_it_pays():
-    from featcache.pipeline.losses import core_compiled
+    from featcache.pipeline.common.losses import core_compiled
 
     assert core_compiled("auto", 4096) and not core_compiled("auto", 559)
     assert not core_compiled("off", 4096) and not core_compiled("on", 4096)  # on: the whole R_S instead

@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from featcache.pipeline.metrics import (class_embeddings, retrieval_recall, retrieval_recall_full, zero_shot)
-from featcache.pipeline.evaluate import retrieval_sets
+from featcache.pipeline.evaluate.metrics import (
+    class_embeddings,
+    retrieval_recall,
+    retrieval_recall_full,
+    zero_shot,
+)
+from featcache.pipeline.evaluate.retrieval import retrieval_sets
 
 
 def brute_recall(q, g, positives, ks):

@@ -3,9 +3,9 @@
 import re
 from pathlib import Path
 
+from conftest import make_pairs
 from typer.testing import CliRunner
 
-from conftest import make_pairs
 from featcache.cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import WORDS, make_pairs
 from typer.testing import CliRunner
 
-from conftest import WORDS, make_pairs
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore
 from featcache.cli.main import app
-from featcache.pipeline.encoders import load_encoder
-from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.extract.loading import load_encoder
+from featcache.pipeline.extract.run import ExtractConfig, extract
 
 runner = CliRunner()
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -157,7 +157,7 @@ def test_vit_preprocessing_comes_from_its_processor(tmp_path):
     # the stored CLS features are the model's own at 64 px (position embeddings interpolated)
     from transformers import ViTImageProcessor, ViTModel
 
-    from featcache.pipeline.catalog import load_dataset
+    from featcache.pipeline.data.catalog import load_dataset
 
     images = load_dataset(str(pairs))["train"].images
     pil = [images.load(i) for i in range(len(images))]
@@ -189,7 +189,7 @@ def test_clip_and_siglip_vision_towers(tmp_path, family):
     # CLIP's post_layernorm normalises the pooled token only: it is not a layer of every token
     assert enc.has_final == (family == "siglip-vision")
     assert store.identity["encoder"]["pooling"] == ("cls" if family == "clip-vision" else "mean")
-    from featcache.pipeline.catalog import load_dataset
+    from featcache.pipeline.data.catalog import load_dataset
 
     images = load_dataset(str(pairs))["train"].images
     x = enc.prepare_images([images.load(i) for i in range(len(images))])

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_pairs, store_arrays
 from typer.testing import CliRunner
 
-from conftest import make_pairs, store_arrays
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore
 from featcache.cli.main import app
-from featcache.pipeline import provenance
-from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.extract import provenance
+from featcache.pipeline.extract.run import ExtractConfig, extract
 
 runner = CliRunner()
 _OPENED: list[str] | None = None

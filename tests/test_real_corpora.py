@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import requires_real
 
 pytestmark = pytest.mark.real
@@ -30,7 +29,7 @@ def featcache(*args, env):
 
 def tuxpaint_rows() -> list[dict]:
     """A fixed part of each Tux Paint split, PNG and SVG stamps alike, with their captions."""
-    from featcache.pipeline.catalog import load_dataset
+    from featcache.pipeline.data.catalog import load_dataset
 
     rows = []
     for name, split in load_dataset("tuxpaint").items():
@@ -94,7 +93,7 @@ def stored(cache: Path, dataset_name: str, split: str, model: str) -> dict[str, 
 
 @requires_real
 def test_tuxpaint_as_wds_and_hfds_runs_the_loop_with_the_features_of_loose_files(tmp_path):
-    from featcache.pipeline.catalog import canonical_name
+    from featcache.pipeline.common.names import canonical_name
 
     rows = tuxpaint_rows()
     assert any(r["suffix"] == ".svg" for r in rows) and any(r["suffix"] == ".png" for r in rows)

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import requires_real
+
 from featcache.cache.store import FeatureStore
-from featcache.pipeline.catalog import load_dataset
-from featcache.pipeline.encoders import load_encoder
-from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.extract.loading import load_encoder
+from featcache.pipeline.extract.run import ExtractConfig, extract
 
 pytestmark = pytest.mark.real  # deselect with -m 'not real'
 

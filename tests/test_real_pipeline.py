@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import requires_real
 
 pytestmark = pytest.mark.real  # deselect with -m 'not real'
@@ -45,7 +44,7 @@ def test_extract_layers_align_eval_as_written(tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["image_model"], cfg["text_model"], cfg["dataset"], cfg["loss"], cfg["head"]) == (
         "dinov2", "minilm", "tuxpaint", "clip+structure", "linear")
-    from featcache.pipeline.layers import ScoreTable
+    from featcache.pipeline.select.table import ScoreTable
 
     table = ScoreTable(**json.loads((run / "layer_scores.json").read_text()))
     assert (cfg["image_layer"], cfg["text_layer"]) == table.best()

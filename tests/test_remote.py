@@ -1,12 +1,12 @@
 """Stores behind fsspec URLs: memory:// (an fsspec filesystem) and file:// (read as a local path)."""
 
 import numpy as np
+from conftest import make_pairs
 from typer.testing import CliRunner
 
-from conftest import make_pairs
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.runs import find_run, read_json
+from featcache.pipeline.train.runs import find_run, read_json
 
 runner = CliRunner()
 

@@ -17,14 +17,14 @@ import time
 import uuid
 
 import pytest
+from conftest import make_pairs, requires_real, store_arrays
 from typer.testing import CliRunner
 
-from conftest import make_pairs, requires_real, store_arrays
 from featcache.cache import leases
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.pipeline.runs import find_run, read_json
+from featcache.pipeline.train.runs import find_run, read_json
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

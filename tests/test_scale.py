@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_pairs, store_arrays
 from typer.testing import CliRunner
 
-from conftest import make_pairs, store_arrays
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.locks import file_lock
 from featcache.cache.store import FeatureStore, find_stores
 from featcache.cli.main import app
-from featcache.cache.locks import file_lock
 
 runner = CliRunner()
 

@@ -8,9 +8,16 @@ import pytest
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import CorruptChunk, FeatureStore
-from featcache.pipeline import faiss_device
-from featcache.pipeline.alignment import Layer, edge_keys, knn, mutual_knn_score, prepare
-from featcache.pipeline.layers import read_rows, score_table
+from featcache.pipeline.common import device as faiss_device
+from featcache.pipeline.features import read_rows
+from featcache.pipeline.select.metrics import (
+    Layer,
+    edge_keys,
+    knn,
+    mutual_knn_score,
+    prepare,
+)
+from featcache.pipeline.select.table import score_table
 
 
 def brute_neighbours(x, k):
@@ -143,7 +150,10 @@ def test_cpu_is_the_fallback_and_can_be_forced(fake_gpu, monkeypatch):
 
 @pytest.mark.parametrize("block", [7, 64, 1 << 16])
 def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
-    from featcache.pipeline.metrics import retrieval_ranks, retrieval_recall_full
+    from featcache.pipeline.evaluate.metrics import (
+        retrieval_ranks,
+        retrieval_recall_full,
+    )
 
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(150, 16)).astype(np.float32)
@@ -161,7 +171,7 @@ def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
 def test_require_finite_checks_every_block_of_a_float16_table():
     """Finiteness is checked block by block (no n x d float32 copy); a NaN in a late block counts."""
     from featcache.cache.errors import FeatcacheError
-    from featcache.pipeline.cached import require_finite
+    from featcache.pipeline.common.arrays import require_finite
 
     class Store:
         path = "s.zarr"

@@ -5,7 +5,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from featcache.pipeline.app.study import CONFIGS, StudyConfig, recipe, summarise, to_markdown
+from featcache.pipeline.app.study import (
+    CONFIGS,
+    StudyConfig,
+    recipe,
+    summarise,
+    to_markdown,
+)
 
 
 def _ranks(p_hit: float, rng, n=40):
@@ -29,7 +35,7 @@ def test_paired_bootstrap_intervals():
 
 
 def test_subsets_are_nested_across_sizes():
-    from featcache.pipeline.cached import subsample
+    from featcache.pipeline.common.arrays import subsample
 
     for seed in (0, 1, 7):
         small, large = set(subsample(500, 50, seed)), set(subsample(500, 100, seed))
@@ -59,6 +65,7 @@ def test_scaling_summary_gain_shrinks_and_intervals_cover_the_truth():
 
 def test_scaling_study_end_to_end_on_a_tiny_cache(tmp_path):
     from conftest import build_tiny_cache
+
     from featcache.pipeline.app.study import run_study
 
     tiny = build_tiny_cache(tmp_path, n=72)
@@ -73,7 +80,13 @@ def test_scaling_study_end_to_end_on_a_tiny_cache(tmp_path):
 
 
 def test_ablation_rows_compare_against_the_full_recipe():
-    from featcache.pipeline.app.study import FULL, METHODS, SWITCHES, comparisons_for, variant_set
+    from featcache.pipeline.app.study import (
+        FULL,
+        METHODS,
+        SWITCHES,
+        comparisons_for,
+        variant_set,
+    )
 
     rows = variant_set(["methods", "switches"])
     names = [v.name for v in rows]
@@ -89,9 +102,10 @@ def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path, monkeypatc
     """Training-free rows stand for every seed; a switch row trains with its switch recorded;
     a complete cache is read without loading an encoder (extract is never called)."""
     from conftest import build_tiny_cache
+
     from featcache.pipeline.app import study
     from featcache.pipeline.app.study import Variant, run_study
-    from featcache.pipeline.runs import list_runs, read_json
+    from featcache.pipeline.train.runs import list_runs, read_json
 
     tiny = build_tiny_cache(tmp_path, n=72)
 
@@ -120,10 +134,10 @@ def test_method_and_switch_study_end_to_end_on_a_tiny_cache(tmp_path, monkeypatc
 
 
 def test_a_salt_redraws_every_part_of_a_combined_data_set():
-    from featcache.pipeline.app.study import _spec
+    from featcache.pipeline.app.study import salted_spec
 
-    assert _spec("tuxpaint+openmoji", "1") == "tuxpaint:salt=1+openmoji:salt=1"
-    assert _spec("tuxpaint", "2") == "tuxpaint:salt=2" and _spec("tuxpaint+openmoji", "") == "tuxpaint+openmoji"
+    assert salted_spec("tuxpaint+openmoji", "1") == "tuxpaint:salt=1+openmoji:salt=1"
+    assert salted_spec("tuxpaint", "2") == "tuxpaint:salt=2" and salted_spec("tuxpaint+openmoji", "") == "tuxpaint+openmoji"
 
 
 def test_studies_run_apart_merge_into_the_same_summary(tmp_path):
@@ -161,7 +175,8 @@ def test_studies_run_apart_merge_into_the_same_summary(tmp_path):
 
 def test_a_training_free_method_on_a_pair_subset_fits_each_seed():
     """With --pairs the seed draws the training subset, so a deterministic method is not one fit."""
-    from featcache.pipeline.train import AlignConfig, _effective
+    from featcache.pipeline.train.config import AlignConfig
+    from featcache.pipeline.train.sweep import dedupe_training_free as _effective
 
     csa = AlignConfig(method="csa", seed=2)
     assert _effective(csa, [0, 1, 2]).seed == 0

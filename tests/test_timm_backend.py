@@ -4,11 +4,11 @@ The hub is unreachable here, so the download inside timm.create_model is replace
 randomly initialised ViT of the same class; the hooking and pooling code under test is real.
 """
 
-import torch
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from featcache.pipeline.encoders import load_encoder
+from featcache.pipeline.extract.loading import load_encoder
 
 
 def test_timm_hooks_match_forward_intermediates(monkeypatch):

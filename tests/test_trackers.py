@@ -19,11 +19,8 @@ from pathlib import Path
 
 import pytest
 import wandb
-from typer.testing import CliRunner
-
 from conftest import align_then_eval_with_tracker, build_tiny_cache
-from featcache.cli.main import app
-from featcache.pipeline.runs import find_run
+from typer.testing import CliRunner
 
 runner = CliRunner()
 BLOCK = 32 * 1024
@@ -115,12 +112,35 @@ def no_network(monkeypatch):
     server.close()
 
 
+def _wandb_files(run: Path, wait_s: float = 60.0) -> tuple[Path, Path]:
+    """The training and evaluation run files of ``run``'s wandb id, told apart by what they hold
+    (not by folder names, which can share a second), once both are written: on a loaded machine
+    the offline writer may still be flushing when the command returns."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        files = sorted((run / "wandb").glob(f"offline-run-*-{run.name}*/run-{run.name}.wandb"))
+        kinds = {}
+        for f in files:
+            try:
+                keys = set(history(f))
+            except (AssertionError, ValueError, struct.error):  # still being written
+                continue
+            if "train/clip" in keys:
+                kinds["train"] = f
+            elif any(k.startswith("eval/") for k in keys):
+                kinds["eval"] = f
+        if len(files) == 2 and len(kinds) == 2 or time.monotonic() > deadline:
+            assert len(files) == 2 and len(kinds) == 2, (files, kinds)
+            return kinds["train"], kinds["eval"]
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_holds_the_curves_and_the_final_recalls(tiny_cache, tmp_path, no_network):
     run = align_then_eval_with_tracker(tiny_cache, tmp_path, "wandb")
 
-    folders = sorted((run / "wandb").glob(f"offline-run-*-{run.name}*"))
-    assert len(folders) == 2, folders  # training, then evaluation resuming the same id
-    train_file = next(folders[0].glob("*.wandb"))
+    train_file, eval_file = _wandb_files(run)  # training, then evaluation resuming the same id
     assert train_file.name == f"run-{run.name}.wandb"
     curves = history(train_file)
     assert {"train/clip", "train/structure", "val/clip", "val/total", "lambda", "lr"} <= set(curves)
@@ -131,6 +151,6 @@ def test_wandb_offline_run_holds_the_curves_and_the_final_recalls(tiny_cache, tm
     config = {item.key: json.loads(item.value_json) for item in started.config.update}
     assert started.run_id == run.name and config["loss"] == "clip+structure" and config["log"] == "wandb"
 
-    evals = history(next(folders[1].glob("*.wandb")))
+    evals = history(eval_file)
     assert any(k.startswith("eval/retrieval/") and k.endswith("R@1") for k in evals), sorted(evals)
     assert not no_network, f"wandb tried the network: {no_network}"

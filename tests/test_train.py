@@ -1,16 +1,21 @@
 """Stage two on caches of tiny random encoders (fast); the real run is in test_real_pipeline."""
 
 import json
+
 import pytest
 import torch
+from conftest import align_then_eval_with_tracker, build_tiny_cache
 from typer.testing import CliRunner
 
-from conftest import align_then_eval_with_tracker, build_tiny_cache
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
-from featcache.pipeline.heads import ResidualMLPHead
-from featcache.pipeline.runs import find_run, list_runs, load_heads, read_json
-from featcache.pipeline.train import AlignConfig, _evaluate, load_cached, sweep, train
+from featcache.pipeline.train.config import AlignConfig
+from featcache.pipeline.train.heads import ResidualMLPHead
+from featcache.pipeline.train.loop import train
+from featcache.pipeline.train.loop import validation_losses as _evaluate
+from featcache.pipeline.train.plan import load_cached
+from featcache.pipeline.train.runs import find_run, list_runs, load_heads, read_json
+from featcache.pipeline.train.sweep import sweep
 
 runner = CliRunner()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # benchmarks/gpu_smoke.sh runs these on CUDA
@@ -80,13 +85,13 @@ def test_mlp_gate_and_branch_train():
 
 
 def test_sweep_grid_from_cache_only(tiny_cache, tmp_path, monkeypatch):
-    import featcache.pipeline.encoders as encoders
-    import featcache.pipeline.extract as extract
+    import featcache.pipeline.extract.loading as loading
+    import featcache.pipeline.extract.run as extract
 
     def no_encoders(*a, **k):
         raise AssertionError("a sweep must not load an encoder")
 
-    for module in (encoders, extract):  # the name as defined and where extraction bound it
+    for module in (loading, extract):  # the name as defined and where extraction bound it
         monkeypatch.setattr(module, "load_encoder", no_encoders)
     runs = sweep(_cfg(tiny_cache, tmp_path, epochs=3), ["last", "auto"], ["clip", "clip+structure"], [0, 1])
     assert len(runs) == 8 == len(list_runs(tmp_path / "runs"))
@@ -263,7 +268,7 @@ def test_vectorized_cells_equal_their_sequential_runs(tiny_cache, tmp_path, devi
     step; two sequential runs there are bitwise equal (docs/benchmarks.md)."""
     from safetensors.torch import load_file
 
-    from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
+    from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 
     grid, runs, lr = {"lam": [1.0, 10.0], "temperature": [0.05, 0.1]}, {}, 1e-2
     for mode in ("seq", "vec"):

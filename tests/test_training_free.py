@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.pipeline.heads import RelativeMap
-from featcache.pipeline.training_free import cca
+from featcache.pipeline.train.heads import RelativeMap
+from featcache.pipeline.train.training_free import cca
 
 
 def test_cca_matches_the_definition():

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.catalog import load_dataset
-from featcache.pipeline.encoders import load_encoder
-from featcache.pipeline.registry import resolve_entry
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.extract.loading import load_encoder
+from featcache.pipeline.extract.registry import resolve_entry
 
 
 @pytest.fixture()

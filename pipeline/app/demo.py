@@ -22,15 +22,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.paths import default_cache_dir
-from featcache.pipeline.evaluate import ClassifyConfig, RetrievalConfig, eval_classify, eval_retrieval
 from featcache.cache.naming import split_label
-from featcache.pipeline.extract import ExtractConfig, extract
+from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.app.plots import layer_heatmap, metric_bars
-from featcache.pipeline.app.report import build_report, default_columns, layer_pair_rows, run_rows, write_outputs
-from featcache.pipeline.results import Column
-from featcache.pipeline.runs import write_json
-from featcache.pipeline.train import AlignConfig, load_cached, select_layers, sweep
+from featcache.pipeline.app.report import (
+    build_report,
+    default_columns,
+    layer_pair_rows,
+    run_rows,
+    write_outputs,
+)
+from featcache.pipeline.evaluate.classify import ClassifyConfig, eval_classify
+from featcache.pipeline.evaluate.results import Column
+from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
+from featcache.pipeline.extract.run import ExtractConfig, extract
+from featcache.pipeline.train.config import AlignConfig
+from featcache.pipeline.train.plan import load_cached, select_layers
+from featcache.pipeline.train.runs import write_json
+from featcache.pipeline.train.sweep import sweep
 
 
 @dataclass

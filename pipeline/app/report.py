@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.results import Column, rows_of
-from featcache.pipeline.runs import list_runs, read_eval_results, read_json
+from featcache.pipeline.evaluate.results import Column, rows_of
+from featcache.pipeline.train.runs import list_runs, read_eval_results, read_json
 
 DEFAULT_GROUP = ("dataset", "layers", "method", "loss", "head", "pairs")
 STD = "sample std over seeds (ddof=1)"

@@ -23,12 +23,13 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir
-from featcache.pipeline.cached import Side, dataset_splits, open_store
-from featcache.pipeline.catalog import is_combined
-from featcache.pipeline.evaluate import RetrievalConfig, eval_retrieval
-from featcache.pipeline.extract import ExtractConfig, extract
-from featcache.pipeline.runs import read_json, write_json
-from featcache.pipeline.train import AlignConfig, sweep
+from featcache.pipeline.common.names import is_combined
+from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
+from featcache.pipeline.extract.run import ExtractConfig, extract
+from featcache.pipeline.features import Side, dataset_splits, open_store
+from featcache.pipeline.train.config import AlignConfig
+from featcache.pipeline.train.runs import read_json, write_json
+from featcache.pipeline.train.sweep import sweep
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class StudyConfig:
     lam_warmup_steps: int | None = None
 
 
-def _spec(dataset: str, salt: str) -> str:
+def salted_spec(dataset: str, salt: str) -> str:
     """The data set redrawn with ``salt``; every part of a combined ``a+b`` gets the same salt."""
     if not salt:
         return dataset
@@ -160,7 +161,7 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
     fitted once per split and stands for every seed."""
     ranks: dict = {}
     for salt in cfg.salts:
-        spec = _spec(cfg.dataset, salt)
+        spec = salted_spec(cfg.dataset, salt)
         _ensure_cached(cfg, spec, progress_factory)
         runs_dir = cfg.out / "runs" / (salt or "default")
         base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,18 +13,27 @@ import numpy as np
 import torch
 
 import featcache.cache.location as loc
+from featcache.cache.commands import extract_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.locks import all_writers_locked, store_lock
 from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
-from featcache.pipeline import provenance
-from featcache.pipeline.catalog import is_combined, load_dataset
-from featcache.pipeline.datasets import BadImage, ImageSide, Split
-from featcache.pipeline.encoders import Encoder, load_encoder
-from featcache.pipeline.layerspec import resolve_layers
-from featcache.pipeline.registry import ALIASES
-from featcache.pipeline.workers import Worker, barrier, from_environment, init_distributed, parse_shard
+from featcache.pipeline.common.layerspec import resolve_layers
+from featcache.pipeline.common.names import is_combined
+from featcache.pipeline.common.workers import (
+    Worker,
+    barrier,
+    from_environment,
+    init_distributed,
+    parse_shard,
+)
+from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.data.rows import BadImage, ImageSide, Split
+from featcache.pipeline.extract import provenance
+from featcache.pipeline.extract.encoders import Encoder
+from featcache.pipeline.extract.loading import load_encoder
+from featcache.pipeline.extract.registry import ALIASES
 
 FP16_MAX = 65504.0
 
@@ -105,13 +113,8 @@ def store_spec(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str)
 
 def command_for(cfg: ExtractConfig, split: Split) -> str:
     """The extract command that (re)builds one split's store: recorded for error hints."""
-    q = lambda value: shlex.quote(str(value))  # noqa: E731 - a pasted wds:{0..9} must not be brace-expanded
-    cmd = (f"featcache extract --model {q(cfg.model)} --layers {q(cfg.layers)} --dataset {q(cfg.dataset)} "
-           f"--split {q(split.name)}")
-    for flag, value in (("--limit", cfg.limit), ("--pooling", cfg.pooling), ("--image-size", cfg.image_size),
-                        ("--cache-dir", cfg.cache_dir)):
-        cmd += f" {flag} {q(value)}" if value is not None else ""
-    return cmd + (" --dtype float32" if cfg.dtype == "float32" else "")
+    return extract_command(cfg.model, cfg.dataset, split.name, layers=cfg.layers, limit=cfg.limit, pooling=cfg.pooling,
+                           image_size=cfg.image_size, cache_dir=cfg.cache_dir, dtype=cfg.dtype)
 
 
 def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names: list[str]) -> dict:
@@ -186,7 +189,7 @@ def _text_batch(encoder: Encoder, side, rows: list[int]):
     return rows, (encoder.prepare_texts(good) if good else None), errors
 
 
-def _batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[list[int]]:
+def chunk_batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[list[int]]:
     """Batches never straddle a chunk, so a resumed chunk sees exactly the same batches."""
     out = []
     for b in chunks:
@@ -198,7 +201,7 @@ def _batches(store: FeatureStore, chunks: list[int], batch_size: int) -> list[li
 def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
                     pooling: str, chunks: list[int], progress, task, stamps=None) -> int:
     """Compute and write whole chunks; returns the number of rows computed."""
-    batches = _batches(store, chunks, cfg.batch_size)
+    batches = chunk_batches(store, chunks, cfg.batch_size)
     if encoder.modality == "image":
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if encoder.device.type == "cuda" else 0)
         loader = torch.utils.data.DataLoader(

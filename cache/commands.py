@@ -1,0 +1,42 @@
+"""The one place a ``featcache extract ...`` command line is written.
+
+Stores record the command that built them, and every "this is missing" or "rebuild it" hint
+repeats one; written in three places they drifted apart (each knew other flags). Values are
+shell-quoted, so a pasted ``wds:/data/{00000..00009}.tar`` reaches featcache as written.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+
+def extract_command(model: str, dataset: str, split: str | None = None, *, layers: str = "all",
+                    limit: int | None = None, pooling: str | None = None, image_size: int | None = None,
+                    cache_dir=None, dtype: str | None = None, overwrite: bool = False) -> str:
+    """The extract command for one split (every split when ``split`` is None)."""
+    q = lambda value: shlex.quote(str(value))  # noqa: E731
+    cmd = f"featcache extract --model {q(model)} --layers {q(layers)} --dataset {q(dataset)}"
+    for flag, value in (("--split", split), ("--limit", limit), ("--pooling", pooling),
+                        ("--image-size", image_size), ("--cache-dir", cache_dir)):
+        cmd += f" {flag} {q(value)}" if value is not None else ""
+    cmd += " --dtype float32" if dtype == "float32" else ""
+    return cmd + (" --overwrite" if overwrite else "")
+
+
+def with_layers(command: str, layers: str) -> str:
+    """A recorded command asking for other ``layers``."""
+    return re.sub(r"--layers ('[^']*'|\S+)", lambda _: f"--layers {shlex.quote(layers)}", command)
+
+
+def stored_command(attrs: dict, layers: str | None = None, overwrite: bool = False) -> str:
+    """The extract command that built a store, from what it records of itself (a format-1 store
+    records no command: it is pieced together from the identity), asking for ``layers``."""
+    command = attrs.get("command")
+    if not command:
+        ident = attrs.get("identity", {})
+        enc, data = ident.get("encoder", {}), ident.get("dataset", {})
+        command = extract_command(enc.get("name", "MODEL"), data.get("name", "DATASET"), data.get("split", "SPLIT"))
+    if layers:
+        command = with_layers(command, layers)
+    return command + (" --overwrite" if overwrite and "--overwrite" not in command else "")

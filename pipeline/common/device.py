@@ -1,0 +1,69 @@
+"""Where work runs: the torch device (``auto`` prefers CUDA), and faiss on the GPU or the CPU.
+
+faiss: a flat inner-product index on the GPU where faiss-gpu and a GPU are there, else on the
+CPU; both stages' neighbour searches (layer table, retrieval) go through ``flat_ip``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import torch
+
+from featcache.cache.errors import FeatcacheError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError(f"device {device!r} was asked for but CUDA is not available", "use --device cpu")
+    return dev
+
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+GPU_MAX_K = 2048  # faiss GPU flat search returns at most this many neighbours per query
+
+
+_resources = None  # one StandardGpuResources per process: it holds the GPU's scratch memory
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (no GPU symbols) or no CUDA device."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def use_gpu(device: str | None = None, k: int = 1) -> bool:
+    """Whether a search of ``k`` neighbours runs on the GPU under ``device`` (or the env var)."""
+    device = (device or os.environ.get("FEATCACHE_FAISS_DEVICE") or "auto").lower()
+    if device not in DEVICES:
+        raise FeatcacheError(f"unknown faiss device {device!r}", f"choose one of: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return False
+    gpus = gpu_count()
+    if device == "gpu" and not (gpus and hasattr(faiss, "StandardGpuResources")):
+        raise FeatcacheError("a GPU faiss search was asked for, but faiss sees no GPU",
+                             "install the gpu extra (pip install 'featcache[gpu]', see docs/scale.md) or use cpu")
+    return gpus > 0 and hasattr(faiss, "StandardGpuResources") and k <= GPU_MAX_K
+
+
+def flat_ip(x: np.ndarray, device: str | None = None, k: int = 1):
+    """An exact inner-product index holding the rows of ``x`` (float32, C order), on the GPU
+    where :func:`use_gpu` says so."""
+    index = faiss.IndexFlatIP(x.shape[1])
+    if use_gpu(device, k):
+        global _resources
+        if _resources is None:
+            _resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(_resources, 0, index)
+    index.add(x)
+    return index

@@ -1,0 +1,72 @@
+"""The data set catalog: names and paths to splits, and the name each is cached under.
+
+The registry is filled explicitly from ``builtin_data.ENTRIES``; users add their own with
+:func:`register_dataset`. The row types live in ``datasets`` and import nothing from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.common import listing
+from featcache.pipeline.common.names import (
+    REGISTERED,
+    canonical_name,
+    is_combined,
+    parse_spec,
+)
+from featcache.pipeline.data import builtin as builtin_data
+from featcache.pipeline.data import user as user_data
+from featcache.pipeline.data.hfds import load_hfds
+from featcache.pipeline.data.rows import DatasetEntry, Split
+from featcache.pipeline.data.wds import load_wds
+
+DATASETS: dict[str, DatasetEntry] = {entry.name: entry for entry in builtin_data.ENTRIES}
+
+
+REGISTERED.update(DATASETS)
+
+
+def register_dataset(entry: DatasetEntry) -> None:
+    DATASETS[entry.name] = entry
+    REGISTERED.add(entry.name)
+
+
+# spec prefix -> its splits (its name is common.names.CORPORA's)
+CORPORA = {"wds": load_wds, "hfds": load_hfds}
+
+
+def load_dataset(spec: str) -> dict[str, Split]:
+    """Every split of a data set spec: a registered name, ``a+b``, ``wds:PATTERN``,
+    ``hfds:PATH``, or a path for users' data."""
+    if is_combined(spec):
+        raise FeatcacheError(f"{spec!r} combines data sets: each part is cached on its own",
+                             "extract and read it through featcache extract/align, which split it on '+'")
+    corpus = listing.split_spec(spec)
+    name, options = corpus[1:] if corpus is not None else parse_spec(spec)
+    if corpus is not None:
+        try:
+            splits = CORPORA[corpus[0]](name, options)
+        except OSError as err:
+            raise FeatcacheError(f"cannot read the data set {name}: {err.strerror or err} ({err.filename})",
+                                 "point --dataset at readable files") from None
+    elif name in DATASETS:
+        splits = DATASETS[name].build(options)
+    elif Path(name).exists():
+        try:
+            splits = user_data.load_path(Path(name), options)
+        except OSError as err:
+            raise FeatcacheError(f"cannot read the data set {name}: {err.strerror} ({err.filename})",
+                                 "point --dataset at a readable file or folder of your data") from None
+    else:
+        raise FeatcacheError(
+            f"unknown data set {name!r}",
+            f"known: {', '.join(sorted(DATASETS))}; or a path to a .csv/.jsonl of image,caption rows, "
+            "a COCO or Karpathy .json, an image folder with class subfolders, wds:SHARDS-{0..9}.tar "
+            "(webdataset shards) or hfds:PATH (a Hugging Face data set on disk)",
+        )
+    cname = canonical_name(spec)
+    for split in splits.values():
+        split.dataset = cname
+    return splits

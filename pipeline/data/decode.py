@@ -1,0 +1,64 @@
+"""Image bytes to RGB as a viewer shows them: PNG, JPEG, 16-bit, SVG (with its entities inlined)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache.errors import FeatcacheError
+
+
+# -- decoding -------------------------------------------------------------------------------
+class BadImage(FeatcacheError):
+    """An image file that cannot be decoded."""
+
+
+_ENTITY = re.compile(rb'<!ENTITY\s+(\w+)\s+"([^"&<%]*)"\s*>')
+
+
+_DOCTYPE = re.compile(rb"<!DOCTYPE[^\[>]*(\[.*?\])?\s*>", re.S)
+
+
+def _expand_svg_entities(data: bytes) -> bytes:
+    """Inline the plain string entities that Illustrator writes (``&ns_svg;``), in one pass.
+
+    cairosvg rightly refuses entity declarations; expanding only literal strings, once,
+    keeps that protection (no external or nested entities) while reading such files.
+    """
+    doctype = _DOCTYPE.search(data)
+    if not doctype:
+        return data
+    entities = dict(_ENTITY.findall(doctype.group(0)))
+    body = data[: doctype.start()] + data[doctype.end():]
+    return re.sub(rb"&(\w+);", lambda m: entities.get(m.group(1), m.group(0)), body)
+
+
+def decode_image(data: bytes, source: str):
+    """Decode PNG/JPEG/SVG bytes to RGB as a viewer shows them: EXIF orientation applied,
+    16-bit channels scaled (not clipped) to 8 bits, transparency composited on white."""
+    from PIL import Image, ImageOps
+
+    try:
+        if source.lower().endswith(".svg"):
+            import cairosvg
+
+            data = cairosvg.svg2png(bytestring=_expand_svg_entities(data), output_width=512)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as err:  # PIL and cairosvg raise many types for bad files
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", Path(source).name, str(err))
+        raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {detail}",
+                       "fix or remove the file, or pass --skip-bad to record it as a missing row") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(wide * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")

@@ -1,0 +1,288 @@
+"""Vectorised sweep cells: K compatible cells of a sweep trained as one batched model.
+
+Why: the cells of a sweep on one layer pair differ only in numbers (seed, lambda, tau, pair
+count), so their heads have the same shapes. Their parameters are stacked
+(``torch.func.stack_module_state``) and one ``vmap`` of the forward pass and the losses
+(``functional_call``) replaces K small passes, so a GPU launches each kernel once for K cells
+and the host never waits inside the step loop.
+
+Each cell stays its own run. It starts from the weights its sequential run would (seeded by its
+seed alone), draws its own batch order from its own generator, ramps its own lambda, clips its
+own gradient norm, stops early on its own validation score (a stopped cell leaves the stack with
+its best weights) and writes its own record (config.json, heads.safetensors, metrics.jsonl,
+summary.json). AdamW is elementwise, so one optimiser over stacked tensors is K optimisers;
+gradient-norm clipping is not, so it is done per cell here. The result equals the sequential run
+to float rounding (tests/test_train.py).
+
+Cells that cannot share a stack (another head, loss switch or epoch budget, a training-free
+method, the fixed-structure ablation) are trained one by one, as without vectorisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from featcache.pipeline.common.device import pick_device
+from featcache.pipeline.common.losses import (
+    clip_loss,
+    compile_wanted,
+    lambda_at,
+    maybe_compile,
+    structure_regularizer,
+)
+from featcache.pipeline.train.config import AlignConfig
+from featcache.pipeline.train.heads import AlignmentModel
+from featcache.pipeline.train.loop import (
+    check_finite,
+    epoch_record,
+    fit_summary,
+    structure_options,
+    train,
+)
+from featcache.pipeline.train.plan import (
+    CachedData,
+    RunPlan,
+    checked_tensors,
+    cosine_factor,
+    new_model,
+    plan_run,
+)
+from featcache.pipeline.train.runs import RunWriter
+
+# What cells of one stack may differ in; ``layers`` only as written (they share the resolved pair).
+VARIES = ("seed", "lam", "temperature", "pairs", "layers")
+
+
+# Memory one cell needs per step, in B x B float32 matrices (R_S of both sides, forward and
+# backward, keeps about this many alive); a heuristic that bounds how many cells share a stack.
+# Measured for clip+structure: about 32 per cell with its heads' weights and Adam state (peak
+# RSS of 10 against 2 stacked Tux Paint cells at B = 559 on a CPU); 48 leaves room for the allocator.
+MATRICES_PER_CELL = {"clip": 8, "clip+structure": 48}
+
+
+CPU_BUDGET_BYTES = 4 << 30
+
+
+def group_key(plan: RunPlan) -> tuple | None:
+    """Cells with equal keys can be trained in one stack; None: this cell trains alone."""
+    cfg = plan.cfg
+    if cfg.method != "heads" or cfg.fixed_structure:
+        return None
+    fixed = {k: v for k, v in cfg.to_dict().items() if k not in VARIES}
+    return json.dumps(fixed, sort_keys=True, default=str), plan.image_layer, plan.text_layer, plan.batch, \
+        plan.steps_per_epoch
+
+
+def max_cells(cfg: AlignConfig, batch: int, device: torch.device) -> int:
+    """How many cells fit one stack: half the free GPU memory, or a fixed budget on a CPU."""
+    per_cell = MATRICES_PER_CELL[cfg.loss] * cfg.levels * batch * batch * 4
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else CPU_BUDGET_BYTES
+    return max(1, int(budget // per_cell))
+
+
+def train_cells(configs: list[AlignConfig], data: CachedData, progress=None) -> list[Path]:
+    """Train every config (one run each), stacking compatible ones; returns run dirs in config order."""
+    out: list[Path | None] = [None] * len(configs)
+    groups: dict[tuple, list[RunPlan]] = {}
+    slots: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        cfg.validate()
+        plan = plan_run(cfg, data) if cfg.method == "heads" else None
+        key = group_key(plan) if plan is not None else None
+        if key is None:
+            out[i] = train(cfg, data, progress)
+            continue
+        groups.setdefault(key, []).append(plan)
+        slots.setdefault(key, []).append(i)
+    for key, plans in groups.items():
+        device = pick_device(plans[0].cfg.device)
+        size = max_cells(plans[0].cfg, plans[0].batch, device)
+        for s in range(0, len(plans), size):
+            chunk, where = plans[s:s + size], slots[key][s:s + size]
+            runs = [train(chunk[0].cfg, data, progress)] if len(chunk) == 1 else fit_cells(chunk, data, progress)
+            for i, run in zip(where, runs):
+                out[i] = run
+    return out
+
+
+def _cell_losses(base: AlignmentModel, cfg: AlignConfig):
+    """One cell's (total, contrastive, regularizer) loss, written for vmap over stacked cells;
+    the same arithmetic as train._losses, with the cell's tau and lambda as tensors."""
+    options = structure_options(cfg)
+
+    def losses(params, buffers, xi, xt, lam):
+        zi, zt = functional_call(base, (params, buffers), (xi, xt))
+        tau = AlignmentModel.temperature_of(params["log_temperature"])
+        clip = clip_loss(zi, zt, tau)
+        if cfg.loss == "clip":
+            return clip, clip, torch.zeros_like(clip)
+        t = tau.detach()  # R_S takes tau as a constant, as train._structure does
+        reg = (structure_regularizer(xi, zi, t, stacked=True, **options)
+               + structure_regularizer(xt, zt, t, stacked=True, **options)) / 2
+        return clip + lam * reg, clip, reg
+
+    return losses
+
+
+def clip_grad_norm_per_cell_(grads: list[torch.Tensor], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each cell of stacked gradients (leading dim = cells)."""
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads], 1)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+
+
+class _Stack:
+    """The active cells' stacked parameters and their AdamW state; cells leave by ``keep``."""
+
+    def __init__(self, models: list[AlignmentModel], cfg: AlignConfig):
+        self.cfg = cfg
+        self.params, self.buffers = stack_module_state(models)
+        self.trainable = [n for n, p in self.params.items() if p.requires_grad]
+        self.opt = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW([self.params[n] for n in self.trainable], lr=self.cfg.lr, betas=self.cfg.betas,
+                                 weight_decay=self.cfg.weight_decay)
+
+    def state(self, j: int) -> dict:
+        """Cell ``j``'s weights, detached copies, under the model's own state_dict names."""
+        return {n: t[j].detach().clone() for n, t in (*self.params.items(), *self.buffers.items())}
+
+    def keep(self, sel: torch.Tensor) -> None:
+        """Keep only the cells at positions ``sel``, their optimiser state included."""
+        old = {n: self.params[n] for n in self.trainable}
+        self.params = {n: p.detach()[sel].requires_grad_(p.requires_grad) for n, p in self.params.items()}
+        self.buffers = {n: b[sel] for n, b in self.buffers.items()}
+        state, self.opt = self.opt.state, self._optimizer()
+        for n in self.trainable:
+            if old[n] in state:
+                s = state[old[n]]
+                self.opt.state[self.params[n]] = {k: (v[sel] if k in ("exp_avg", "exp_avg_sq") else v.clone())
+                                                  for k, v in s.items()}
+
+
+def fit_cells(plans: list[RunPlan], data: CachedData, progress=None) -> list[Path]:
+    """Train the cells of one stack; each writes its own run record. Returns their run dirs."""
+    cfg0, p0 = plans[0].cfg, plans[0]
+    device = pick_device(cfg0.device)
+    union = np.unique(np.concatenate([p.rows for p in plans]))  # every cell's rows, each checked once
+    xi, xt, vi, vt = checked_tensors(data, (p0.image_layer, p0.text_layer), union, device)
+    # Each cell's training rows as positions in ``union``, padded to one (K, n_max) table.
+    n_max = max(len(p.rows) for p in plans)
+    rows = torch.zeros(len(plans), n_max, dtype=torch.long)
+    for c, p in enumerate(plans):
+        rows[c, :len(p.rows)] = torch.from_numpy(np.searchsorted(union, p.rows))
+    rows = rows.to(device)
+    models = [new_model(p.cfg, xi.shape[1], xt.shape[1], device) for p in plans]
+    configs = [p.config(data, len(vi)) for p in plans]
+    writers: dict[int, RunWriter] = {}
+    try:
+        for c, p in enumerate(plans):
+            writers[c] = RunWriter(p.cfg.runs_dir, configs[c], p.cfg.log)
+        return _fit(plans, models, configs, writers, (xi, xt, vi, vt), rows, progress)
+    except BaseException:
+        for w in writers.values():
+            if w.tmp.exists():
+                w.abort()
+        raise
+
+
+def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]:
+    cfg0, batch, steps = plans[0].cfg, plans[0].batch, plans[0].steps_per_epoch
+    xi, xt, vi, vt = tensors
+    device = xi.device
+    stack = _Stack(models, cfg0)
+    compiled = compile_wanted(cfg0.compile)  # the whole stacked loss, forward and backward
+    losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0)), compiled)
+    val_losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0),
+                                    in_dims=(0, 0, None, None, 0)), compiled)
+    active = list(range(len(plans)))  # stack position -> cell
+    gens = [torch.Generator().manual_seed(p.cfg.seed) for p in plans]
+    lam_max = torch.tensor([p.cfg.lam for p in plans], dtype=torch.float32, device=device)
+    best = [{"epoch": -1, "score": float("inf")} for _ in plans]
+    best_state = [stack.state(c) for c in range(len(plans))]
+    done: dict[int, Path] = {}
+    total_steps = steps * cfg0.epochs
+    step, start = 0, time.perf_counter()
+    task = progress.add_task(f"align {plans[0].image_layer}/{plans[0].text_layer} x {len(plans)} cells",
+                             total=cfg0.epochs) if progress else None
+
+    def finish(c: int, epochs_run: int) -> None:
+        models[c].load_state_dict(best_state[c])
+        summary = fit_summary(writers[c].run_id, configs[c], plans[c].cfg, best[c], epochs_run, step,
+                              time.perf_counter() - start, len(plans[c].rows)) | {"batched_cells": len(plans)}
+        extra = {"layer_scores.json": plans[c].table.to_dict()} if plans[c].table is not None else None
+        done[c] = writers[c].finish(summary, models[c].state_dict(), extra)
+
+    for epoch in range(cfg0.epochs):
+        # Each cell's permutation from its own generator, as its sequential run draws it.
+        orders = torch.stack([torch.randperm(len(plans[c].rows), generator=gens[c])[:steps * batch]
+                              for c in active]).to(device)
+        picks = torch.gather(rows, 1, orders)  # (cells, steps * batch) positions in the feature tables
+        sums = torch.zeros(len(active), 3, device=device)  # on the device: read once per epoch
+        for b in range(steps):
+            idx = picks[:, b * batch:(b + 1) * batch]
+            ramp = lambda_at(step, 1.0, cfg0.lam_warmup_steps)
+            total, clip, reg = losses(stack.params, stack.buffers, xi[idx], xt[idx], lam_max * ramp)
+            stack.opt.zero_grad(set_to_none=True)
+            total.sum().backward()  # cells are independent: each gets its own gradient
+            grads = [stack.params[n].grad for n in stack.trainable if stack.params[n].grad is not None]
+            clip_grad_norm_per_cell_(grads, cfg0.grad_clip)
+            for group in stack.opt.param_groups:
+                group["lr"] = cfg0.lr * cosine_factor(step, total_steps)
+            stack.opt.step()
+            step += 1
+            sums += torch.stack([total, clip, reg], 1).detach()
+        val = _validate(val_losses, stack, vi, vt, cfg0.batch_size, lam_max)
+        stats = torch.cat([(sums / steps).double(), val], 1).cpu().tolist()  # the one read of the epoch
+        keep = []
+        for j, c in enumerate(active):
+            cfg = plans[c].cfg
+            tr, va = (dict(zip(("total", "clip", "structure"), stats[j][s:s + 3])) for s in (0, 3))
+            check_finite(epoch, tr, va)
+            score = va["clip"] if cfg.checkpoint_on == "val_clip" else va["total"]
+            if score < best[c]["score"]:
+                best[c] = {"epoch": epoch, "score": score}
+                best_state[c] = stack.state(j)
+            writers[c].log(epoch_record(epoch, step, cfg.lr * cosine_factor(step, total_steps),
+                                        lambda_at(step, cfg.lam, cfg.lam_warmup_steps), tr, va))
+            if epoch - best[c]["epoch"] >= cfg.patience:
+                finish(c, epoch + 1)
+            else:
+                keep.append(j)
+        if task is not None:
+            progress.update(task, advance=1)
+        if not keep:
+            break
+        if len(keep) < len(active):  # stopped cells leave the stack
+            sel = torch.tensor(keep, device=device)
+            stack.keep(sel)
+            lam_max, rows = lam_max[sel], rows[sel]
+            active = [active[j] for j in keep]
+    for c in active:
+        if c not in done:
+            finish(c, cfg0.epochs)
+    return [done[c] for c in range(len(plans))]
+
+
+@torch.no_grad()
+def _validate(val_losses, stack: _Stack, vi, vt, batch_size: int, lam: torch.Tensor) -> torch.Tensor:
+    """train._evaluate for every active cell: (cells, 3) mean losses, weighted by batch length."""
+    sums = torch.zeros(len(lam), 3, dtype=torch.float64, device=vi.device)
+    scored = 0
+    for s in range(0, len(vi), batch_size):
+        bi, bt = vi[s:s + batch_size], vt[s:s + batch_size]
+        if len(bi) < 2:  # a last batch of one row has no contrastive loss
+            continue
+        total, clip, reg = val_losses(stack.params, stack.buffers, bi, bt, lam)
+        sums += torch.stack([total, clip, reg], 1).double() * len(bi)
+        scored += len(bi)
+    return sums / max(scored, 1)
