@@ -204,10 +204,7 @@ def bench_sweep(quick: bool) -> dict:
 
 def bench_retrieval(quick: bool) -> dict:
     """faiss retrieval recall at gallery 10k, 100k, 1M against a full-matrix sort."""
-    from featcache.pipeline.evaluate.metrics import (
-        retrieval_recall,
-        retrieval_recall_full,
-    )
+    from featcache.pipeline.evaluate.metrics import retrieval_recall, retrieval_recall_full
 
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
     q_n = 500

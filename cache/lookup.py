@@ -104,8 +104,9 @@ def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
 
 def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:
     """Refuse to compare features made by other weights, preprocessing or pooling."""
-    fields = ("weights_sha256", "preprocessing", "pooling")
     have = store.encoder_identity
+    fields = ("weights_sha256", "preprocessing", "pooling")
+    fields += ("files_sha256",) if "files_sha256" in reference and "files_sha256" in have else ()  # older stores lack it
     diffs = [f for f in fields if reference.get(f) != have.get(f)]
     if diffs:
         raise FeatcacheError(

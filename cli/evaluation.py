@@ -137,12 +137,7 @@ def report(
     from rich.table import Table
 
     from featcache.pipeline.app.plots import metric_bars
-    from featcache.pipeline.app.report import (
-        build_report,
-        layer_pair_rows,
-        run_rows,
-        write_outputs,
-    )
+    from featcache.pipeline.app.report import build_report, layer_pair_rows, run_rows, write_outputs
 
     filters = {}
     for item in where or []:
@@ -245,14 +240,7 @@ def study(
     cache_dir: Optional[str] = CacheDir,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
-    from featcache.pipeline.app.study import (
-        StudyConfig,
-        recipe,
-        run_study,
-        scaling_markdown,
-        to_markdown,
-        variant_set,
-    )
+    from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
 
     sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
     if variants is not None and layers is not None:

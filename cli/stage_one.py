@@ -9,15 +9,7 @@ from typing import Optional
 import typer
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cli.app import (
-    CacheDir,
-    app,
-    cache_dir_or_default,
-    console,
-    friendly,
-    human_bytes,
-    progress_bar,
-)
+from featcache.cli.app import CacheDir, app, cache_dir_or_default, console, friendly, human_bytes, progress_bar
 
 
 @app.command()

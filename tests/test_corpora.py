@@ -262,7 +262,12 @@ def test_wds_canonical_name_is_stable_and_tracks_the_shards(tmp_path, rows):
     assert canonical_name(f"wds:{pattern}:salt=1") == f"{name}-salt1"
     assert load_dataset(f"wds:{pattern}")["train"].dataset == name
     first = Path(pattern.replace("{00000..00002}", "00000"))
+    # touched (a copy without -t): the same data set, so a trained run still finds its stores
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert canonical_name(f"wds:{pattern}") == name
+    # another shard set, or a shard of other bytes and size: another data set
+    assert canonical_name(f"wds:{pattern.replace('{00000..00002}', '{00000..00001}')}") != name
+    first.write_bytes(first.read_bytes() + bytes(512))
     assert canonical_name(f"wds:{pattern}") != name
 
 

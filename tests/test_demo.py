@@ -5,13 +5,7 @@ from io import StringIO
 from rich.console import Console
 
 from featcache.cli.evaluation import table_view
-from featcache.pipeline.app.demo import (
-    DemoConfig,
-    demo_metrics,
-    quick,
-    split_limit,
-    task_views,
-)
+from featcache.pipeline.app.demo import DemoConfig, demo_metrics, quick, split_limit, task_views
 from featcache.pipeline.app.report import build_report
 from featcache.pipeline.evaluate.results import Column
 

@@ -3,12 +3,7 @@
 import numpy as np
 import pytest
 
-from featcache.pipeline.evaluate.metrics import (
-    class_embeddings,
-    retrieval_recall,
-    retrieval_recall_full,
-    zero_shot,
-)
+from featcache.pipeline.evaluate.metrics import class_embeddings, retrieval_recall, retrieval_recall_full, zero_shot
 from featcache.pipeline.evaluate.retrieval import retrieval_sets
 
 

@@ -149,7 +149,8 @@ def test_vit_preprocessing_comes_from_its_processor(tmp_path):
     assert out.exit_code == 0, out.output
     store = FeatureStore.open(next((tmp_path / "cache").rglob("*.zarr")))
     prep = store.identity["encoder"]["preprocessing"]
-    assert prep["image_size"] == 64 and prep["resize"] == "square bilinear" and prep["mean"] == [0.5] * 3
+    assert prep["image_size"] == 64 and prep["processor"].startswith("ViTImageProcessor")
+    assert prep["processor_settings"]["image_mean"] == [0.5] * 3
     assert store.path.name == "cls-64px.zarr"
     assert store.layers == ["embed", "block.00", "block.01"]
     assert cli_extract(model, pairs, tmp_path / "cache", "--layers", "final").exit_code == 0
@@ -175,16 +176,28 @@ def test_vit_preprocessing_comes_from_its_processor(tmp_path):
 
 @pytest.mark.parametrize("family", ["clip-vision", "siglip-vision"])
 def test_clip_and_siglip_vision_towers(tmp_path, family):
-    processor = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "do_center_crop": True,
-                 "resample": 3, "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 40},
+                 "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3,
+                 "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    if family == "siglip-vision":
+        processor = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 32, "width": 32},
+                     "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     model = save_vision_model(tmp_path / family, family, processor)
     pairs = make_pairs(tmp_path / "data", n=6)
     out = cli_extract(model, pairs, tmp_path / "cache", "--layers", "all")
     assert out.exit_code == 0, out.output
     store = FeatureStore.open(next((tmp_path / "cache").rglob("*.zarr")))
     prep = store.identity["encoder"]["preprocessing"]
-    assert (prep["image_size"], prep["resize_size"], prep["crop"]) == (32, 40, "center")
+    assert prep["image_size"] == 32 and prep["processor"].startswith(processor["image_processor_type"])
     enc = load_encoder(f"hf:{model}", "cpu")
+    # the model's own processor makes the pixels, whatever its class (CLIP: shorter side 40, crop 32)
+    from transformers import AutoImageProcessor
+
+    from featcache.pipeline.data.catalog import load_dataset as _load
+
+    pil = [_load(str(pairs))["train"].images.load(i) for i in range(3)]
+    theirs = AutoImageProcessor.from_pretrained(model, backend="pil")(images=pil, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(enc.prepare_images(pil), theirs)
     assert store.layers == ["embed", "block.00", "block.01"]
     # CLIP's post_layernorm normalises the pooled token only: it is not a layer of every token
     assert enc.has_final == (family == "siglip-vision")
@@ -280,3 +293,81 @@ def test_a_two_tower_model_says_how_to_split_it(tmp_path):
     assert out.exit_code == 2, out.output
     text = " ".join(out.output.split())
     assert "holds an image and a text tower (CLIPModel)" in text and "CLIPVisionModel.from_pretrained" in text
+
+
+@pytest.mark.parametrize("processor", [
+    {"image_processor_type": "ViTImageProcessor", "size": 32, "resample": 2},  # an int size: a square resize
+    {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "do_normalize": False},
+    {"image_processor_type": "BeitImageProcessor", "size": {"height": 40, "width": 40}, "do_center_crop": True,
+     "crop_size": {"height": 32, "width": 32}},
+])
+def test_the_processor_is_followed_as_transformers_does(tmp_path, processor):
+    from transformers import AutoImageProcessor
+
+    from featcache.pipeline.data.catalog import load_dataset
+
+    model = save_vision_model(tmp_path / "vit", "vit", processor)
+    pil = [load_dataset(str(make_pairs(tmp_path / "data", n=6)))["train"].images.load(i) for i in range(3)]
+    theirs = AutoImageProcessor.from_pretrained(model, backend="pil")(images=pil, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(load_encoder(f"hf:{model}", "cpu").prepare_images(pil), theirs)
+
+
+@pytest.mark.parametrize("processor, needle", [
+    ({"image_processor_type": "ViTImageProcessor", "size": 32, "image_std": [0, 0, 0]}, "non-finite pixels"),
+    ({"image_processor_type": "ViTImageProcessor", "size": 32, "image_mean": [0.5, 0.5, 0.5, 0.5]}, "fails on an image"),
+    ({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 64}}, "32 x 64"),
+])
+def test_a_processor_that_cannot_work_is_one_line(tmp_path, processor, needle):
+    model = save_vision_model(tmp_path / "vit", "vit", processor)
+    out = cli_extract(model, make_pairs(tmp_path / "data", n=4), tmp_path / "cache")
+    assert out.exit_code == 2 and needle in " ".join(out.output.split()), out.output
+    assert "Traceback" not in out.output
+
+
+@pytest.mark.parametrize("edit", ["config", "tokenizer"])
+def test_an_edited_config_or_tokenizer_is_another_identity(tmp_path, edit):
+    model = save_text_model(tmp_path / "bert", "bert")
+    pairs = make_pairs(tmp_path / "data", n=6)
+    assert cli_extract(model, pairs, tmp_path / "cache").exit_code == 0
+    if edit == "config":
+        config = json.loads((model / "config.json").read_text())
+        config["hidden_act"] = "relu"
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        tok = json.loads((model / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
+        (model / "tokenizer.json").write_text(json.dumps(tok))
+    out = cli_extract(model, pairs, tmp_path / "cache")
+    assert out.exit_code == 2 and "different identity" in out.output and "files_sha256" in out.output, out.output
+
+
+def test_damaged_weights_and_missing_folders_are_one_line(tmp_path):
+    model = save_text_model(tmp_path / "bert", "bert")
+    pairs = make_pairs(tmp_path / "data", n=4)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    out = cli_extract(model, pairs, tmp_path / "cache")
+    assert out.exit_code == 2 and "weights cannot be loaded" in out.output and "Traceback" not in out.output
+    out = runner.invoke(app, ["extract", "--model", f"hf:{tmp_path}/no-such-model", "--dataset", str(pairs),
+                              "--cache-dir", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "no model folder at" in out.output and "could not be fetched" not in out.output
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = save_text_model(tmp_path / "bert", "bert")
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "<mask>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(model)
+    out = cli_extract(model, make_pairs(tmp_path / "data", n=6), tmp_path / "cache")
+    assert out.exit_code == 0, out.output
+
+
+def test_a_timm_cnn_is_refused_in_one_line(tmp_path):
+    out = runner.invoke(app, ["extract", "--model", "timm:resnet18:pretrained=False", "--dataset",
+                              str(make_pairs(tmp_path / "data", n=4)), "--cache-dir", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "not a vision transformer" in out.output and "Traceback" not in out.output

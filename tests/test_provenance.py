@@ -162,3 +162,13 @@ def test_sources_are_written_with_their_chunk(tiny_vit, tmp_path):
     assert stamps.tolist() == [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     assert [h.tobytes() for h in hashes] == [hashlib.sha256(f.read_bytes()).digest() for f in files]
     assert np.array_equal(provenance.finished_rows(store, store.layers), np.ones(store.rows, bool))
+
+
+def test_a_deleted_image_of_a_finished_chunk_is_named_as_missing(tiny_vit, tmp_path):
+    pairs = make_pairs(tmp_path / "data", n=12)
+    [train] = extract(_cfg(tiny_vit, pairs, tmp_path / "cache", splits=["train"]))
+    gone = tmp_path / "data" / FeatureStore.open(train.path).ids[0]
+    gone.unlink()
+    with pytest.raises(FeatcacheError, match="is missing or unreadable") as err:
+        extract(_cfg(tiny_vit, pairs, tmp_path / "cache", splits=["train"], skip_bad=True))
+    assert str(gone) in err.value.message

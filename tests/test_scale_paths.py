@@ -10,13 +10,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import CorruptChunk, FeatureStore
 from featcache.pipeline.common import device as faiss_device
 from featcache.pipeline.features import read_rows
-from featcache.pipeline.select.metrics import (
-    Layer,
-    edge_keys,
-    knn,
-    mutual_knn_score,
-    prepare,
-)
+from featcache.pipeline.select.metrics import Layer, edge_keys, knn, mutual_knn_score, prepare
 from featcache.pipeline.select.table import score_table
 
 
@@ -150,10 +144,7 @@ def test_cpu_is_the_fallback_and_can_be_forced(fake_gpu, monkeypatch):
 
 @pytest.mark.parametrize("block", [7, 64, 1 << 16])
 def test_retrieval_over_gallery_blocks_equals_the_full_sort(block):
-    from featcache.pipeline.evaluate.metrics import (
-        retrieval_ranks,
-        retrieval_recall_full,
-    )
+    from featcache.pipeline.evaluate.metrics import retrieval_ranks, retrieval_recall_full
 
     rng = np.random.default_rng(5)
     gallery = rng.normal(size=(150, 16)).astype(np.float32)

@@ -5,13 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from featcache.pipeline.app.study import (
-    CONFIGS,
-    StudyConfig,
-    recipe,
-    summarise,
-    to_markdown,
-)
+from featcache.pipeline.app.study import CONFIGS, StudyConfig, recipe, summarise, to_markdown
 
 
 def _ranks(p_hit: float, rng, n=40):
@@ -80,13 +74,7 @@ def test_scaling_study_end_to_end_on_a_tiny_cache(tmp_path):
 
 
 def test_ablation_rows_compare_against_the_full_recipe():
-    from featcache.pipeline.app.study import (
-        FULL,
-        METHODS,
-        SWITCHES,
-        comparisons_for,
-        variant_set,
-    )
+    from featcache.pipeline.app.study import FULL, METHODS, SWITCHES, comparisons_for, variant_set
 
     rows = variant_set(["methods", "switches"])
     names = [v.name for v in rows]

@@ -25,13 +25,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.app.plots import layer_heatmap, metric_bars
-from featcache.pipeline.app.report import (
-    build_report,
-    default_columns,
-    layer_pair_rows,
-    run_rows,
-    write_outputs,
-)
+from featcache.pipeline.app.report import build_report, default_columns, layer_pair_rows, run_rows, write_outputs
 from featcache.pipeline.evaluate.classify import ClassifyConfig, eval_classify
 from featcache.pipeline.evaluate.results import Column
 from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval

@@ -198,11 +198,14 @@ def stamps_array(stats: list[Stat], file_of: np.ndarray) -> np.ndarray:
 
 
 def listing_digest(fmt: str, paths: list[str], stats: list[Stat]) -> str:
-    """Eight hex digits over the resolved file list and each file's size, mtime and tag."""
+    """Eight hex digits over the resolved file list and each file's size and tag (an object
+    store's ETag). Not the mtime: a copy without ``-t`` or a ``touch`` must not make a new data
+    set (a trained run could no longer find it); changed bytes in finished rows are caught per
+    row (``featcache.pipeline.extract.provenance``)."""
     h = hashlib.sha256(f"{fmt}\0".encode())
     for path, st in zip(paths, stats):
         shown = path if is_url(path) else str(Path(local(path)).resolve())
-        h.update(f"{shown}\0{st.size}\0{st.mtime_ns}\0{st.tag}\0".encode())
+        h.update(f"{shown}\0{st.size}\0{st.tag}\0".encode())
     return h.hexdigest()[:8]
 
 

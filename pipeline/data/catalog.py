@@ -10,12 +10,7 @@ from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common import listing
-from featcache.pipeline.common.names import (
-    REGISTERED,
-    canonical_name,
-    is_combined,
-    parse_spec,
-)
+from featcache.pipeline.common.names import REGISTERED, canonical_name, is_combined, parse_spec
 from featcache.pipeline.data import builtin as builtin_data
 from featcache.pipeline.data import user as user_data
 from featcache.pipeline.data.hfds import load_hfds

@@ -90,7 +90,7 @@ def split_name(value, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise FeatcacheError(f"{where}: the split must be a non-empty string such as train, val or test, "
                              f"got {value!r}")
-    value = value.strip()
+    value = value.strip().lower()  # TRAIN and train are one split, never two
     if re.search(r"-sample\d+$", value):
         raise FeatcacheError(f"{where}: the split name {value!r} is reserved for --limit subsets", "rename the split")
     return SPLIT_NAMES.get(value, value)

@@ -22,12 +22,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common import listing
-from featcache.pipeline.common.listing import (
-    ARROW,
-    HFDS_HINT,
-    HFDS_OPTIONS,
-    hfds_layout,
-)
+from featcache.pipeline.common.listing import ARROW, HFDS_HINT, HFDS_OPTIONS, hfds_layout
 from featcache.pipeline.common.names import hash_split
 from featcache.pipeline.data import corpora
 from featcache.pipeline.data.corpora import Sample

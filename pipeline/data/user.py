@@ -10,15 +10,7 @@ from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.names import hash_split
-from featcache.pipeline.data.rows import (
-    CLASSES,
-    PAIRS,
-    Split,
-    TextSide,
-    file_images,
-    prompt_side,
-    read_list,
-)
+from featcache.pipeline.data.rows import CLASSES, PAIRS, Split, TextSide, file_images, prompt_side, read_list
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".svg"}
 

@@ -5,15 +5,7 @@ recording the data set, split, task, metrics, positive rule, k values and cache 
 the untrained reference (``reference``) beside it.
 """
 
-from featcache.pipeline.evaluate.classify import (
-    ClassifyConfig,
-    classify_spec,
-    eval_classify,
-)
-from featcache.pipeline.evaluate.retrieval import (
-    POSITIVE_RULES,
-    RetrievalConfig,
-    eval_retrieval,
-)
+from featcache.pipeline.evaluate.classify import ClassifyConfig, classify_spec, eval_classify
+from featcache.pipeline.evaluate.retrieval import POSITIVE_RULES, RetrievalConfig, eval_retrieval
 
 __all__ = ["POSITIVE_RULES", "ClassifyConfig", "RetrievalConfig", "classify_spec", "eval_classify", "eval_retrieval"]

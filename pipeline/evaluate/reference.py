@@ -8,11 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.pipeline.common.arrays import subsample
-from featcache.pipeline.evaluate.run_view import (
-    check_run_stores,
-    run_dataset,
-    run_sides,
-)
+from featcache.pipeline.evaluate.run_view import check_run_stores, run_dataset, run_sides
 from featcache.pipeline.features import open_pairs
 from featcache.pipeline.train.training_free import procrustes
 

@@ -16,12 +16,7 @@ from featcache.pipeline.common.arrays import normalise, require_finite
 from featcache.pipeline.evaluate.metrics import retrieval_ranks
 from featcache.pipeline.evaluate.reference import fit_reference
 from featcache.pipeline.evaluate.results import store_record, write_result
-from featcache.pipeline.evaluate.run_view import (
-    check_run_stores,
-    embed,
-    run_dataset,
-    run_sides,
-)
+from featcache.pipeline.evaluate.run_view import check_run_stores, embed, run_dataset, run_sides
 from featcache.pipeline.features import open_store
 from featcache.pipeline.train.runs import find_run, load_heads
 

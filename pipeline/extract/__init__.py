@@ -5,12 +5,6 @@ an encoder name means and how its layers are read, ``provenance`` which input ea
 row came from, and ``onnx_dinov2``/``mpnet_parts`` the one-time preparation of offline weights.
 """
 
-from featcache.pipeline.extract.run import (
-    ExtractConfig,
-    ExtractResult,
-    extract,
-    extract_split,
-    library_versions,
-)
+from featcache.pipeline.extract.run import ExtractConfig, ExtractResult, extract, extract_split, library_versions
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_split", "library_versions"]

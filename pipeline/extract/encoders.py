@@ -18,9 +18,7 @@ from torch import nn
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.layerspec import canonical_layers
-from featcache.pipeline.extract.registry import (
-    EncoderEntry,
-)
+from featcache.pipeline.extract.registry import EncoderEntry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -91,6 +89,8 @@ class Encoder:
     default_image_size: int | None = None  # what no --image-size means: the registry's or the processor's
     uninitialised: list[str] = field(default_factory=list)  # parameters the checkpoint lacked
     forward_kwargs: dict = field(default_factory=dict)  # e.g. interpolate_pos_encoding at another size
+    processor: object = None  # transformers' image processor, where the model has one (hf_encoder)
+    files_digest: str | None = None  # config and tokenizer (hf_encoder.config_digest)
     _digest: str | None = field(default=None, repr=False)
 
     @property
@@ -132,9 +132,12 @@ class Encoder:
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare_images(self, images: list) -> torch.Tensor:
-        """PIL images (already RGB on white) -> normalised pixel batch, as the model's processor
-        does it: the shorter side resized (to ``resize_size``, else the output size) and the
-        centre cropped, or the whole image resized to a square."""
+        """PIL images (already RGB on white) -> normalised pixel batch: the model's own image
+        processor where it has one; else the shorter side resized (to ``resize_size``, else the
+        output size) and the centre cropped, or the whole image resized to a square."""
+        if self.processor is not None:
+            pixels = self.processor(images=list(images), return_tensors="np")["pixel_values"]
+            return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
         from PIL import Image
 
         prep = self.preprocessing
@@ -267,6 +270,7 @@ class Encoder:
             "backend": self.entry.backend,
             "modality": self.modality,
             "weights_sha256": self.weights_digest,
+            **({"files_sha256": self.files_digest} if self.files_digest else {}),
             "preprocessing": self.preprocessing,
             "pooling": pooling,
             "layers": self.layer_names,

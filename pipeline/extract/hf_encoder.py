@@ -6,18 +6,20 @@ DINOv2, ``layers`` in ViT, ``encoder.layers`` in CLIP and SigLIP towers), ``embe
 enters the first block (the ``hidden_states[0]`` of ``output_hidden_states``), and ``final`` is
 a norm applied to the whole token sequence after the last block, where the model has one.
 
-Preprocessing comes from the model's own ``preprocessor_config.json``: a featcache store must
-hold what the model would have seen, so size, resize rule, crop, mean and std are the
-processor's, unless ``--image-size`` overrides the size.
+Preprocessing is the model's own image processor (from ``preprocessor_config.json``): a
+featcache store must hold what the model would have seen, so size, resize rule, crop, rescale,
+mean and std are the processor's, unless ``--image-size`` overrides the size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,10 +37,6 @@ from featcache.pipeline.extract.registry import EncoderEntry, network_error
 
 # Names of a norm over the token sequence after the last block, in the families featcache knows.
 FINAL_NORMS = ("layernorm", "post_layernorm", "final_layer_norm", "norm", "ln_post", "ln_f")
-
-
-# PIL's resampling codes as transformers' processors record them.
-RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 # Files that hold a tokenizer; a text model folder with none of them has no vocabulary of its own.
@@ -60,13 +58,14 @@ def load(entry: EncoderEntry, source: str, image_size: int | None):
         prep = {"tokenizer": type(tokenizer).__name__, "max_length": _max_length(entry, tokenizer, config),
                 "vocab_size": tokenizer.vocab_size}
         return Encoder(entry, model, taps, config.hidden_size, 0, prep, torch.device("cpu"), tokenizer,
-                       uninitialised=sorted(missing))
-    prep = image_preprocessing(source, config, image_size or entry.default_image_size)
-    default = entry.default_image_size or image_preprocessing(source, config, None)["image_size"]
+                       uninitialised=sorted(missing), files_digest=config_digest(config, tokenizer))
+    prep, processor = image_preprocessing(entry, source, config, image_size or entry.default_image_size)
+    default = entry.default_image_size or image_preprocessing(entry, source, config, None)[0]["image_size"]
     return Encoder(entry, model, taps, config.hidden_size, _prefix_tokens(model, config), prep, torch.device("cpu"),
                    native_image_size=getattr(config, "image_size", None), default_image_size=default,
-                   uninitialised=sorted(missing),
-                   forward_kwargs=_size_kwargs(model, config, prep["image_size"]))
+                   uninitialised=sorted(missing), processor=processor,
+                   forward_kwargs=_size_kwargs(model, config, prep["image_size"]),
+                   files_digest=config_digest(config))
 
 
 def _local(source: str) -> bool:
@@ -93,6 +92,12 @@ def _from_pretrained(entry: EncoderEntry, source: str) -> tuple[nn.Module, set[s
         raise FeatcacheError(f"{entry.name}: transformers cannot build this model ({str(err).splitlines()[0][:200]})",
                              "featcache loads standard transformers architectures and never runs a model "
                              "folder's own code; see docs/data.md") from None
+    except Exception as err:  # noqa: BLE001 - transformers and safetensors raise their own types
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        hint = ("the weights belong to another configuration: check config.json" if "size mismatch" in str(err)
+                or "mismatched_sizes" in str(err) else
+                "the weights file is damaged or truncated: copy or download it again")
+        raise FeatcacheError(f"{entry.name}: its weights cannot be loaded ({type(err).__name__}: {text})", hint) from None
     if info.get("mismatched_keys"):
         name = sorted(info["mismatched_keys"])[0]
         name = name[0] if isinstance(name, tuple) else name
@@ -177,10 +182,17 @@ def _tokenizer(entry: EncoderEntry, source: str):
                              f"(none of {', '.join(TOKENIZER_FILES)})",
                              "save the tokenizer beside the model: tokenizer.save_pretrained(DIR)")
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=_local(source), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=_local(source), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise FeatcacheError(f"{entry.name}: its tokenizer cannot be loaded ({str(err).splitlines()[0][:160]})",
                              "save the tokenizer beside the model: tokenizer.save_pretrained(DIR)") from None
+    if tokenizer.pad_token is None:  # batches are padded; the attention mask keeps pads out of every layer
+        stand_in = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
+        if stand_in is None:
+            raise FeatcacheError(f"{entry.name}: its tokenizer has no padding token, nor an end or unknown token "
+                                 "to pad with", "set pad_token in tokenizer_config.json")
+        tokenizer.pad_token = stand_in
+    return tokenizer
 
 
 def _max_length(entry: EncoderEntry, tokenizer, config) -> int:
@@ -196,26 +208,101 @@ def _max_length(entry: EncoderEntry, tokenizer, config) -> int:
     return min(limits)
 
 
-def image_preprocessing(source: str, config, size: int | None) -> dict:
-    """The processor's resize, crop and normalisation; ``size`` (``--image-size``) replaces its
-    output size, keeping the ratio of resize to crop (DINOv2's 256 -> 224)."""
-    proc = _processor_config(source)
-    crop = _edge(proc.get("crop_size")) if proc.get("do_center_crop", "crop_size" in proc) else None
-    resize = _edge(proc.get("size"))
-    square = isinstance(proc.get("size"), dict) and "height" in proc["size"] and crop is None
-    native = crop or resize or getattr(config, "image_size", 224)
+def image_preprocessing(entry: EncoderEntry, source: str, config, size: int | None) -> tuple[dict, object | None]:
+    """What the model sees of an image, and the processor that makes it (None: featcache's own).
+
+    With a ``preprocessor_config.json``, transformers' own image processor does the work (its
+    resize rule, crop, rescale and normalisation, whatever its class), so a store holds what the
+    model would have seen; ``size`` (``--image-size``) replaces its output size, keeping its ratio
+    of resize to crop (DINOv2's 256 -> 224). Without one: the model's ``image_size``, a bicubic
+    shorter-side resize, a centre crop and ImageNet's mean and std.
+    """
     if size == -1:
-        size = getattr(config, "image_size", native)
-    size = size or native
-    check_image_size(size, _patch(config))
-    prep = {"image_size": size,
-            "resize": f"{'square' if square else 'shorter-side'} {RESAMPLE.get(proc.get('resample', 3), 'bicubic')}",
-            "crop": "none" if square else "center",
-            "mean": list(proc.get("image_mean", IMAGENET_MEAN)), "std": list(proc.get("image_std", IMAGENET_STD)),
-            "background": "white"}
-    if crop and resize and resize != crop:
-        prep["resize_size"] = round(size * resize / crop)
-    return prep
+        size = getattr(config, "image_size", None)
+    if not _processor_config(source):
+        size = size or getattr(config, "image_size", 224)
+        check_image_size(size, _patch(config))
+        return {"image_size": size, "resize": "shorter-side bicubic", "crop": "center", "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD), "background": "white"}, None
+    processor = _image_processor(entry, source, size)
+    side = _output_side(entry, processor)
+    check_image_size(side, _patch(config))
+    settings = json.loads(json.dumps(processor.to_dict(), sort_keys=True, default=str))
+    return {"image_size": side, "processor": type(processor).__name__, "processor_settings": settings,
+            "background": "white"}, processor
+
+
+def _image_processor(entry: EncoderEntry, source: str, size: int | None):
+    from transformers import AutoImageProcessor
+
+    try:
+        with _quiet_transformers():
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=_local(source),
+                                                           trust_remote_code=False, backend="pil")
+            if size:
+                processor = AutoImageProcessor.from_pretrained(source, local_files_only=_local(source),
+                                                               trust_remote_code=False, backend="pil",
+                                                               **_resized(processor, size))
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad processor config
+        raise FeatcacheError(f"{entry.name}: its preprocessor_config.json cannot be used ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160] if str(err) else ''})",
+                             "fix the processor config (save it with the model's image processor), or remove it "
+                             "to use ImageNet defaults") from None
+    return processor
+
+
+def _field(value, key):
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
+def _resized(processor, side: int) -> dict:
+    """Processor settings whose output is ``side`` x ``side``, in the processor's own terms."""
+    size, crop = processor.size, getattr(processor, "crop_size", None)
+    edge = _field(size, "shortest_edge") or _field(size, "height")
+    if getattr(processor, "do_center_crop", False) and crop and _field(crop, "height"):
+        scaled = round(side * edge / _field(crop, "height")) if edge else side
+        key = "shortest_edge" if _field(size, "shortest_edge") else None
+        return {"crop_size": {"height": side, "width": side},
+                "size": {"shortest_edge": scaled} if key else {"height": scaled, "width": scaled}}
+    if _field(size, "shortest_edge"):
+        return {"size": {"shortest_edge": side}, "do_center_crop": True, "crop_size": {"height": side, "width": side}}
+    return {"size": {"height": side, "width": side}}
+
+
+def _output_side(entry: EncoderEntry, processor) -> int:
+    """The processor run once on a blank image: its output must be square and finite."""
+    from PIL import Image
+
+    try:
+        pixels = processor(images=[Image.new("RGB", (7, 5), "white")], return_tensors="np")["pixel_values"]
+    except Exception as err:  # noqa: BLE001 - a bad mean, std or size surfaces here, not in the middle of a run
+        raise FeatcacheError(f"{entry.name}: its image processor fails on an image ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160] if str(err) else ''})",
+                             "fix preprocessor_config.json (size, mean and std)") from None
+    height, width = pixels.shape[-2:]
+    if height != width:
+        raise FeatcacheError(f"{entry.name}: its image processor makes {height} x {width} images; featcache stores "
+                             "square inputs", "pass --image-size N for N x N inputs")
+    if not np.isfinite(pixels).all():
+        raise FeatcacheError(f"{entry.name}: its image processor makes non-finite pixels (a zero in image_std?)",
+                             "fix image_mean and image_std in preprocessor_config.json")
+    return int(height)
+
+
+def config_digest(config, tokenizer=None) -> str:
+    """sha256 of what else than the weights defines the features: the model config (its numbers,
+    not where it was loaded from or which transformers wrote it) and, for text, the tokenizer's
+    vocabulary, rules and special tokens."""
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                             "_attn_implementation_autoset")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        h.update(backend.to_str().encode() if backend is not None else
+                 json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _processor_config(source: str) -> dict:
@@ -237,15 +324,6 @@ def _processor_config(source: str) -> dict:
         raise FeatcacheError(f"cannot read the processor config {path} ({type(err).__name__}: {err})",
                              "fix the JSON file, or remove it to use ImageNet defaults") from None
     return data if isinstance(data, dict) else {}
-
-
-def _edge(size) -> int | None:
-    """A processor's size field: an int, or a dict with shortest_edge or height/width."""
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        return size.get("shortest_edge") or size.get("height")
-    return None
 
 
 def _patch(config) -> int:

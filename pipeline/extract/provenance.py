@@ -111,6 +111,10 @@ def check_rows(store: FeatureStore, side, stamps: np.ndarray) -> None:
         now = _content_hash(side, row)
         if not stored_hashes[row].any() or now != stored_hashes[row].tobytes():
             where = side.sources[row] if side.sources else side.ids[row]
+            if (stamps[row] == -1).all():
+                raise FeatcacheError(f"the image {where} (row {side.ids[row]!r}) of a finished chunk of {store.path} "
+                                     "is missing or unreadable",
+                                     "restore the file, or rebuild the store from the current files with --overwrite")
             raise FeatcacheError(
                 f"the image {where} (row {side.ids[row]!r}) changed after its features were stored in {store.path}",
                 "restore the file, or rebuild the store from the current files with --overwrite")

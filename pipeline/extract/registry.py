@@ -98,6 +98,9 @@ def resolve_entry(spec: str) -> EncoderEntry:
     if spec.startswith("hf:") and len(spec) > 3:
         target = spec[3:]
         local = Path(target).expanduser()
+        if target.startswith(("/", "./", "../", "~")) and not local.is_dir():
+            raise FeatcacheError(f"no model folder at {local}" + (" (it is a file)" if local.exists() else ""),
+                                 "hf: takes a folder written by save_pretrained, or a hub id such as org/name")
         source = str(local.resolve()) if local.exists() else target
         modality = _hf_modality(source)
         # The image size, like the rest of the preprocessing, is the model's own processor's.

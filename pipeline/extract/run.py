@@ -21,13 +21,7 @@ from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.common.layerspec import resolve_layers
 from featcache.pipeline.common.names import is_combined
-from featcache.pipeline.common.workers import (
-    Worker,
-    barrier,
-    from_environment,
-    init_distributed,
-    parse_shard,
-)
+from featcache.pipeline.common.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 from featcache.pipeline.data.catalog import load_dataset
 from featcache.pipeline.data.rows import BadImage, ImageSide, Split
 from featcache.pipeline.extract import provenance
@@ -128,6 +122,19 @@ def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names:
             "command": command_for(cfg, split), "dataset_label": cfg.dataset, "dataset_splits": split_names}
 
 
+def _predating_files_digest(path, identity: dict) -> dict:
+    """A store written before the identity held ``files_sha256`` (the model config and tokenizer
+    digest) is still this encoder's when everything it did record matches: it is checked on what
+    it recorded, not refused for what it could not."""
+    try:
+        stored = FeatureStore.open(path).identity.get("encoder", {})
+    except FeatcacheError:
+        return identity
+    if "files_sha256" in stored or "files_sha256" not in identity["encoder"]:
+        return identity
+    return {**identity, "encoder": {k: v for k, v in identity["encoder"].items() if k != "files_sha256"}}
+
+
 def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str,
                    split_names: list[str], stamps=None) -> FeatureStore:
     """The split's store, created or checked: its identity, and for image files that every
@@ -140,7 +147,7 @@ def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: 
         "dtype": cfg.dtype,
     }
     path = store_path(cfg.cache_dir, spec)
-    identity = provenance.adopt_legacy(path, identity, side)
+    identity = provenance.adopt_legacy(path, _predating_files_digest(path, identity), side)
     extra = {"classnames": split.classnames, "templates": split.templates} if split.classnames else {}
     store = FeatureStore.create_or_open(
         path, identity=identity, versions=library_versions(),
@@ -232,6 +239,10 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
             local = np.asarray(good_rows) - sl.start
             for name, values in out.items():
                 values = values.cpu().numpy()
+                if not np.isfinite(values).all():  # NaN would pass the range check below, and be stored
+                    bad = side.ids[good_rows[int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])]]
+                    raise FeatcacheError(f"layer {name} of {encoder.name} is not finite (NaN or inf) for row {bad!r}",
+                                         "check the model's weights and preprocessing; finished chunks are kept")
                 if cfg.dtype == "float16" and np.abs(values).max(initial=0) > FP16_MAX:
                     raise FeatcacheError(f"layer {name} of {encoder.name} exceeds the float16 range",
                                          "extract with --dtype float32")

@@ -28,6 +28,9 @@ def load(entry: EncoderEntry, name: str, image_size: int | None) -> Encoder:
         first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         if "Unknown model" in str(err) or "Invalid model" in str(err):
             raise FeatcacheError(f"unknown timm model {name!r}", "see timm.list_models()") from None
+        if isinstance(err, TypeError) and "dynamic_img_size" in str(err):  # a CNN: no token layers to hook
+            raise FeatcacheError(f"{entry.name}: unsupported architecture (not a vision transformer)",
+                                 "featcache hooks timm vision transformers (.blocks, .norm_pre, .norm)") from None
         if options.get("pretrained_cfg_overlay"):
             raise FeatcacheError(f"{entry.name}: cannot load the checkpoint file into {name} "
                                  f"({type(err).__name__}: {first})",

@@ -15,14 +15,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.features import read_rows
-from featcache.pipeline.select.metrics import (
-    METRICS,
-    QUERY_METRICS,
-    alignment_score,
-    k_for,
-    permuted,
-    prepare,
-)
+from featcache.pipeline.select.metrics import METRICS, QUERY_METRICS, alignment_score, k_for, permuted, prepare
 
 
 def rice_k(n: int) -> int:

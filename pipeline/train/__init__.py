@@ -8,13 +8,7 @@ arrays only, never an encoder.
 
 from featcache.pipeline.train.config import LOSSES, AlignConfig, SelectConfig
 from featcache.pipeline.train.loop import fit, train
-from featcache.pipeline.train.plan import (
-           CachedData,
-           build_run,
-           load_cached,
-           plan_run,
-           select_layers,
-)
+from featcache.pipeline.train.plan import CachedData, build_run, load_cached, plan_run, select_layers
 from featcache.pipeline.train.sweep import sweep
 
 __all__ = ["LOSSES", "AlignConfig", "CachedData", "SelectConfig", "build_run", "fit", "load_cached", "plan_run",

@@ -14,14 +14,7 @@ from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.common.arrays import require_finite, subsample
 from featcache.pipeline.common.device import pick_device
 from featcache.pipeline.common.layerspec import resolve_layers
-from featcache.pipeline.features import (
-    PairedFeatures,
-    Side,
-    dataset_splits,
-    extract_hint,
-    open_pairs,
-    stored_dtype,
-)
+from featcache.pipeline.features import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, stored_dtype
 from featcache.pipeline.select.table import LayerRows, ScoreTable, score_table
 from featcache.pipeline.train.config import AlignConfig, SelectConfig
 from featcache.pipeline.train.heads import AlignmentModel, FixedModel

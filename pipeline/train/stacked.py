@@ -30,30 +30,11 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from featcache.pipeline.common.device import pick_device
-from featcache.pipeline.common.losses import (
-    clip_loss,
-    compile_wanted,
-    lambda_at,
-    maybe_compile,
-    structure_regularizer,
-)
+from featcache.pipeline.common.losses import clip_loss, compile_wanted, lambda_at, maybe_compile, structure_regularizer
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import AlignmentModel
-from featcache.pipeline.train.loop import (
-    check_finite,
-    epoch_record,
-    fit_summary,
-    structure_options,
-    train,
-)
-from featcache.pipeline.train.plan import (
-    CachedData,
-    RunPlan,
-    checked_tensors,
-    cosine_factor,
-    new_model,
-    plan_run,
-)
+from featcache.pipeline.train.loop import check_finite, epoch_record, fit_summary, structure_options, train
+from featcache.pipeline.train.plan import CachedData, RunPlan, checked_tensors, cosine_factor, new_model, plan_run
 from featcache.pipeline.train.runs import RunWriter
 
 # What cells of one stack may differ in; ``layers`` only as written (they share the resolved pair).
