@@ -107,7 +107,7 @@ def test_a_touched_image_is_read_once_and_a_changed_one_refused_by_name(tiny_vit
 
 
 def test_verify_deep_rehashes_every_image(tiny_vit, tmp_path, monkeypatch):
-    pairs = make_pairs(tmp_path / "data", n=12)
+    make_pairs(tmp_path / "data", n=12)
     monkeypatch.chdir(tmp_path)
     extract(ExtractConfig(model=f"hf:{tiny_vit}", dataset="data/pairs.jsonl", cache_dir=tmp_path / "cache"))
     with opened_images() as seen:

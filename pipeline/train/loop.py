@@ -4,14 +4,12 @@ validation epoch, the λ ramp, clipping, and what each epoch records."""
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.losses import (
     clip_loss,
     compile_wanted,
@@ -23,6 +21,7 @@ from featcache.pipeline.common.losses import (
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import FixedModel
 from featcache.pipeline.train.plan import CachedData, RunSetup, build_run, load_cached
+from featcache.pipeline.train.progress import LOSS_NAMES, RunProgress
 from featcache.pipeline.train.runs import RunWriter
 from featcache.pipeline.train.training_free import fit as fit_free
 
@@ -76,31 +75,7 @@ def validation_losses(model, cfg, xi, xt) -> dict:
         total, clip, reg = batch_losses(model, cfg, bi, bt, cfg.lam)
         totals += torch.stack([total, clip, reg.to(total.device)]).double() * len(bi)
         scored += len(bi)
-    return dict(zip(("total", "clip", "structure"), (totals / max(scored, 1)).tolist()))
-
-
-def epoch_record(epoch: int, step: int, lr: float, lam: float, train: dict, val: dict) -> dict:
-    """One metrics.jsonl line of a trained run."""
-    return {"epoch": epoch, "step": step, "lr": lr, "lambda": lam, **{f"train_{k}": v for k, v in train.items()},
-            **{f"val_{k}": v for k, v in val.items()}}
-
-
-def check_finite(epoch: int, train: dict, val: dict) -> None:
-    if not all(math.isfinite(v) for v in (*train.values(), *val.values())):
-        raise FeatcacheError(f"the loss became non-finite at epoch {epoch} (train {train['total']}, "
-                             f"val {val['total']}); no run was recorded",
-                             "lower --lr or --lam, or check the features with featcache verify")
-
-
-def fit_summary(run_id: str, config: dict, cfg: AlignConfig, best: dict, epochs_run: int, steps: int,
-                seconds: float, train_pairs: int) -> dict:
-    """summary.json of a trained run."""
-    return {
-        "run_id": run_id, "image_layer": config["image_layer"], "text_layer": config["text_layer"],
-        "best_epoch": best["epoch"], "best_val": best["score"], "checkpoint_on": cfg.checkpoint_on,
-        "epochs_run": epochs_run, "steps": steps, "seconds": seconds,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_pairs": train_pairs,
-    }
+    return dict(zip(LOSS_NAMES, (totals / max(scored, 1)).tolist()))
 
 
 def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
@@ -113,9 +88,8 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
     if cfg.fixed_structure:  # drawn once per run, from its own generator so batch order is unchanged
         pick = torch.randperm(run.rows, generator=torch.Generator().manual_seed(cfg.seed + 1))[:run.batch]
         fixed = (xi[pick.to(xi.device)], xt[pick.to(xt.device)])
-    best = {"epoch": -1, "score": float("inf")}
-    best_state = copy.deepcopy(model.state_dict())
-    step, start = 0, time.perf_counter()
+    progress_of_run = RunProgress(cfg, writer, run.config, copy.deepcopy(model.state_dict()))
+    step = 0
     layers = f"{run.config['image_layer']}/{run.config['text_layer']}"
     task = progress.add_task(f"align {layers} seed {cfg.seed}", total=cfg.epochs) if progress else None
     for epoch in range(cfg.epochs):
@@ -133,22 +107,17 @@ def fit(run: RunSetup, writer: RunWriter, progress=None) -> dict:
             sched.step()
             step += 1
             sums_t += torch.stack([total.detach(), clip.detach(), reg.detach().to(total.device)])
-        sums = dict(zip(("total", "clip", "structure"), (sums_t / run.steps_per_epoch).tolist()))  # one read
+        sums = dict(zip(LOSS_NAMES, (sums_t / run.steps_per_epoch).tolist()))  # one read
         model.eval()
         val = validation_losses(model, cfg, vi, vt)
-        check_finite(epoch, sums, val)
-        score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
-        if score < best["score"]:
-            best = {"epoch": epoch, "score": score}
-            best_state = copy.deepcopy(model.state_dict())
-        writer.log(epoch_record(epoch, step, sched.get_last_lr()[0], lambda_at(step, cfg.lam, cfg.lam_warmup_steps),
-                                sums, val))
+        stop = progress_of_run.end_epoch(epoch, step, sched.get_last_lr()[0], sums, val,
+                                         lambda: copy.deepcopy(model.state_dict()))
         if task is not None:
             progress.update(task, advance=1)
-        if epoch - best["epoch"] >= cfg.patience:
+        if stop:
             break
-    model.load_state_dict(best_state)
-    return fit_summary(writer.run_id, run.config, cfg, best, epoch + 1, step, time.perf_counter() - start, run.rows)
+    model.load_state_dict(progress_of_run.best_weights)
+    return progress_of_run.summary(step, run.rows)
 
 
 def fit_training_free(run: RunSetup, writer: RunWriter) -> dict:

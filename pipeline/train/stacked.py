@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,9 @@ from featcache.pipeline.common.device import pick_device
 from featcache.pipeline.common.losses import clip_loss, compile_wanted, lambda_at, maybe_compile, structure_regularizer
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import AlignmentModel
-from featcache.pipeline.train.loop import check_finite, epoch_record, fit_summary, structure_options, train
+from featcache.pipeline.train.loop import structure_options, train
 from featcache.pipeline.train.plan import CachedData, RunPlan, checked_tensors, cosine_factor, new_model, plan_run
+from featcache.pipeline.train.progress import LOSS_NAMES, RunProgress
 from featcache.pipeline.train.runs import RunWriter
 
 # What cells of one stack may differ in; ``layers`` only as written (they share the resolved pair).
@@ -188,18 +188,16 @@ def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]
     active = list(range(len(plans)))  # stack position -> cell
     gens = [torch.Generator().manual_seed(p.cfg.seed) for p in plans]
     lam_max = torch.tensor([p.cfg.lam for p in plans], dtype=torch.float32, device=device)
-    best = [{"epoch": -1, "score": float("inf")} for _ in plans]
-    best_state = [stack.state(c) for c in range(len(plans))]
+    cells = [RunProgress(p.cfg, writers[c], configs[c], stack.state(c)) for c, p in enumerate(plans)]
     done: dict[int, Path] = {}
     total_steps = steps * cfg0.epochs
-    step, start = 0, time.perf_counter()
+    step = 0
     task = progress.add_task(f"align {plans[0].image_layer}/{plans[0].text_layer} x {len(plans)} cells",
                              total=cfg0.epochs) if progress else None
 
-    def finish(c: int, epochs_run: int) -> None:
-        models[c].load_state_dict(best_state[c])
-        summary = fit_summary(writers[c].run_id, configs[c], plans[c].cfg, best[c], epochs_run, step,
-                              time.perf_counter() - start, len(plans[c].rows)) | {"batched_cells": len(plans)}
+    def finish(c: int) -> None:
+        models[c].load_state_dict(cells[c].best_weights)
+        summary = cells[c].summary(step, len(plans[c].rows)) | {"batched_cells": len(plans)}
         extra = {"layer_scores.json": plans[c].table.to_dict()} if plans[c].table is not None else None
         done[c] = writers[c].finish(summary, models[c].state_dict(), extra)
 
@@ -227,16 +225,10 @@ def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]
         keep = []
         for j, c in enumerate(active):
             cfg = plans[c].cfg
-            tr, va = (dict(zip(("total", "clip", "structure"), stats[j][s:s + 3])) for s in (0, 3))
-            check_finite(epoch, tr, va)
-            score = va["clip"] if cfg.checkpoint_on == "val_clip" else va["total"]
-            if score < best[c]["score"]:
-                best[c] = {"epoch": epoch, "score": score}
-                best_state[c] = stack.state(j)
-            writers[c].log(epoch_record(epoch, step, cfg.lr * cosine_factor(step, total_steps),
-                                        lambda_at(step, cfg.lam, cfg.lam_warmup_steps), tr, va))
-            if epoch - best[c]["epoch"] >= cfg.patience:
-                finish(c, epoch + 1)
+            tr, va = (dict(zip(LOSS_NAMES, stats[j][s:s + 3])) for s in (0, 3))
+            if cells[c].end_epoch(epoch, step, cfg.lr * cosine_factor(step, total_steps), tr, va,
+                                  lambda j=j: stack.state(j)):
+                finish(c)
             else:
                 keep.append(j)
         if task is not None:
@@ -250,7 +242,7 @@ def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]
             active = [active[j] for j in keep]
     for c in active:
         if c not in done:
-            finish(c, cfg0.epochs)
+            finish(c)
     return [done[c] for c in range(len(plans))]
 
 
