@@ -232,7 +232,7 @@ def study(
         None, help="Instead of --layers, named rows to compare: methods (trained heads, CSA, CSA + R_S, ASIF, "
                    "Procrustes), switches (one row per R_S switch) or recipe; comma-separated."),
     lam_warmup_steps: Optional[int] = typer.Option(
-        None, min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
+        None, "--lam-warmup", "--lam-warmup-steps", min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
                           "ramp out of a scaling study, where a ramp in steps is a different share of each size's run."),
     merge: Optional[str] = typer.Option(
         None, help="Summarise studies run apart (say one --salts each, on several machines): their --out "

@@ -58,6 +58,11 @@ Compile = typer.Option("auto", "--compile", help="torch.compile: auto (R_S's ele
                                                 "warns and runs eagerly where it fails) | off.")
 Log = typer.Option("none", "--log", help="Experiment tracker: none | tensorboard | wandb (offline unless WANDB_MODE says otherwise; metrics.jsonl always).")
 ValSplit = typer.Option("val", help="Validation split; a data set without 'val' holds out 10% of train by hash.")
+Weighting = typer.Option("none", help="Level weights: none | inverse (1/l).")
+Divergence = typer.Option("reference", help="reference (released code) | js (textbook).")
+LamWarmup = typer.Option(1000, "--lam-warmup", min=0, help="Steps of the lambda ramp.")
+DOut = typer.Option(512, "--d-out", min=1, help="Width of the shared space.")
+LearnTemperature = typer.Option(False, "--learn-temperature", help="Learn tau with the heads.")
 
 
 @app.command()
@@ -115,14 +120,14 @@ def align(
     layers: str = typer.Option("auto", help="auto (best mutual-kNN pair) | last | IMG,TXT"),
     loss: str = typer.Option("clip+structure", help="clip | clip+structure"),
     levels: int = Levels,
-    weighting: str = typer.Option("none", help="Level weights: none | inverse (1/l)."),
-    divergence: str = typer.Option("reference", help="reference (released code) | js (textbook)."),
+    weighting: str = Weighting,
+    divergence: str = Divergence,
     lam: float = Lam,
-    lam_warmup: int = typer.Option(1000, min=0, help="Steps of the lambda ramp."),
+    lam_warmup: int = LamWarmup,
     temperature: float = typer.Option(0.05, min=1e-4),
-    learn_temperature: bool = typer.Option(False),
+    learn_temperature: bool = LearnTemperature,
     head: str = Head,
-    d_out: int = typer.Option(512, min=1),
+    d_out: int = DOut,
     pairs: Optional[int] = typer.Option(None, min=2, help="Subsample N training pairs (by seed)."),
     seed: int = typer.Option(0),
     epochs: int = Epochs,
@@ -185,8 +190,13 @@ def sweep(
     batch_size: int = BatchSize,
     lr: float = LearningRate,
     levels: int = Levels,
+    weighting: str = Weighting,
+    divergence: str = Divergence,
     lam: str = typer.Option("10", help="STRUCTURE weight lambda (ramped from 0), a comma list."),
+    lam_warmup: int = LamWarmup,
     temperature: str = typer.Option("0.05", help="Temperature tau, a comma list."),
+    learn_temperature: bool = LearnTemperature,
+    d_out: int = DOut,
     checkpoint_on: str = CheckpointOn,
     centering: str = Centering,
     center_first: str = typer.Option("false", "--center-first", help="false | true | false,true"),
@@ -215,7 +225,9 @@ def sweep(
     from featcache.pipeline.train.sweep import sweep as run_sweep
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
-                        patience=patience, batch_size=batch_size, lr=lr, levels=levels,
+                        patience=patience, batch_size=batch_size, lr=lr, levels=levels, weighting=weighting,
+                        divergence=divergence, lam_warmup_steps=lam_warmup, learn_temperature=learn_temperature,
+                        d_out=d_out,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
                         select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile)
     layer_list = [v.strip() for v in layers.split(";") if v.strip()]

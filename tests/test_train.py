@@ -12,7 +12,7 @@ from featcache.cli.main import app
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import ResidualMLPHead
 from featcache.pipeline.train.loop import train
-from featcache.pipeline.train.loop import validation_losses as _evaluate
+from featcache.pipeline.train.loop import validation_losses
 from featcache.pipeline.train.plan import load_cached
 from featcache.pipeline.train.runs import find_run, list_runs, load_heads, read_json
 from featcache.pipeline.train.sweep import sweep
@@ -59,7 +59,7 @@ def test_run_record_and_best_weights_restored(tiny_cache, tmp_path):
     data = load_cached(cfg)
     vi = torch.from_numpy(data.features("val", "image", summary["image_layer"]))
     vt = torch.from_numpy(data.features("val", "text", summary["text_layer"]))
-    assert _evaluate(model, cfg, vi, vt)["clip"] == pytest.approx(best["val_clip"], rel=1e-5)
+    assert validation_losses(model, cfg, vi, vt)["clip"] == pytest.approx(best["val_clip"], rel=1e-5)
 
 
 def test_pairs_subsample_is_reproducible(tiny_cache, tmp_path):
@@ -353,3 +353,17 @@ def test_no_host_reads_inside_the_step_loop(tiny_cache, tmp_path, monkeypatch, v
         return len(reads)
 
     assert count(24) == count(8)  # 2 and 6 steps per epoch
+
+
+def test_sweep_takes_every_training_option_of_align(tiny_cache, tmp_path):
+    """align and sweep declare their shared options once: what align can set, a sweep can fix."""
+    out = runner.invoke(app, ["sweep", "--image-model", tiny_cache["vit"], "--text-model", tiny_cache["bert"],
+                              "--dataset", str(tiny_cache["pairs"]), "--cache-dir", str(tiny_cache["cache"]),
+                              "--runs-dir", str(tmp_path / "runs"), "--layers", "last", "--loss", "clip+structure",
+                              "--seeds", "0", "--epochs", "2", "--batch-size", "16", "--d-out", "16",
+                              "--lam-warmup", "0", "--weighting", "inverse", "--divergence", "js",
+                              "--learn-temperature"])
+    assert out.exit_code == 0, out.output
+    config = read_json(next((tmp_path / "runs").iterdir()) / "config.json")
+    assert (config["d_out"], config["lam_warmup_steps"], config["weighting"], config["divergence"],
+            config["learn_temperature"]) == (16, 0, "inverse", "js", True)
