@@ -27,16 +27,15 @@ A checksum only says an object is intact, not that it belongs where it lies: a c
 another position, layer or store (a merge of two caches, a sync gone wrong) passes it. So a
 finished chunk's done flag is its seal: a crc32c of the store's identity, the layer, the chunk
 index, and the chunk's ``missing`` and feature bytes as stored. Every read recomputes it. The
-shared row arrays (ids, groups, texts) have seals in the attributes (``row_seals``).
+shared row arrays (ids, groups, texts) have seals in the attributes (``row_seals``). The seal
+maths live in ``featcache.cache.seals``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Iterator
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -46,10 +45,10 @@ import featcache.cache.location as loc
 from featcache.cache.commands import stored_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
+from featcache.cache.seals import chunk_seal, identity_key, rows_seal
 
 FORMAT_VERSION = 3  # 2: crc32c on every chunk, chunks written even when empty; 3: done flags are seals
 _FORMATS = {1: "without chunk checksums", 2: "without chunk seals"}
-_DONE = 1 << 32  # a seal is this bit and a crc32c: never 0, the value of an unfinished chunk
 _MIN_CHUNK_BYTES = 1 << 20
 # Every array: zstd, then a crc32c of the compressed bytes.
 ARRAY_OPTIONS = {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
@@ -65,17 +64,6 @@ def _decode_problem(err: ValueError) -> str:
     if "checksum" in str(err):
         return "fails its checksum"
     return "cannot be decoded as a chunk of this array (another dtype or shape: copied from another store?)"
-
-
-def _identity_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def rows_seal(identity: dict, name: str, values) -> int:
-    """The seal of a shared row array (ids, groups, texts; its values as strings), kept in the
-    store's attributes: these arrays pair captions with images, so another store's copy must not pass."""
-    crc = google_crc32c.value(f"{_identity_key(identity)}\0{name}\0".encode())
-    return _DONE | google_crc32c.extend(crc, json.dumps([str(v) for v in values]).encode())
 
 
 class CorruptArray(FeatcacheError):
@@ -268,11 +256,8 @@ class FeatureStore:
     def seal_of(self, layer: str, chunk: int, missing: np.ndarray, data: np.ndarray) -> int:
         """The done flag of a finished chunk: binds its bytes to this store, layer and position."""
         if not hasattr(self, "_seal_key"):
-            self._seal_key = _identity_key(self.identity)
-        crc = google_crc32c.value(f"{self._seal_key}\0{layer}\0{chunk}\0{self.chunk_rows}\0".encode())
-        crc = google_crc32c.extend(crc, np.ascontiguousarray(missing, dtype=bool))
-        crc = google_crc32c.extend(crc, np.ascontiguousarray(data, dtype=self.attrs["dtype"]))
-        return _DONE | crc
+            self._seal_key = identity_key(self.identity)
+        return chunk_seal(self._seal_key, layer, chunk, self.chunk_rows, missing, data, self.attrs["dtype"])
 
     def chunk_slice(self, chunk: int) -> slice:
         start = chunk * self.chunk_rows

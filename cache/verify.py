@@ -18,6 +18,7 @@ import zarr
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.locks import all_writers_locked
+from featcache.cache.seals import rows_seal
 from featcache.cache.store import (
     ARRAY_OPTIONS,
     FORMAT_VERSION,
@@ -26,7 +27,6 @@ from featcache.cache.store import (
     CorruptChunk,
     FeatureStore,
     rebuild_command,
-    rows_seal,
 )
 
 

@@ -33,6 +33,8 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "featcache-test", "AWS_SECRET_ACCESS_KEY": "
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+pytestmark = pytest.mark.slow  # a real S3 server (moto): CI runs it with -m 'real or slow'
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's threaded S3 server on a free port of 127.0.0.1; boto finds it by AWS_ENDPOINT_URL."""

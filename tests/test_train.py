@@ -11,8 +11,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import ResidualMLPHead
-from featcache.pipeline.train.loop import train
-from featcache.pipeline.train.loop import validation_losses
+from featcache.pipeline.train.loop import train, validation_losses
 from featcache.pipeline.train.plan import load_cached
 from featcache.pipeline.train.runs import find_run, list_runs, load_heads, read_json
 from featcache.pipeline.train.sweep import sweep
