@@ -9,8 +9,10 @@ docs/scale.md), behind the same two functions, so callers never ask which kind t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -46,10 +48,20 @@ def file_lock(path: Path, blocking: bool, what: str, hint: str = WRITER_HINT):
     """An exclusive flock on ``path``; a non-blocking lock that is taken raises a clear error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")
+        # O_NOFOLLOW: a lock file replaced by a link must never carry our pid to the link's target
+        # (a write outside the cache); O_NONBLOCK: a FIFO planted there must not hang the open.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise FeatcacheError(f"the lock file {path} is a symbolic link; featcache writes no lock through a link",
+                                 "remove the link (nothing else is changed), then run the command again") from None
         raise FeatcacheError(f"cannot create the lock file {path} ({err.strerror})",
                              "check that the cache directory is a writable folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FeatcacheError(f"the lock file {path} is not a regular file", "remove it, then run the command again")
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "r+")
     with f:
         flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
         try:

@@ -655,3 +655,24 @@ def test_a_user_data_set_name_follows_its_content(tmp_path):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a distinct mtime even on coarse clocks
     assert canonical_name(str(path)) != first
+
+
+def test_a_lock_file_replaced_by_a_link_is_never_written_through(tiny_vit, tmp_path):
+    """A planted link at a store's lock file: extract and extract --overwrite stop, naming it, and
+    the link's target outside the cache is unchanged."""
+    from conftest import make_pairs
+
+    pairs = make_pairs(tmp_path / "data", n=8)
+    cache = tmp_path / "cache"
+    argv = ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
+            "--cache-dir", str(cache)]
+    assert runner.invoke(app, argv).exit_code == 0
+    [lock] = [p for p in cache.rglob(".*.shard-0-of-1.lock")]
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious")
+    lock.unlink()
+    lock.symlink_to(target)
+    for extra in ([], ["--overwrite"]):
+        out = runner.invoke(app, argv + extra)
+        assert out.exit_code == 2 and "is a symbolic link" in out.output, out.output
+        assert target.read_text() == "precious"

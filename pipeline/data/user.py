@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def _pairs(path: Path, rows: list[tuple[str, Path, str | None, str, str]]) -> di
     if not rows:
         raise _bad_file(path, "", "holds no rows", "a pair file needs at least one image,caption row")
     split_of: dict[str, tuple[str, str]] = {}
-    for image_id, _, _, split, where in rows:
-        first = split_of.setdefault(image_id, (split, where))
+    for image_id, image_path, _, split, where in rows:
+        # The file itself, however it is spelled (./a.png, a.png, a link to it): one image, one split.
+        first = split_of.setdefault(os.path.realpath(image_path), (split, where))
         if first[0] != split:
             raise _bad_file(path, "", f"the image {image_id} is in two splits, {first[0]!r} ({first[1]}) and "
                                       f"{split!r} ({where}); the test split would leak into training",
@@ -119,11 +121,16 @@ def _text_field(rec: dict, key: str) -> str | None:
 
 def pair_table(path: Path, options: dict) -> dict[str, Split]:
     salt = options.get("salt", "")
+    allow_outside = options.get("outside") == "allow"  # images named by ../ or an absolute path
     rows = []
     for n, rec in _table_records(path):
         image = _text_field(rec, "image")
         if image is None:
             raise _bad_file(path, f":{n}", f"needs an 'image' file name (a non-empty string), got {rec.get('image')!r}")
+        image = os.path.normpath(image)  # ./a.png and a.png are one image id
+        if not allow_outside and (os.path.isabs(image) or image.split(os.sep)[0] == os.pardir):
+            raise _bad_file(path, f":{n}", f"the image {image!r} lies outside the data set's folder {path.parent}",
+                            f"move the images under {path.parent}, or allow it: --dataset {path}:outside=allow")
         split = rec.get("split")
         if split in (None, ""):
             split = hash_split(image, salt)
