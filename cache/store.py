@@ -269,12 +269,42 @@ class FeatureStore:
         return list(self.attrs.get("layers", []))
 
     def array(self, name: str) -> zarr.Array:
-        """One array of the store; missing or damaged array metadata is a clear error."""
+        """One array of the store; missing, damaged or changed array metadata is a clear error."""
         try:
-            return self.group[name]
+            array = self.group[name]
         except Exception as err:  # KeyError for a removed array, JSON and value errors for a damaged one
             raise FeatcacheError(f"{self.path}: the array {name!r} is missing or its metadata is damaged "
                                  f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs)}") from None
+        self._check_layout(name, array)
+        return array
+
+    def _check_layout(self, name: str, array: zarr.Array) -> None:
+        """The metadata that says how to read an array's bytes must be what the store wrote: a
+        seal ties a chunk's bytes to its place, not to a dtype or shape edited in its zarr.json
+        (float16 bytes read as int16 pass every checksum, and are garbage)."""
+        if self.attrs.get("format") != FORMAT_VERSION:
+            return  # an older store is opened only to be resealed, which checks every chunk itself
+        if self.attrs.get("dtype") != self.identity.get("dtype", self.attrs.get("dtype")) or \
+                self.rows != self.identity.get("dataset", {}).get("rows", self.rows):
+            raise CorruptArray(self.path, "attributes", "disagree with the store's sealed identity (dtype or rows "
+                               "changed)", f"rebuild the store: {rebuild_command(self.attrs)}")
+        chunk = max(1, min(self.chunk_rows, self.rows))
+        layouts = {"layers": ((self.rows, self.width), (chunk, self.width), self.attrs["dtype"]),
+                   "done": ((max(self.n_chunks, 1),), (1,), "uint64"), "reseal": ((max(self.n_chunks, 1),), (1,), "uint64"),
+                   "missing": ((self.rows,), (chunk,), "bool"), "sources/stamp": ((self.rows, 2), (chunk, 2), "int64"),
+                   "sources/sha256": ((self.rows, 32), (chunk, 32), "uint8")}
+        key = name if name in layouts else name.split("/")[0]
+        if key in ("ids", "groups", "texts"):
+            want = ((self.rows,), None, None)
+        elif key in layouts:
+            want = layouts[key]
+        else:
+            return
+        have = (tuple(array.shape), tuple(array.chunks), str(array.dtype))
+        for what, h, w in zip(("shape", "chunk shape", "dtype"), have, want):
+            if w is not None and h != (w if what != "dtype" else str(np.dtype(w))):
+                raise CorruptArray(self.path, name, f"has {what} {h} where the store wrote {w} (its zarr.json was "
+                                   "changed)", f"rebuild the store: {rebuild_command(self.attrs)}")
 
     def decoded(self, name: str, selection=slice(None)) -> np.ndarray:
         """An array read whose damage is a clear error (per-chunk errors are finer)."""

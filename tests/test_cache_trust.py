@@ -676,3 +676,32 @@ def test_a_lock_file_replaced_by_a_link_is_never_written_through(tiny_vit, tmp_p
         out = runner.invoke(app, argv + extra)
         assert out.exit_code == 2 and "is a symbolic link" in out.output, out.output
         assert target.read_text() == "precious"
+
+
+@pytest.mark.parametrize("edit", ["int16", "longer", "width"])
+def test_metadata_that_reinterprets_sealed_bytes_is_refused(tiny_vit, tmp_path, edit):
+    """float16 bytes read as int16, a layer's shape extended, the store's width changed: every
+    check of the bytes holds, so the metadata itself is checked against what the store wrote."""
+    import json as _json
+
+    from conftest import make_pairs
+
+    pairs = make_pairs(tmp_path / "data", n=8)
+    cache = tmp_path / "cache"
+    argv = ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
+            "--cache-dir", str(cache)]
+    assert runner.invoke(app, argv).exit_code == 0
+    [store] = list(cache.rglob("*.zarr"))
+    meta_path = store / ("zarr.json" if edit == "width" else "layers/block.02/zarr.json")
+    meta = _json.loads(meta_path.read_text())
+    if edit == "int16":
+        meta["data_type"] = "int16"
+    elif edit == "longer":
+        meta["shape"][0] += 50
+    else:
+        meta["attributes"]["width"] += 1
+    meta_path.write_text(_json.dumps(meta))
+    out = runner.invoke(app, ["verify", str(store)])
+    assert out.exit_code == 1 and ("block.02" in out.output or "layers" in out.output), out.output
+    out = runner.invoke(app, ["export", str(store), str(tmp_path / "out.h5")])
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output
