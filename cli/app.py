@@ -139,11 +139,14 @@ def human_bytes(n: float) -> str:
 
 
 def parse_list(value: str, cast=str) -> list:
-    """'a,b,c' (or 'a;b;c') as a list, each item cast."""
+    """'a,b,c' (or 'a;b;c') as a list, each item cast; an empty list is an error, never "all"."""
     try:
-        return [cast(v.strip()) for v in value.split(";" if ";" in value else ",") if v.strip()]
+        items = [cast(v.strip()) for v in value.split(";" if ";" in value else ",") if v.strip()]
     except ValueError:
-        raise FeatcacheError(f"bad list {value!r}", "write comma-separated values")
+        raise FeatcacheError(f"bad list {value!r}", "write comma-separated values") from None
+    if not items:
+        raise FeatcacheError(f"the list {value!r} is empty", "write one value or more, comma-separated")
+    return items
 
 
 def score_table_view(table, where: str):

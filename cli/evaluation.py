@@ -256,7 +256,7 @@ def study(
                       seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
                       checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
                       pairs=sizes, configs=rows, lam_warmup_steps=lam_warmup_steps)
-    summary = run_study(cfg, progress_bar, [Path(d) for d in parse_list(merge)] if merge else None)
+    summary = run_study(cfg, progress_bar, [Path(d) for d in parse_list(merge)] if merge is not None else None)
     console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
 
 

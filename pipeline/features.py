@@ -11,7 +11,7 @@ from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import encoder_key
 from featcache.cache.store import FeatureStore, extract_command
-from featcache.pipeline.common.names import canonical_name, hash_unit, is_combined
+from featcache.pipeline.common.names import canonical_name, combined_parts, hash_unit, is_combined
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ConcatStore:
 def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
     """The checked store of one side of a split (a ConcatStore for ``a+b``), via the cache's read API."""
     if is_combined(dataset):
-        parts = dataset.split("+")
+        parts = combined_parts(dataset)
         stores = [open_store(cache_dir, part, split, side) for part in parts]
         for part, store in zip(parts[1:], stores[1:]):
             lookup.check_same_encoder(stores[0].encoder_identity, store, f"{dataset}: part {part}")

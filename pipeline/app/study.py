@@ -23,7 +23,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.paths import default_cache_dir
-from featcache.pipeline.common.names import is_combined
+from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract.run import ExtractConfig, extract
 from featcache.pipeline.features import Side, dataset_splits, open_store
@@ -122,7 +122,7 @@ def salted_spec(dataset: str, salt: str) -> str:
     """The data set redrawn with ``salt``; every part of a combined ``a+b`` gets the same salt."""
     if not salt:
         return dataset
-    parts = dataset.split("+") if is_combined(dataset) else [dataset]
+    parts = combined_parts(dataset) if is_combined(dataset) else [dataset]
     return "+".join(f"{p}:salt={salt}" for p in parts)
 
 

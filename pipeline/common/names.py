@@ -42,6 +42,20 @@ def is_combined(spec: str) -> bool:
     return "+" in spec and not listing.is_corpus(spec) and not Path(spec).exists()
 
 
+def combined_parts(spec: str) -> list[str]:
+    """The parts of ``a+b``, each named once: an empty part (``+``, ``a+``) would read the working
+    folder as a data set, and a repeated one (``a+a``) would count every pair twice."""
+    parts = [p.strip() for p in spec.split("+")]
+    if not all(parts):
+        raise FeatcacheError(f"bad data set name {spec!r}: a '+' with nothing on one side",
+                             "write a+b with a data set on each side of every '+'")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise FeatcacheError(f"the data set {repeated[0]!r} appears twice in {spec!r}; its pairs would count twice",
+                             "name each part once")
+    return parts
+
+
 def _content_digest(path: Path) -> str:
     """A short digest of a user data set's resolved path and content (a folder: its file list).
 
@@ -98,7 +112,7 @@ def canonical_name(spec: str) -> str:
 
 def dataset_key(spec: str) -> str:
     """The name the stores of a data set spec record: canonical, part by part for ``a+b``."""
-    return "+".join(canonical_name(p) for p in spec.split("+")) if is_combined(spec) else canonical_name(spec)
+    return "+".join(canonical_name(p) for p in combined_parts(spec)) if is_combined(spec) else canonical_name(spec)
 
 
 def hash_unit(key: str, salt: str = "") -> float:

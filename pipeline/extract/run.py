@@ -20,7 +20,7 @@ from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.common.layerspec import resolve_layers
-from featcache.pipeline.common.names import is_combined
+from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.common.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 from featcache.pipeline.data.catalog import load_dataset
 from featcache.pipeline.data.rows import BadImage, ImageSide, Split
@@ -316,7 +316,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
     if is_combined(cfg.dataset):
         # a+b is read as the union of a's and b's stores: each part is cached once, on its own
-        return [r for part in cfg.dataset.split("+") for r in extract(replace(cfg, dataset=part), progress)]
+        return [r for part in combined_parts(cfg.dataset) for r in extract(replace(cfg, dataset=part), progress)]
     splits = load_dataset(cfg.dataset)
     names = cfg.splits or list(splits)
     unknown = [s for s in names if s not in splits]

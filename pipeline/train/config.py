@@ -17,6 +17,13 @@ from featcache.pipeline.train.training_free import METHODS, FreeConfig
 LOSSES = ("clip", "clip+structure")
 
 
+def check_seed(seed) -> None:
+    """Seeds seed numpy and torch generators, which take 0 <= seed < 2**32."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise FeatcacheError(f"the seed must be a whole number from 0 to {2**32 - 1}, got {seed}",
+                             "pass --seed 0, 1, 2, ...")
+
+
 @dataclass
 class SelectConfig:
     """Layer selection defaults of the method page."""
@@ -30,6 +37,7 @@ class SelectConfig:
     queries: int | None = None  # mutual/LCS kNN: exact neighbours of this many rows only (None: all rows)
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if self.metric not in METRICS:
             raise FeatcacheError(f"unknown layer metric {self.metric!r}", f"choose one of: {', '.join(METRICS)}")
         if self.k_rule not in K_RULES[1:]:
@@ -92,6 +100,7 @@ class AlignConfig:
         return d
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if self.log not in TRACKERS:
             raise FeatcacheError(f"unknown tracker {self.log!r}", f"choose one of: {', '.join(TRACKERS)}")
         if self.method != "heads" and self.method not in METHODS:
