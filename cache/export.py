@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import refuse_link
 from featcache.cache.store import FeatureStore
 
 
@@ -31,7 +32,7 @@ def export_hdf5(store: FeatureStore, out: Path | str, force: bool = False) -> Pa
     complete = [name for name in store.layers if store.is_complete(name)]
     if not complete:
         raise FeatcacheError(f"{store.path} has no finished layer to export", "run the extract command first")
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = refuse_link(out.with_name(f".{out.name}.tmp"))
     try:
         with h5py.File(tmp, "w") as f:
             str_dt = h5py.string_dtype()

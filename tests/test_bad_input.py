@@ -87,7 +87,7 @@ def test_bad_jsonl_is_one_line_naming_the_line(tiny_bert, images, tmp_path, case
     elif case == "empty":
         rows, raw = [], b"\n\n"
     path = jsonl(images, rows, raw=raw)
-    text = failed(extract(tiny_bert, path, tmp_path / "cache"), str(path), *needles)
+    failed(extract(tiny_bert, path, tmp_path / "cache"), str(path), *needles)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.zarr"))
 
 

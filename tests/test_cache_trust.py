@@ -705,3 +705,35 @@ def test_metadata_that_reinterprets_sealed_bytes_is_refused(tiny_vit, tmp_path, 
     assert out.exit_code == 1 and ("block.02" in out.output or "layers" in out.output), out.output
     out = runner.invoke(app, ["export", str(store), str(tmp_path / "out.h5")])
     assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+
+
+def test_links_planted_where_featcache_writes_are_never_written_through(tmp_path):
+    """An export's temporary file, a heatmap and a run's eval/ folder, each a planted link: the
+    command stops naming it, and the link's target is unchanged."""
+    from conftest import align_then_eval_with_tracker, build_tiny_cache
+
+    tiny = build_tiny_cache(tmp_path / "tiny", n=24)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious.txt").write_text("precious")
+    store = next(tiny["cache"].rglob("*.zarr"))
+    out_h5 = tmp_path / "out.h5"
+    (tmp_path / ".out.h5.tmp").symlink_to(target / "precious.txt")
+    out = runner.invoke(app, ["export", str(store), str(out_h5)])
+    assert out.exit_code == 2 and "symbolic link" in out.output, out.output
+    png = tmp_path / "heat.png"
+    png.symlink_to(target / "precious.txt")
+    common = ["--image-model", tiny["vit"], "--text-model", tiny["bert"], "--dataset", str(tiny["pairs"]),
+              "--cache-dir", str(tiny["cache"])]
+    out = runner.invoke(app, ["layers", *common, "--out", str(png)])
+    assert out.exit_code == 2 and "symbolic link" in out.output, out.output
+    run = align_then_eval_with_tracker(tiny, tmp_path, "none")
+    import shutil
+
+    shutil.rmtree(run / "eval")
+    (run / "eval").symlink_to(target, target_is_directory=True)
+    out = runner.invoke(app, ["eval", "retrieval", "--runs-dir", str(tmp_path / "runs"), "--cache-dir",
+                              str(tiny["cache"])])
+    assert out.exit_code == 2 and "symbolic link" in out.output, out.output
+    assert sorted(p.name for p in target.iterdir()) == ["precious.txt"]
+    assert (target / "precious.txt").read_text() == "precious"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache.files import open_new
+
 
 def _pyplot():
     import matplotlib
@@ -38,7 +40,8 @@ def layer_heatmap(table, out: Path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with open_new(out, "wb") as f:  # never through a link planted at the output path
+        fig.savefig(f, dpi=120, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
 
@@ -52,7 +55,8 @@ def metric_bars(labels: list[str], means: list[float], stds: list[float], out: P
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with open_new(out, "wb") as f:  # never through a link planted at the output path
+        fig.savefig(f, dpi=120, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
 
@@ -73,6 +77,7 @@ def metric_lines(series: dict[str, tuple[list[float], list[float], list[float]]]
     ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with open_new(out, "wb") as f:  # never through a link planted at the output path
+        fig.savefig(f, dpi=120, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)
     return out

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.naming import safe_component
 from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
@@ -163,7 +164,7 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
     for salt in cfg.salts:
         spec = salted_spec(cfg.dataset, salt)
         _ensure_cached(cfg, spec, progress_factory)
-        runs_dir = cfg.out / "runs" / (salt or "default")
+        runs_dir = cfg.out / "runs" / safe_component(salt or "default")  # a salt like '../..' stays inside
         base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs,
                            patience=cfg.patience, batch_size=cfg.batch_size, checkpoint_on=cfg.checkpoint_on,
                            cache_dir=cfg.cache_dir, runs_dir=runs_dir, device=cfg.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from featcache.cache.files import real_folder
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.common.names import dataset_key
 from featcache.pipeline.train.runs import write_json
@@ -110,7 +111,6 @@ def write_result(run_dir: Path, run_cfg: dict, result: dict) -> Path:
     result["rows"] = [r.to_dict() for r in rows]
     rule = "-caption-positives" if result.get("positive_rule") == "caption" else ""
     name = f"{result['task']}-{dataset_key(result['dataset'])}-{result['split']}{rule}.json"
-    path = run_dir / "eval" / name.replace("/", "_")
-    path.parent.mkdir(exist_ok=True)
+    path = real_folder(run_dir / "eval") / name.replace("/", "_")
     write_json(path, result)
     return path

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import open_new
 
 
 def new_run_id(config: dict) -> str:
@@ -67,8 +68,9 @@ class RunWriter:
 
 def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    with open_new(tmp) as f:  # never through a link planted at the temporary name
+        f.write(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)  # a rename replaces a link at ``path`` itself, never its target
 
 
 def read_json(path: Path):
