@@ -314,3 +314,22 @@ def test_every_stage_two_command_reads_a_read_only_cache(tiny, tmp_path, monkeyp
         assert invoke("verify", "--repair", "--cache-dir", ro).exit_code == 0  # nothing to repair
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_a_20000_by_1_image_is_resized_without_a_full_size_intermediate(tiny_vit):
+    """A shorter-side resize of a 20000 x 1 strip to 224 would make a 4,480,000 x 224 image (3 GB);
+    only the kept square is resampled."""
+    import resource
+
+    import numpy as np
+    from PIL import Image
+
+    from featcache.pipeline.extract.loading import load_encoder
+
+    enc = load_encoder(f"hf:{tiny_vit}", "cpu", image_size=224)
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 20000, 3), dtype=np.uint8))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    x = enc.prepare_images([strip])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert x.shape == (1, 3, 224, 224) and np.isfinite(x.numpy()).all()
+    assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB"
