@@ -366,3 +366,12 @@ def test_sweep_takes_every_training_option_of_align(tiny_cache, tmp_path):
     config = read_json(next((tmp_path / "runs").iterdir()) / "config.json")
     assert (config["d_out"], config["lam_warmup_steps"], config["weighting"], config["divergence"],
             config["learn_temperature"]) == (16, 0, "inverse", "js", True)
+
+
+def test_identical_runs_started_at_once_never_share_an_id(tmp_path):
+    from featcache.pipeline.train.runs import RunWriter
+
+    writers = [RunWriter(tmp_path / "runs", {"same": "config"}) for _ in range(3)]
+    assert len({w.run_id for w in writers}) == 3 and len({w.tmp for w in writers}) == 3
+    for w in writers:
+        w.abort()

@@ -25,15 +25,19 @@ def new_run_id(config: dict) -> str:
 class RunWriter:
     def __init__(self, runs_dir: Path, config: dict, tracker: str = "none"):
         self.runs_dir = Path(runs_dir)
-        self.run_id = new_run_id(config)
-        self.final = self.runs_dir / self.run_id
-        n = 1
-        while self.final.exists():
-            self.final = self.runs_dir / f"{self.run_id}.{n}"
+        base, n = new_run_id(config), 0
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        while True:  # the id is reserved by creating its .partial folder: exclusive, so two identical
+            self.run_id = base if n == 0 else f"{base}.{n}"  # runs started in one second never share one
+            self.final, self.tmp = self.runs_dir / self.run_id, self.runs_dir / f".partial-{self.run_id}"
             n += 1
-        self.run_id = self.final.name
-        self.tmp = self.runs_dir / f".partial-{self.run_id}"
-        self.tmp.mkdir(parents=True)
+            if self.final.exists():
+                continue
+            try:
+                self.tmp.mkdir()
+                break
+            except FileExistsError:
+                continue
         write_json(self.tmp / "config.json", config)
         self._metrics = open(self.tmp / "metrics.jsonl", "w")
         from featcache.pipeline.train.trackers import make_tracker
