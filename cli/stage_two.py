@@ -73,7 +73,7 @@ def layers(
     dataset: str = Dataset,
     split: str = typer.Option("train", help="Split whose pairs are scored."),
     metric: str = typer.Option("mutual_knn", help="mutual_knn | cycle_knn | lcs_knn | cknna | cka | unbiased_cka "
-                                                  "| svcca | hcs (hcs is O(n^3): use --n 1000)."),
+                                                  "| svcca | hcs | hcs_released (both O(n^3): use --n 1000)."),
     n: int = typer.Option(5000, min=3, help="Random pairs scored (fewer if fewer exist)."),
     k: Optional[int] = typer.Option(None, min=1, help="Neighbours [default: by --k-rule]."),
     k_rule: str = typer.Option("rice", help="rice (2 n^(1/3)) | sqrt | sturges (log2 n + 1)."),

@@ -135,3 +135,31 @@ def test_table_equals_per_pair_scores_for_every_metric(metric):
         for j, b in enumerate(txt):
             assert table.scores[i][j] == pytest.approx(alignment_score(img[a], txt[b], metric, k_rule="sqrt"),
                                                        rel=1e-9, abs=1e-12)
+
+
+def test_hcs_released_equals_a_transcription_and_tends_to_zero():
+    """The released AlignmentMetrics.hcs, transcribed in float64 numpy: normalise, subtract the raw
+    mean, row softmax, L powers, textbook JS summed over all n^2 entries, 1/l weights, mean over L."""
+    from featcache.pipeline.select.metrics import hcs, hcs_released
+
+    def reference(a, b, levels=3, tau=0.05, eps=1e-8):
+        def walk(x):
+            xn = x / (np.linalg.norm(x, axis=1, keepdims=True) + eps) - x.mean(0, keepdims=True)
+            s = xn @ xn.T / tau
+            e = np.exp(s - s.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+
+        pa, pb = walk(a), walk(b)
+        total, qa, qb = 0.0, pa, pb
+        for level in range(1, levels + 1):
+            if level > 1:
+                qa, qb = qa @ pa, qb @ pb
+            m = 0.5 * (qa + qb) + eps
+            total += 0.5 * ((qb * np.log(qb / m)).sum() + (qa * np.log(qa / m)).sum()) / level
+        return float(np.exp(-total / levels))
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(40, 6))
+    assert hcs_released(a, b) == pytest.approx(reference(a, b), rel=1e-9)
+    big_a, big_b = rng.normal(size=(300, 8)), rng.normal(size=(300, 6))
+    assert hcs_released(big_a, big_b) < 1e-10 < 0.1 < hcs(big_a, big_b) <= 1.0  # summed over n^2: vanishes with n

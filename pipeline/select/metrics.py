@@ -236,6 +236,32 @@ def hcs(a: np.ndarray, b: np.ndarray, levels: int = 3, temperature: float = 0.05
     return float(math.exp(-structure_regularizer(ta, tb, temperature, levels, "inverse").item()))
 
 
+def hcs_released(a: np.ndarray, b: np.ndarray, levels: int = 3, temperature: float = 0.05,
+                 eps: float = 1e-8) -> float:
+    """The released code's ``AlignmentMetrics.hcs``, for comparisons with published numbers.
+
+    It differs from :func:`hcs` in three ways, kept as released: each side is L2-normalised and
+    then has the mean of its *unnormalised* features subtracted; the Jensen-Shannon divergence is
+    the textbook one against the mixture; and it is summed over all n^2 entries rather than
+    averaged over rows, so it grows with n and the score tends to 0 as n grows (about 1e-18 on 300 random rows).
+    """
+    import torch
+
+    def walk(x: torch.Tensor) -> torch.Tensor:
+        xn = x / (x.norm(dim=1, keepdim=True) + eps) - x.mean(0, keepdim=True)
+        return torch.softmax(xn @ xn.T / temperature, dim=1)
+
+    pa, pb = (walk(torch.from_numpy(np.asarray(v, dtype=np.float64))) for v in (a, b))
+    total, pa_l, pb_l = 0.0, pa, pb
+    for level in range(1, levels + 1):
+        if level > 1:
+            pa_l, pb_l = pa_l @ pa, pb_l @ pb
+        m = 0.5 * (pa_l + pb_l) + eps
+        js = 0.5 * ((pb_l * torch.log(pb_l / m)).sum() + (pa_l * torch.log(pa_l / m)).sum())
+        total += float(js) / level
+    return math.exp(-total / levels)
+
+
 # -- the registry the table uses -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
@@ -252,6 +278,7 @@ METRICS: dict[str, Metric] = {
     "unbiased_cka": Metric(False, lambda a, b: unbiased_cka(a.x, b.x)),
     "svcca": Metric(False, lambda a, b: svcca(a.x, b.x)),
     "hcs": Metric(False, lambda a, b: hcs(a.x, b.x)),
+    "hcs_released": Metric(False, lambda a, b: hcs_released(a.x, b.x)),
 }
 
 
