@@ -333,3 +333,18 @@ def test_a_20000_by_1_image_is_resized_without_a_full_size_intermediate(tiny_vit
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert x.shape == (1, 3, 224, 224) and np.isfinite(x.numpy()).all()
     assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_an_svg_whose_entities_would_expand_to_gigabytes_is_one_line():
+    import time
+
+    from featcache.pipeline.data.decode import BadImage, decode_image
+
+    entity = "x" * 100_000
+    svg = (f'<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY big "{entity}">]>'
+           '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><text>'
+           + "&big;" * 60_000 + "</text></svg>").encode()  # 400 KB that would inline to 6 GB
+    start = time.monotonic()
+    with pytest.raises(BadImage, match="would expand"):
+        decode_image(svg, "bomb.svg")
+    assert time.monotonic() - start < 10

@@ -22,6 +22,9 @@ _ENTITY = re.compile(rb'<!ENTITY\s+(\w+)\s+"([^"&<%]*)"\s*>')
 _DOCTYPE = re.compile(rb"<!DOCTYPE[^\[>]*(\[.*?\])?\s*>", re.S)
 
 
+MAX_SVG_EXPANSION = 4  # an SVG's inlined entities may make it at most this many times larger
+
+
 def _expand_svg_entities(data: bytes) -> bytes:
     """Inline the plain string entities that Illustrator writes (``&ns_svg;``), in one pass.
 
@@ -33,6 +36,12 @@ def _expand_svg_entities(data: bytes) -> bytes:
         return data
     entities = dict(_ENTITY.findall(doctype.group(0)))
     body = data[: doctype.start()] + data[doctype.end():]
+    # A few hundred KB of references to a long entity would expand to gigabytes: bound the result
+    # before building it (Illustrator's entities are namespace URLs, a few hundred bytes in all).
+    grown = sum(len(entities.get(m.group(1), m.group(0))) - len(m.group(0)) for m in re.finditer(rb"&(\w+);", body))
+    if len(body) + grown > max(MAX_SVG_EXPANSION * len(data), 1 << 20):
+        raise ValueError(f"its entities would expand it to {(len(body) + grown) >> 20} MB (more than "
+                         f"{MAX_SVG_EXPANSION} times its size)")
     return re.sub(rb"&(\w+);", lambda m: entities.get(m.group(1), m.group(0)), body)
 
 
