@@ -29,9 +29,19 @@ def with_layers(command: str, layers: str) -> str:
     return re.sub(r"--layers ('[^']*'|\S+)", lambda _: f"--layers {shlex.quote(layers)}", command)
 
 
-def stored_command(attrs: dict, layers: str | None = None, overwrite: bool = False) -> str:
+def with_cache_dir(command: str, cache_dir) -> str:
+    """A recorded command pointed at the cache the store was read from (a copied or moved
+    cache must not be rebuilt, with --overwrite, in the folder it was copied from)."""
+    flag = f"--cache-dir {shlex.quote(str(cache_dir))}"
+    if re.search(r"--cache-dir ('[^']*'|\S+)", command):
+        return re.sub(r"--cache-dir ('[^']*'|\S+)", lambda _: flag, command)
+    return f"{command} {flag}"
+
+
+def stored_command(attrs: dict, layers: str | None = None, overwrite: bool = False, cache_dir=None) -> str:
     """The extract command that built a store, from what it records of itself (a format-1 store
-    records no command: it is pieced together from the identity), asking for ``layers``."""
+    records no command: it is pieced together from the identity), asking for ``layers``, for
+    the cache at ``cache_dir`` when it is known."""
     command = attrs.get("command")
     if not command:
         ident = attrs.get("identity", {})
@@ -39,4 +49,6 @@ def stored_command(attrs: dict, layers: str | None = None, overwrite: bool = Fal
         command = extract_command(enc.get("name", "MODEL"), data.get("name", "DATASET"), data.get("split", "SPLIT"))
     if layers:
         command = with_layers(command, layers)
+    if cache_dir is not None:
+        command = with_cache_dir(command, cache_dir)
     return command + (" --overwrite" if overwrite and "--overwrite" not in command else "")

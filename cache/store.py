@@ -101,12 +101,17 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def extract_command(attrs: dict, layers: str | None = None, overwrite: bool = False) -> str:
-    return stored_command(attrs, layers, overwrite)
+def extract_command(attrs: dict, layers: str | None = None, overwrite: bool = False, cache_dir=None) -> str:
+    return stored_command(attrs, layers, overwrite, cache_dir)
 
 
-def rebuild_command(attrs: dict) -> str:
-    return stored_command(attrs, overwrite=True)
+def rebuild_command(attrs: dict, cache_dir=None) -> str:
+    return stored_command(attrs, overwrite=True, cache_dir=cache_dir)
+
+
+def cache_root(path) -> str:
+    """The cache folder a store lies in: ``<cache>/<data set>/<split>/<encoder>/<variant>.zarr``."""
+    return str(path).rstrip("/").rsplit("/", 4)[0]
 
 
 def _open_group(path: Location) -> zarr.Group:
@@ -152,7 +157,7 @@ class FeatureStore:
             raise FeatcacheError(
                 f"the store {path} has format {attrs.get('format')!r}, written {written}; "
                 f"this featcache reads format {FORMAT_VERSION} only",
-                f"{reseal}rebuild it: {rebuild_command(attrs)}",
+                f"{reseal}rebuild it: {rebuild_command(attrs, cache_root(path))}",
             )
         return cls(path, group)
 
@@ -274,7 +279,7 @@ class FeatureStore:
             array = self.group[name]
         except Exception as err:  # KeyError for a removed array, JSON and value errors for a damaged one
             raise FeatcacheError(f"{self.path}: the array {name!r} is missing or its metadata is damaged "
-                                 f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs)}") from None
+                                 f"({type(err).__name__})", f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}") from None
         self._check_layout(name, array)
         return array
 
@@ -287,7 +292,7 @@ class FeatureStore:
         if self.attrs.get("dtype") != self.identity.get("dtype", self.attrs.get("dtype")) or \
                 self.rows != self.identity.get("dataset", {}).get("rows", self.rows):
             raise CorruptArray(self.path, "attributes", "disagree with the store's sealed identity (dtype or rows "
-                               "changed)", f"rebuild the store: {rebuild_command(self.attrs)}")
+                               "changed)", f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}")
         chunk = max(1, min(self.chunk_rows, self.rows))
         layouts = {"layers": ((self.rows, self.width), (chunk, self.width), self.attrs["dtype"]),
                    "done": ((max(self.n_chunks, 1),), (1,), "uint64"), "reseal": ((max(self.n_chunks, 1),), (1,), "uint64"),
@@ -304,7 +309,7 @@ class FeatureStore:
         for what, h, w in zip(("shape", "chunk shape", "dtype"), have, want):
             if w is not None and h != (w if what != "dtype" else str(np.dtype(w))):
                 raise CorruptArray(self.path, name, f"has {what} {h} where the store wrote {w} (its zarr.json was "
-                                   "changed)", f"rebuild the store: {rebuild_command(self.attrs)}")
+                                   "changed)", f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}")
 
     def decoded(self, name: str, selection=slice(None)) -> np.ndarray:
         """An array read whose damage is a clear error (per-chunk errors are finer)."""
@@ -314,7 +319,7 @@ class FeatureStore:
         except ValueError as err:
             raise CorruptArray(self.path, name, _decode_problem(err),
                                f"run: featcache verify {self.path}; if the damage is outside the layer "
-                               f"chunks, rebuild: {rebuild_command(self.attrs)}") from None
+                               f"chunks, rebuild: {rebuild_command(self.attrs, cache_root(self.path))}") from None
 
     def whole(self, name: str) -> np.ndarray:
         """A shared array (ids, groups, texts, missing), every one of its chunks present.
@@ -327,7 +332,7 @@ class FeatureStore:
             lost = sorted(set(range(chunks)) - self.stored_chunks(name))
             if lost:
                 raise FeatcacheError(f"{self.path}: chunk {lost[0]} of the array {name!r} is missing",
-                                     f"rebuild the store: {rebuild_command(self.attrs)}")
+                                     f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}")
         return self.decoded(name)
 
     def row_values(self, name: str) -> list[str]:
@@ -335,7 +340,7 @@ class FeatureStore:
         values = [str(s) for s in self.whole(name)] if self.rows else []
         if rows_seal(self.identity, name, values) != self.attrs.get("row_seals", {}).get(name):
             raise CorruptArray(self.path, name, "does not match its seal: it was written for another store",
-                               f"rebuild the store: {rebuild_command(self.attrs)}")
+                               f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}")
         return values
 
     @property

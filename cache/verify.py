@@ -26,6 +26,7 @@ from featcache.cache.store import (
     CorruptArray,
     CorruptChunk,
     FeatureStore,
+    cache_root,
     rebuild_command,
 )
 
@@ -222,7 +223,8 @@ def _journaled(store: FeatureStore, layer: str) -> np.ndarray:
                 problem = f"has shape {seals.shape}"
     if problem:
         raise FeatcacheError(f"{store.path}: the reseal journal of layer {layer!r} {problem}, and its done flags "
-                             "may already be partly replaced", f"rebuild the store: {rebuild_command(store.attrs)}")
+                             "may already be partly replaced",
+                             f"rebuild the store: {rebuild_command(store.attrs, cache_root(store.path))}")
     return seals[: store.n_chunks].astype(np.uint64)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import encoder_key
-from featcache.cache.store import FeatureStore, extract_command
+from featcache.cache.store import FeatureStore, cache_root, extract_command
 from featcache.pipeline.common.names import canonical_name, combined_parts, hash_unit, is_combined
 
 
@@ -102,7 +102,7 @@ def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> Feature
 def extract_hint(store, layers: str = "all") -> str:
     """The extract command(s) that built ``store``, asking for ``layers``."""
     parts = store.parts if isinstance(store, ConcatStore) else [store]
-    return "run: " + " && ".join(extract_command(p.attrs, layers) for p in parts)
+    return "run: " + " && ".join(extract_command(p.attrs, layers, cache_dir=cache_root(p.path)) for p in parts)
 
 
 def dataset_splits(store) -> list[str]:

@@ -737,3 +737,23 @@ def test_links_planted_where_featcache_writes_are_never_written_through(tmp_path
     assert out.exit_code == 2 and "symbolic link" in out.output, out.output
     assert sorted(p.name for p in target.iterdir()) == ["precious.txt"]
     assert (target / "precious.txt").read_text() == "precious"
+
+
+def test_a_copied_cache_is_rebuilt_where_it_lies_not_where_it_came_from(tiny_vit, tmp_path):
+    import json as _json
+    import shutil
+
+    from conftest import make_pairs
+
+    pairs = make_pairs(tmp_path / "data", n=8)
+    assert runner.invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset", str(pairs), "--split", "train",
+                               "--cache-dir", str(tmp_path / "original")]).exit_code == 0
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    [store] = list((tmp_path / "copy").rglob("*.zarr"))
+    meta = store / "layers" / "block.02" / "zarr.json"
+    data = _json.loads(meta.read_text())
+    data["data_type"] = "int16"
+    meta.write_text(_json.dumps(data))
+    out = runner.invoke(app, ["export", str(store), str(tmp_path / "x.h5")])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 2 and f"--cache-dir {tmp_path / 'copy'}" in text and "original" not in text, text
