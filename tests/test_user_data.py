@@ -128,3 +128,12 @@ def test_a_fifo_or_a_path_outside_the_folder_fails_fast_in_one_line(tiny_vit, tm
     with pytest.raises(FeatcacheError, match="outside the data set's folder"):
         load_dataset(str(pairs))
     assert load_dataset(f"{pairs}:outside=allow")["train"].images.ids == ["../outside.png"]
+
+
+def test_a_coco_file_with_list_ids_is_one_line(tmp_path):
+    for images, annotations in (([{"id": [1], "file_name": "a.png"}], []),
+                                ([{"id": 1, "file_name": "a.png"}], [{"image_id": [1], "caption": "x"}])):
+        path = tmp_path / "captions_train.json"
+        path.write_text(json.dumps({"images": images, "annotations": annotations}))
+        with pytest.raises(FeatcacheError, match="captions_train.json"):
+            load_dataset(str(path))

@@ -155,10 +155,12 @@ def coco_captions(path: Path, data: dict, options: dict) -> dict[str, Split]:
     for i, img in enumerate(images):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             raise _bad_file(path, f" images[{i}]", "needs an 'id' and a 'file_name'")
+        if not isinstance(img["id"], (int, str)) or isinstance(img["id"], bool):
+            raise _bad_file(path, f" images[{i}]", f"'id' must be a number or a string, got {img['id']!r}")
         files[img["id"]] = img["file_name"]
     rows = []
     for i, a in enumerate(annotations):
-        if not isinstance(a, dict) or a.get("image_id") not in files:
+        if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, str)) or a["image_id"] not in files:
             raise _bad_file(path, f" annotations[{i}]",
                             f"'image_id' {a.get('image_id') if isinstance(a, dict) else a!r} matches no image")
         caption = a.get("caption")
