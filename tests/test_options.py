@@ -24,3 +24,16 @@ def test_bad_options_are_one_line(argv, needle, tmp_path):
     out = runner.invoke(app, [*argv, "--cache-dir", str(tmp_path / "cache")])
     assert out.exit_code == 2 and needle in " ".join(out.output.split()), out.output
     assert "Traceback" not in out.output and not (tmp_path / "cache").exists()
+
+
+def test_heads_that_cannot_fit_are_refused_ahead_in_one_line(tmp_path):
+    from conftest import build_tiny_cache
+
+    tiny = build_tiny_cache(tmp_path / "tiny", n=24)
+    common = ["--image-model", tiny["vit"], "--text-model", tiny["bert"], "--dataset", str(tiny["pairs"]),
+              "--cache-dir", str(tiny["cache"]), "--runs-dir", str(tmp_path / "runs")]
+    out = runner.invoke(app, ["align", *common, "--d-out", "500000000", "--epochs", "1"])
+    assert out.exit_code == 2 and "--d-out 500000000" in out.output and "GiB" in out.output, out.output
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    out = runner.invoke(app, ["layers", *common[:-2], "--calibrate", "100000", "--n", "20"])
+    assert out.exit_code == 2 and "at most 1000" in out.output, out.output

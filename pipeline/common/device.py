@@ -67,3 +67,25 @@ def flat_ip(x: np.ndarray, device: str | None = None, k: int = 1):
         index = faiss.index_cpu_to_gpu(_resources, 0, index)
     index.add(x)
     return index
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a run can still take on ``device``: free GPU memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_fits(need: int, device: torch.device, what: str, hint: str) -> None:
+    """Refuse ahead a run that cannot fit, in one line, rather than be killed by the kernel."""
+    have = available_bytes(device)
+    if need > have:
+        raise FeatcacheError(f"{what} needs about {need / 2**30:.1f} GiB and {device.type} has "
+                             f"{have / 2**30:.1f} GiB available", hint)

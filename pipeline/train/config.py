@@ -17,6 +17,9 @@ from featcache.pipeline.train.training_free import METHODS, FreeConfig
 LOSSES = ("clip", "clip+structure")
 
 
+MAX_CALIBRATE = 1000
+
+
 def check_seed(seed) -> None:
     """Seeds seed numpy and torch generators, which take 0 <= seed < 2**32."""
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -42,6 +45,9 @@ class SelectConfig:
             raise FeatcacheError(f"unknown layer metric {self.metric!r}", f"choose one of: {', '.join(METRICS)}")
         if self.k_rule not in K_RULES[1:]:
             raise FeatcacheError(f"unknown k rule {self.k_rule!r}", "choose rice, sqrt or sturges, or give --k")
+        if self.calibrate > MAX_CALIBRATE:  # each shuffled pairing scores the whole table once more
+            raise FeatcacheError(f"--calibrate {self.calibrate} would score the table {self.calibrate} more times",
+                                 f"use at most {MAX_CALIBRATE} shuffled pairings (10 to 100 is usual)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.common.arrays import require_finite, subsample
-from featcache.pipeline.common.device import pick_device
+from featcache.pipeline.common.device import check_fits, pick_device
 from featcache.pipeline.common.layerspec import resolve_layers
 from featcache.pipeline.features import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, stored_dtype
 from featcache.pipeline.select.table import LayerRows, ScoreTable, score_table
@@ -190,7 +190,25 @@ def plan_run(cfg: AlignConfig, data: CachedData) -> RunPlan:
                              "training needs at least 2 of each", "use a larger data set or a larger --pairs")
     image_layer, text_layer, table = resolve_pair(cfg.layers, data, cfg.select)
     batch = min(cfg.batch_size, len(rows))
+    if cfg.method == "heads":
+        check_fits(run_bytes(cfg, data.train.images.width, data.train.texts.width, batch), pick_device(cfg.device),
+                   f"training heads of width --d-out {cfg.d_out} at batch {batch}",
+                   "lower --d-out or --batch-size (or --levels)")
     return RunPlan(cfg, image_layer, text_layer, table, rows, batch, max(1, len(rows) // batch))
+
+
+# Memory one run needs per step, in B x B float32 matrices (R_S of both sides, forward and
+# backward, keeps about this many alive). Measured for clip+structure: about 32 per cell with
+# its heads' weights and Adam state (peak RSS of 10 against 2 stacked Tux Paint cells at
+# B = 559 on a CPU); 48 leaves room for the allocator. Also bounds how many cells share a stack.
+MATRICES_PER_CELL = {"clip": 8, "clip+structure": 48}
+
+
+def run_bytes(cfg: AlignConfig, d_image: int, d_text: int, batch: int) -> int:
+    """An estimate of one run's memory: its heads five times over (weights, gradients, Adam's two
+    moments, the best epoch's copy) and the step's B x B matrices."""
+    params = (d_image + d_text + 2) * cfg.d_out + (64 * (d_image + d_text + 2 * cfg.d_out) if cfg.head == "mlp" else 0)
+    return 4 * (5 * params + MATRICES_PER_CELL[cfg.loss] * cfg.levels * batch * batch)
 
 
 def new_model(cfg: AlignConfig, d_image: int, d_text: int, device) -> AlignmentModel:

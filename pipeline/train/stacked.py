@@ -33,7 +33,15 @@ from featcache.pipeline.common.losses import clip_loss, compile_wanted, lambda_a
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import AlignmentModel
 from featcache.pipeline.train.loop import structure_options, train
-from featcache.pipeline.train.plan import CachedData, RunPlan, checked_tensors, cosine_factor, new_model, plan_run
+from featcache.pipeline.train.plan import (
+    MATRICES_PER_CELL,
+    CachedData,
+    RunPlan,
+    checked_tensors,
+    cosine_factor,
+    new_model,
+    plan_run,
+)
 from featcache.pipeline.train.progress import LOSS_NAMES, RunProgress
 from featcache.pipeline.train.runs import RunWriter
 
@@ -41,11 +49,6 @@ from featcache.pipeline.train.runs import RunWriter
 VARIES = ("seed", "lam", "temperature", "pairs", "layers")
 
 
-# Memory one cell needs per step, in B x B float32 matrices (R_S of both sides, forward and
-# backward, keeps about this many alive); a heuristic that bounds how many cells share a stack.
-# Measured for clip+structure: about 32 per cell with its heads' weights and Adam state (peak
-# RSS of 10 against 2 stacked Tux Paint cells at B = 559 on a CPU); 48 leaves room for the allocator.
-MATRICES_PER_CELL = {"clip": 8, "clip+structure": 48}
 
 
 CPU_BUDGET_BYTES = 4 << 30
