@@ -305,6 +305,10 @@ class FeatureStore:
             want = layouts[key]
         else:
             return
+        codecs = [type(c).__name__ for c in getattr(array.metadata, "codecs", ())]
+        if codecs[-2:] != ["ZstdCodec", "Crc32cCodec"]:  # without its crc32c no chunk of it is checked
+            raise CorruptArray(self.path, name, f"has codecs {codecs} where the store wrote zstd then crc32c (its "
+                               "zarr.json was changed)", f"rebuild the store: {rebuild_command(self.attrs, cache_root(self.path))}")
         have = (tuple(array.shape), tuple(array.chunks), str(array.dtype))
         for what, h, w in zip(("shape", "chunk shape", "dtype"), have, want):
             if w is not None and h != (w if what != "dtype" else str(np.dtype(w))):
@@ -316,7 +320,7 @@ class FeatureStore:
         array = self.array(name)
         try:
             return np.asarray(array[selection])
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:  # numcodecs' zstd raises RuntimeError on bad frames
             raise CorruptArray(self.path, name, _decode_problem(err),
                                f"run: featcache verify {self.path}; if the damage is outside the layer "
                                f"chunks, rebuild: {rebuild_command(self.attrs, cache_root(self.path))}") from None
@@ -486,7 +490,7 @@ class FeatureStore:
         """One chunk as stored, its crc32c checked."""
         try:
             return np.asarray(self.array(array)[self.chunk_slice(chunk)])
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:  # numcodecs' zstd raises RuntimeError on bad frames
             raise CorruptChunk(self.path, array.removeprefix("layers/"), chunk, _decode_problem(err)) from None
 
     def check_seal(self, layer: str, chunk: int, seal: int, missing: np.ndarray, data: np.ndarray) -> None:
@@ -540,7 +544,7 @@ class FeatureStore:
             raise CorruptChunk(self.path, layer, lost[0], "is marked done but its data is missing")
         try:
             data, missing = np.asarray(self.array(array)[:]), self.whole("missing")
-        except ValueError:
+        except (ValueError, RuntimeError):
             for chunk in range(self.n_chunks):  # find the bad chunk, to name it
                 self.read_chunk(array, chunk)
             raise AssertionError("a full read failed to decode but no single chunk did") from None
