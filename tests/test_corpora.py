@@ -479,18 +479,23 @@ def _assert_same_features(jsonl_results, corpus_results, id_of: dict[str, str]) 
         assert got[row_id] == reference[image], image
 
 
-def test_extract_wds_matches_jsonl(tmp_path, tiny_vit):
+def _extract_matches_jsonl(tmp_path, tiny_vit, rows, spec: str) -> None:
+    """Extract ``spec`` and the same images as a JSONL; every row's features must be equal."""
     from featcache.pipeline.extract.run import ExtractConfig, extract
 
-    rows = pair_rows(tmp_path / "imgs")
-    pattern = shards_of(rows, tmp_path / "shards", split_in_json=True)
     common = dict(model=f"hf:{tiny_vit}", cache_dir=tmp_path / "cache", batch_size=4)
     reference = extract(ExtractConfig(dataset=str(tmp_path / "imgs" / "pairs.jsonl"), **common))
-    # two DataLoader workers: forked after this process has opened the shards (for the digest)
-    results = extract(ExtractConfig(dataset=f"wds:{pattern}", num_workers=2, **common))
+    # two DataLoader workers: forked after this process has opened the corpus files (for the digest)
+    results = extract(ExtractConfig(dataset=spec, num_workers=2, **common))
     assert {r.split for r in results} == {r.split for r in reference}
     assert all(r.missing_rows == 0 for r in results)
     _assert_same_features(reference, results, {r["image"]: r["stem"] for r in rows})
+
+
+def test_extract_wds_matches_jsonl(tmp_path, tiny_vit):
+    rows = pair_rows(tmp_path / "imgs")
+    pattern = shards_of(rows, tmp_path / "shards", split_in_json=True)
+    _extract_matches_jsonl(tmp_path, tiny_vit, rows, f"wds:{pattern}")
     # stage two finds the stores by the same spec
     from featcache.pipeline.features import Side, open_store
 
@@ -499,14 +504,7 @@ def test_extract_wds_matches_jsonl(tmp_path, tiny_vit):
 
 
 def test_extract_hfds_matches_jsonl(tmp_path, tiny_vit):
-    from featcache.pipeline.extract.run import ExtractConfig, extract
-
     rows = pair_rows(tmp_path / "imgs")
     folder = tmp_path / "hf"
     hf_dataset(rows, id=[r["stem"] for r in rows], split=[r["split"] for r in rows]).save_to_disk(str(folder))
-    common = dict(model=f"hf:{tiny_vit}", cache_dir=tmp_path / "cache", batch_size=4)
-    reference = extract(ExtractConfig(dataset=str(tmp_path / "imgs" / "pairs.jsonl"), **common))
-    results = extract(ExtractConfig(dataset=f"hfds:{folder}", num_workers=2, **common))
-    assert {r.split for r in results} == {r.split for r in reference}
-    assert all(r.missing_rows == 0 for r in results)
-    _assert_same_features(reference, results, {r["image"]: r["stem"] for r in rows})
+    _extract_matches_jsonl(tmp_path, tiny_vit, rows, f"hfds:{folder}")

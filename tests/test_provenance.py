@@ -161,7 +161,7 @@ def test_sources_are_written_with_their_chunk(tiny_vit, tmp_path):
     files = [tmp_path / "data" / i for i in store.ids]
     assert stamps.tolist() == [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     assert [h.tobytes() for h in hashes] == [hashlib.sha256(f.read_bytes()).digest() for f in files]
-    assert np.array_equal(provenance.finished_rows(store, store.layers), np.ones(store.rows, bool))
+    assert np.array_equal(provenance.finished_rows(store), np.ones(store.rows, bool))
 
 
 def test_a_deleted_image_of_a_finished_chunk_is_named_as_missing(tiny_vit, tmp_path):

@@ -133,35 +133,27 @@ class Encoder:
     # -- inputs ----------------------------------------------------------------------------
     def prepare_images(self, images: list) -> torch.Tensor:
         """PIL images (already RGB on white) -> normalised pixel batch: the model's own image
-        processor where it has one; else the shorter side resized (to ``resize_size``, else the
-        output size) and the centre cropped, or the whole image resized to a square."""
+        processor where it has one; else the shorter side resized (bicubic) and the centre cropped."""
         if self.processor is not None:
             pixels = self.processor(images=list(images), return_tensors="np")["pixel_values"]
             return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
         from PIL import Image
 
-        prep = self.preprocessing
-        size = prep["image_size"]
-        mode, _, resample = prep["resize"].partition(" ")
-        resample = getattr(Image.Resampling, resample.upper())
-        edge = prep.get("resize_size", size)
-        mean = np.asarray(prep["mean"], dtype=np.float32)
-        std = np.asarray(prep["std"], dtype=np.float32)
+        size = self.preprocessing["image_size"]
+        mean = np.asarray(self.preprocessing["mean"], dtype=np.float32)
+        std = np.asarray(self.preprocessing["std"], dtype=np.float32)
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
         for i, img in enumerate(images):
-            if mode == "square":
-                img = img.resize((size, size), resample)
+            w, h = img.size
+            scale = size / min(w, h)
+            rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+            left, top = (rw - size) // 2, (rh - size) // 2
+            if max(rw, rh) > 8 * size:  # a 20000 x 1 strip: resample only the part that is kept
+                box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+                img = img.resize((size, size), Image.BICUBIC, box=box)
             else:
-                w, h = img.size
-                scale = edge / min(w, h)
-                rw, rh = max(edge, round(w * scale)), max(edge, round(h * scale))
-                left, top = (rw - size) // 2, (rh - size) // 2
-                if max(rw, rh) > 8 * edge:  # a 20000 x 1 strip: resample only the part that is kept
-                    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-                    img = img.resize((size, size), resample, box=box)
-                else:
-                    img = img.resize((rw, rh), resample)
-                    img = img.crop((left, top, left + size, top + size))
+                img = img.resize((rw, rh), Image.BICUBIC)
+                img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.float32) / 255.0
             out[i] = ((arr - mean) / std).transpose(2, 0, 1)
         return torch.from_numpy(out)

@@ -50,7 +50,7 @@ def load(entry: EncoderEntry, source: str, image_size: int | None):
     blocks = _blocks(model, entry)
     taps = {"embed": Tap(blocks[0], "input")}
     taps.update({block_name(i): Tap(blk, "output") for i, blk in enumerate(blocks)})
-    final = _final_norm(model, config.hidden_size)
+    final = _final_norm(model)
     if final is not None:
         taps["final"] = Tap(final, "output")
     if entry.modality == "text":
@@ -59,8 +59,11 @@ def load(entry: EncoderEntry, source: str, image_size: int | None):
                 "vocab_size": tokenizer.vocab_size}
         return Encoder(entry, model, taps, config.hidden_size, 0, prep, torch.device("cpu"), tokenizer,
                        uninitialised=sorted(missing), files_digest=config_digest(config, tokenizer))
-    prep, processor = image_preprocessing(entry, source, config, image_size or entry.default_image_size)
-    default = entry.default_image_size or image_preprocessing(entry, source, config, None)[0]["image_size"]
+    size = image_size or entry.default_image_size
+    prep, processor = image_preprocessing(entry, source, config, size)
+    # what no --image-size means; the processor is built and probed again only when it differs
+    default = entry.default_image_size or (image_preprocessing(entry, source, config, None)[0]["image_size"]
+                                           if size else prep["image_size"])
     return Encoder(entry, model, taps, config.hidden_size, _prefix_tokens(model, config), prep, torch.device("cpu"),
                    native_image_size=getattr(config, "image_size", None), default_image_size=default,
                    uninitialised=sorted(missing), processor=processor,
@@ -134,7 +137,7 @@ def _blocks(model: nn.Module, entry: EncoderEntry) -> nn.ModuleList:
     return min(lists, key=lambda item: item[0].count("."))[1]
 
 
-def _final_norm(model: nn.Module, width: int) -> nn.Module | None:
+def _final_norm(model: nn.Module) -> nn.Module | None:
     """A norm child of the model's body over the whole sequence; a norm of the pooled token only
     (CLIP vision's ``post_layernorm``) is not a layer of every token and is left out by the probe."""
     for name, module in model.named_modules():

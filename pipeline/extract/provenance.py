@@ -44,15 +44,12 @@ def dataset_identity(split: Split, modality: str, limit: int | None) -> dict:
     return {**block, "sha256": split.digest(modality)}
 
 
-def adopt_legacy(path, identity: dict, side, progress=None) -> dict:
-    """The identity to open ``path`` with: ``identity``, or for a store written before per-row
-    sources whose rows are the same data, the stored identity (its seals are keyed on it)."""
-    if not tracked(side):
+def adopt_legacy(store: FeatureStore | None, identity: dict, side) -> dict:
+    """The identity to open the existing ``store`` with: ``identity``, or for a store written
+    before per-row sources whose rows are the same data, the stored identity (its seals are
+    keyed on it). None: no readable store there, create_or_open decides."""
+    if store is None or not tracked(side):
         return identity
-    try:
-        store = FeatureStore.open(path)
-    except FeatcacheError:
-        return identity  # absent, half created or of another format: create_or_open decides
     stored = store.identity.get("dataset", {})
     if "digest" in stored:
         return identity
@@ -75,6 +72,11 @@ def adopt_legacy(path, identity: dict, side, progress=None) -> dict:
     return adopted
 
 
+def _where(side: ImageSide, row: int) -> str:
+    """How a row's input is named in a message: its file or shard member, else its id."""
+    return side.sources[row] if side.sources else side.ids[row]
+
+
 def _content_hash(side: ImageSide, row: int) -> bytes:
     try:
         return hashlib.sha256(side.raw(row)).digest()
@@ -82,7 +84,7 @@ def _content_hash(side: ImageSide, row: int) -> bytes:
         return bytes(32)
 
 
-def finished_rows(store: FeatureStore, layers: list[str]) -> np.ndarray:
+def finished_rows(store: FeatureStore) -> np.ndarray:
     """Rows of chunks finished in any stored layer: the ones whose inputs are in the store."""
     done = np.zeros(store.n_chunks, dtype=bool)
     for layer in store.layers:
@@ -103,14 +105,14 @@ def check_rows(store: FeatureStore, side, stamps: np.ndarray) -> None:
         return
     # Done flags first: a chunk's sources are written before its flags, so every chunk seen
     # finished here has its sources, even while other shards are finishing chunks.
-    finished = finished_rows(store, store.layers)
+    finished = finished_rows(store)
     stored_stamps, stored_hashes = store.sources()
     changed = np.flatnonzero(finished & (stored_stamps != stamps).any(axis=1))
     for row in changed:
         row = int(row)
         now = _content_hash(side, row)
         if not stored_hashes[row].any() or now != stored_hashes[row].tobytes():
-            where = side.sources[row] if side.sources else side.ids[row]
+            where = _where(side, row)
             if (stamps[row] == -1).all():
                 raise FeatcacheError(f"the image {where} (row {side.ids[row]!r}) of a finished chunk of {store.path} "
                                      "is missing or unreadable",
@@ -144,7 +146,7 @@ def verify_deep(store: FeatureStore, progress=None) -> list[str]:
     for row in np.flatnonzero(hashes.any(axis=1)):
         row = int(row)
         if _content_hash(side, row) != hashes[row].tobytes():
-            where = side.sources[row] if side.sources else side.ids[row]
+            where = _where(side, row)
             problems.append(f"{store.path}: the image {where} (row {side.ids[row]!r}) differs from the one "
                             "its features were computed from")
         if progress is not None:

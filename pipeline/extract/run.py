@@ -122,14 +122,22 @@ def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names:
             "command": command_for(cfg, split), "dataset_label": cfg.dataset, "dataset_splits": split_names}
 
 
-def _predating_files_digest(path, identity: dict) -> dict:
+def _existing(path) -> FeatureStore | None:
+    """The store already at ``path``, read once for the identity checks below; None when there is
+    none readable (absent, half created, another format: create_or_open decides)."""
+    try:
+        return FeatureStore.open(path)
+    except FeatcacheError:
+        return None
+
+
+def _predating_files_digest(store: FeatureStore | None, identity: dict) -> dict:
     """A store written before the identity held ``files_sha256`` (the model config and tokenizer
     digest) is still this encoder's when everything it did record matches: it is checked on what
     it recorded, not refused for what it could not."""
-    try:
-        stored = FeatureStore.open(path).identity.get("encoder", {})
-    except FeatcacheError:
+    if store is None:
         return identity
+    stored = store.identity.get("encoder", {})
     if "files_sha256" in stored or "files_sha256" not in identity["encoder"]:
         return identity
     return {**identity, "encoder": {k: v for k, v in identity["encoder"].items() if k != "files_sha256"}}
@@ -147,7 +155,8 @@ def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: 
         "dtype": cfg.dtype,
     }
     path = store_path(cfg.cache_dir, spec)
-    identity = provenance.adopt_legacy(path, _predating_files_digest(path, identity), side)
+    existing = _existing(path)
+    identity = provenance.adopt_legacy(existing, _predating_files_digest(existing, identity), side)
     extra = {"classnames": split.classnames, "templates": split.templates} if split.classnames else {}
     store = FeatureStore.create_or_open(
         path, identity=identity, versions=library_versions(),
