@@ -44,7 +44,7 @@ FEATCACHE_FAISS_DEVICE=gpu python benchmarks/run.py --only scale --device cuda -
 # stage two on CUDA: stacked sweep cells equal their sequential runs (the test), the vectorised
 # sweep against one run at the sequential sweep's 200 epochs, the fused R_S step (eager and
 # with its core compiled) and the whole-R_S compile.
-python -m pytest -q tests/test_train.py tests/test_losses.py -k "cuda and (vectorized_cells or host_reads or closed_form)"
+python -m pytest -q tests/train/test_train.py tests/train/test_losses.py -k "cuda and (vectorized_cells or host_reads or closed_form)"
 FEATCACHE_CACHE_DIR="$CACHE" python benchmarks/run.py --only train_step vectorized_sweep structure_compile --device cuda --sweep-epochs 200 \
     --out bench-out/gpu-stage-two.json
 python benchmarks/step_profile.py      # where the step's CUDA time goes

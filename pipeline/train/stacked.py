@@ -12,7 +12,7 @@ own gradient norm, stops early on its own validation score (a stopped cell leave
 its best weights) and writes its own record (config.json, heads.safetensors, metrics.jsonl,
 summary.json). AdamW is elementwise, so one optimiser over stacked tensors is K optimisers;
 gradient-norm clipping is not, so it is done per cell here. The result equals the sequential run
-to float rounding (tests/test_train.py).
+to float rounding (tests/train/test_train.py).
 
 Cells that cannot share a stack (another head, loss switch or epoch budget, a training-free
 method, the fixed-structure ablation) are trained one by one, as without vectorisation.

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import requires_real
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "examples" / "quickstart.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "docs" / "examples" / "quickstart.ipynb"
 
 
 @pytest.mark.real

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from test_losses import ref_structure
+from transcriptions import ref_structure
 
 from featcache.pipeline.select.metrics import METRICS, alignment_score, k_for
 from featcache.pipeline.select.table import score_table

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from featcache.cli.main import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [p for d in ("cache", "pipeline", "cli", "benchmarks") for p in (ROOT / d).rglob("*.py")]
 
 
