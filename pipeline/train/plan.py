@@ -229,7 +229,7 @@ def build_run(cfg: AlignConfig, data: CachedData) -> RunSetup:
     plan = plan_run(cfg, data)
     torch.manual_seed(cfg.seed)  # as before for every method (a training-free fit may draw from torch)
     tensors = checked_tensors(data, (plan.image_layer, plan.text_layer), plan.rows, device)
-    model = opt = sched = None  # a training-free method fits its own maps (fit_training_free)
+    model = opt = sched = None  # a training-free method fits its own maps (loop.run_training_free)
     if cfg.method == "heads":
         model = new_model(cfg, tensors[0].shape[1], tensors[1].shape[1], device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,

@@ -14,6 +14,10 @@ summary.json). AdamW is elementwise, so one optimiser over stacked tensors is K 
 gradient-norm clipping is not, so it is done per cell here. The result equals the sequential run
 to float rounding (tests/train/test_train.py).
 
+The epochs, early stopping, records and λ ramp are ``loop.fit``'s, the one loop a single run
+also goes through; this module supplies only what a stack does differently, its step
+(``Stack``).
+
 Cells that cannot share a stack (another head, loss switch or epoch budget, a training-free
 method, the fixed-structure ablation) are trained one by one, as without vectorisation.
 """
@@ -32,7 +36,7 @@ from featcache.pipeline.common.device import pick_device
 from featcache.pipeline.common.losses import clip_loss, compile_wanted, lambda_at, maybe_compile, structure_regularizer
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.heads import AlignmentModel
-from featcache.pipeline.train.loop import structure_options, train
+from featcache.pipeline.train.loop import Budget, fit, structure_options, train
 from featcache.pipeline.train.plan import (
     MATRICES_PER_CELL,
     CachedData,
@@ -42,14 +46,11 @@ from featcache.pipeline.train.plan import (
     new_model,
     plan_run,
 )
-from featcache.pipeline.train.progress import LOSS_NAMES, RunProgress
+from featcache.pipeline.train.progress import RunProgress
 from featcache.pipeline.train.runs import RunWriter
 
 # What cells of one stack may differ in; ``layers`` only as written (they share the resolved pair).
 VARIES = ("seed", "lam", "temperature", "pairs", "layers")
-
-
-
 
 CPU_BUDGET_BYTES = 4 << 30
 
@@ -90,7 +91,7 @@ def train_cells(configs: list[AlignConfig], data: CachedData, progress=None) -> 
         size = max_cells(plans[0].cfg, plans[0].batch, device)
         for s in range(0, len(plans), size):
             chunk, where = plans[s:s + size], slots[key][s:s + size]
-            runs = [train(chunk[0].cfg, data, progress)] if len(chunk) == 1 else fit_cells(chunk, data, progress)
+            runs = [train(chunk[0].cfg, data, progress)] if len(chunk) == 1 else train_stack(chunk, data, progress)
             for i, run in zip(where, runs):
                 out[i] = run
     return out
@@ -98,7 +99,7 @@ def train_cells(configs: list[AlignConfig], data: CachedData, progress=None) -> 
 
 def _cell_losses(base: AlignmentModel, cfg: AlignConfig):
     """One cell's (total, contrastive, regularizer) loss, written for vmap over stacked cells;
-    the same arithmetic as train._losses, with the cell's tau and lambda as tensors."""
+    the same arithmetic as loop.batch_losses, with the cell's tau and lambda as tensors."""
     options = structure_options(cfg)
 
     def losses(params, buffers, xi, xt, lam):
@@ -107,7 +108,7 @@ def _cell_losses(base: AlignmentModel, cfg: AlignConfig):
         clip = clip_loss(zi, zt, tau)
         if cfg.loss == "clip":
             return clip, clip, torch.zeros_like(clip)
-        t = tau.detach()  # R_S takes tau as a constant, as train._structure does
+        t = tau.detach()  # R_S takes tau as a constant, as loop.structure_term does
         reg = (structure_regularizer(xi, zi, t, stacked=True, **options)
                + structure_regularizer(xt, zt, t, stacked=True, **options)) / 2
         return clip + lam * reg, clip, reg
@@ -123,28 +124,67 @@ def clip_grad_norm_per_cell_(grads: list[torch.Tensor], max_norm: float) -> None
         g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 
 
-class _Stack:
-    """The active cells' stacked parameters and their AdamW state; cells leave by ``keep``."""
+class Stack:
+    """K cells as ``loop.Cells``: their stacked parameters, one AdamW over them, and a step that
+    is one vmapped forward and backward; cells leave by ``keep`` when they stop."""
 
-    def __init__(self, models: list[AlignmentModel], cfg: AlignConfig):
-        self.cfg = cfg
+    def __init__(self, plans: list[RunPlan], models: list[AlignmentModel], tensors: tuple, rows: torch.Tensor):
+        self.cfg = plans[0].cfg
+        self.xi, self.xt, self.vi, self.vt = tensors
+        self.device = self.xi.device
+        self.rows = rows  # (cells, n_max): each cell's training rows as positions in the tensors
         self.params, self.buffers = stack_module_state(models)
         self.trainable = [n for n, p in self.params.items() if p.requires_grad]
         self.opt = self._optimizer()
+        self.lam = torch.tensor([p.cfg.lam for p in plans], dtype=torch.float32, device=self.device)
+        self.total_steps = plans[0].steps_per_epoch * self.cfg.epochs
+        compiled = compile_wanted(self.cfg.compile)  # the whole stacked loss, forward and backward
+        losses = _cell_losses(copy.deepcopy(models[0]).to("meta"), self.cfg)
+        self.losses = maybe_compile(vmap(losses), compiled)
+        self.val_losses = maybe_compile(vmap(losses, in_dims=(0, 0, None, None, 0)), compiled)
 
     def _optimizer(self) -> torch.optim.AdamW:
         return torch.optim.AdamW([self.params[n] for n in self.trainable], lr=self.cfg.lr, betas=self.cfg.betas,
                                  weight_decay=self.cfg.weight_decay)
 
-    def state(self, j: int) -> dict:
-        """Cell ``j``'s weights, detached copies, under the model's own state_dict names."""
+    def step(self, positions: torch.Tensor, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        idx = torch.gather(self.rows, 1, positions)  # (cells, batch) rows of the feature tables
+        lam = self.lam * lambda_at(step, 1.0, cfg.lam_warmup_steps)
+        total, clip, reg = self.losses(self.params, self.buffers, self.xi[idx], self.xt[idx], lam)
+        self.opt.zero_grad(set_to_none=True)
+        total.sum().backward()  # cells are independent: each gets its own gradient
+        grads = [self.params[n].grad for n in self.trainable if self.params[n].grad is not None]
+        clip_grad_norm_per_cell_(grads, cfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * cosine_factor(step, self.total_steps)
+        self.opt.step()
+        return torch.stack([total, clip, reg], 1).detach()
+
+    @torch.no_grad()
+    def validate(self) -> torch.Tensor:
+        """loop.validation_losses for every active cell at once."""
+        sums = torch.zeros(len(self.lam), 3, dtype=torch.float64, device=self.device)
+        scored = 0
+        for s in range(0, len(self.vi), self.cfg.batch_size):
+            bi, bt = self.vi[s:s + self.cfg.batch_size], self.vt[s:s + self.cfg.batch_size]
+            if len(bi) < 2:  # a last batch of one row has no contrastive loss
+                continue
+            total, clip, reg = self.val_losses(self.params, self.buffers, bi, bt, self.lam)
+            sums += torch.stack([total, clip, reg], 1).double() * len(bi)
+            scored += len(bi)
+        return sums / max(scored, 1)
+
+    def weights(self, j: int) -> dict:
         return {n: t[j].detach().clone() for n, t in (*self.params.items(), *self.buffers.items())}
 
-    def keep(self, sel: torch.Tensor) -> None:
+    def keep(self, sel: list[int]) -> None:
         """Keep only the cells at positions ``sel``, their optimiser state included."""
+        sel = torch.tensor(sel, device=self.device)
         old = {n: self.params[n] for n in self.trainable}
         self.params = {n: p.detach()[sel].requires_grad_(p.requires_grad) for n, p in self.params.items()}
         self.buffers = {n: b[sel] for n, b in self.buffers.items()}
+        self.lam, self.rows = self.lam[sel], self.rows[sel]
         state, self.opt = self.opt.state, self._optimizer()
         for n in self.trainable:
             if old[n] in state:
@@ -153,112 +193,38 @@ class _Stack:
                                                   for k, v in s.items()}
 
 
-def fit_cells(plans: list[RunPlan], data: CachedData, progress=None) -> list[Path]:
-    """Train the cells of one stack; each writes its own run record. Returns their run dirs."""
-    cfg0, p0 = plans[0].cfg, plans[0]
-    device = pick_device(cfg0.device)
+def train_stack(plans: list[RunPlan], data: CachedData, progress=None) -> list[Path]:
+    """Train the cells of one stack with ``loop.fit``; each writes its own run record as soon as
+    it stops. Returns their run dirs, in plan order."""
+    p0 = plans[0]
+    device = pick_device(p0.cfg.device)
     union = np.unique(np.concatenate([p.rows for p in plans]))  # every cell's rows, each checked once
-    xi, xt, vi, vt = checked_tensors(data, (p0.image_layer, p0.text_layer), union, device)
+    tensors = checked_tensors(data, (p0.image_layer, p0.text_layer), union, device)
     # Each cell's training rows as positions in ``union``, padded to one (K, n_max) table.
-    n_max = max(len(p.rows) for p in plans)
-    rows = torch.zeros(len(plans), n_max, dtype=torch.long)
+    rows = torch.zeros(len(plans), max(len(p.rows) for p in plans), dtype=torch.long)
     for c, p in enumerate(plans):
         rows[c, :len(p.rows)] = torch.from_numpy(np.searchsorted(union, p.rows))
-    rows = rows.to(device)
-    models = [new_model(p.cfg, xi.shape[1], xt.shape[1], device) for p in plans]
-    configs = [p.config(data, len(vi)) for p in plans]
+    models = [new_model(p.cfg, tensors[0].shape[1], tensors[1].shape[1], device) for p in plans]
+    configs = [p.config(data, len(tensors[2])) for p in plans]
     writers: dict[int, RunWriter] = {}
+    done: dict[int, Path] = {}
     try:
         for c, p in enumerate(plans):
             writers[c] = RunWriter(p.cfg.runs_dir, configs[c], p.cfg.log)
-        return _fit(plans, models, configs, writers, (xi, xt, vi, vt), rows, progress)
+        stack = Stack(plans, models, tensors, rows.to(device))
+        records = [RunProgress(p.cfg, writers[c], configs[c], stack.weights(c)) for c, p in enumerate(plans)]
+
+        def finish(c: int, steps: int) -> None:
+            models[c].load_state_dict(records[c].best_weights)
+            summary = records[c].summary(steps, len(plans[c].rows)) | {"batched_cells": len(plans)}
+            extra = {"layer_scores.json": plans[c].table.to_dict()} if plans[c].table is not None else None
+            done[c] = writers[c].finish(summary, models[c].state_dict(), extra)
+
+        fit(stack, records, [len(p.rows) for p in plans], Budget(p0.cfg.epochs, p0.batch, p0.steps_per_epoch),
+            finish, progress, f"align {p0.image_layer}/{p0.text_layer} x {len(plans)} cells")
+        return [done[c] for c in range(len(plans))]
     except BaseException:
-        for w in writers.values():
-            if w.tmp.exists():
+        for c, w in writers.items():
+            if c not in done and w.tmp.exists():
                 w.abort()
         raise
-
-
-def _fit(plans, models, configs, writers, tensors, rows, progress) -> list[Path]:
-    cfg0, batch, steps = plans[0].cfg, plans[0].batch, plans[0].steps_per_epoch
-    xi, xt, vi, vt = tensors
-    device = xi.device
-    stack = _Stack(models, cfg0)
-    compiled = compile_wanted(cfg0.compile)  # the whole stacked loss, forward and backward
-    losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0)), compiled)
-    val_losses = maybe_compile(vmap(_cell_losses(copy.deepcopy(models[0]).to("meta"), cfg0),
-                                    in_dims=(0, 0, None, None, 0)), compiled)
-    active = list(range(len(plans)))  # stack position -> cell
-    gens = [torch.Generator().manual_seed(p.cfg.seed) for p in plans]
-    lam_max = torch.tensor([p.cfg.lam for p in plans], dtype=torch.float32, device=device)
-    cells = [RunProgress(p.cfg, writers[c], configs[c], stack.state(c)) for c, p in enumerate(plans)]
-    done: dict[int, Path] = {}
-    total_steps = steps * cfg0.epochs
-    step = 0
-    task = progress.add_task(f"align {plans[0].image_layer}/{plans[0].text_layer} x {len(plans)} cells",
-                             total=cfg0.epochs) if progress else None
-
-    def finish(c: int) -> None:
-        models[c].load_state_dict(cells[c].best_weights)
-        summary = cells[c].summary(step, len(plans[c].rows)) | {"batched_cells": len(plans)}
-        extra = {"layer_scores.json": plans[c].table.to_dict()} if plans[c].table is not None else None
-        done[c] = writers[c].finish(summary, models[c].state_dict(), extra)
-
-    for epoch in range(cfg0.epochs):
-        # Each cell's permutation from its own generator, as its sequential run draws it.
-        orders = torch.stack([torch.randperm(len(plans[c].rows), generator=gens[c])[:steps * batch]
-                              for c in active]).to(device)
-        picks = torch.gather(rows, 1, orders)  # (cells, steps * batch) positions in the feature tables
-        sums = torch.zeros(len(active), 3, device=device)  # on the device: read once per epoch
-        for b in range(steps):
-            idx = picks[:, b * batch:(b + 1) * batch]
-            ramp = lambda_at(step, 1.0, cfg0.lam_warmup_steps)
-            total, clip, reg = losses(stack.params, stack.buffers, xi[idx], xt[idx], lam_max * ramp)
-            stack.opt.zero_grad(set_to_none=True)
-            total.sum().backward()  # cells are independent: each gets its own gradient
-            grads = [stack.params[n].grad for n in stack.trainable if stack.params[n].grad is not None]
-            clip_grad_norm_per_cell_(grads, cfg0.grad_clip)
-            for group in stack.opt.param_groups:
-                group["lr"] = cfg0.lr * cosine_factor(step, total_steps)
-            stack.opt.step()
-            step += 1
-            sums += torch.stack([total, clip, reg], 1).detach()
-        val = _validate(val_losses, stack, vi, vt, cfg0.batch_size, lam_max)
-        stats = torch.cat([(sums / steps).double(), val], 1).cpu().tolist()  # the one read of the epoch
-        keep = []
-        for j, c in enumerate(active):
-            cfg = plans[c].cfg
-            tr, va = (dict(zip(LOSS_NAMES, stats[j][s:s + 3])) for s in (0, 3))
-            if cells[c].end_epoch(epoch, step, cfg.lr * cosine_factor(step, total_steps), tr, va,
-                                  lambda j=j: stack.state(j)):
-                finish(c)
-            else:
-                keep.append(j)
-        if task is not None:
-            progress.update(task, advance=1)
-        if not keep:
-            break
-        if len(keep) < len(active):  # stopped cells leave the stack
-            sel = torch.tensor(keep, device=device)
-            stack.keep(sel)
-            lam_max, rows = lam_max[sel], rows[sel]
-            active = [active[j] for j in keep]
-    for c in active:
-        if c not in done:
-            finish(c)
-    return [done[c] for c in range(len(plans))]
-
-
-@torch.no_grad()
-def _validate(val_losses, stack: _Stack, vi, vt, batch_size: int, lam: torch.Tensor) -> torch.Tensor:
-    """train._evaluate for every active cell: (cells, 3) mean losses, weighted by batch length."""
-    sums = torch.zeros(len(lam), 3, dtype=torch.float64, device=vi.device)
-    scored = 0
-    for s in range(0, len(vi), batch_size):
-        bi, bt = vi[s:s + batch_size], vt[s:s + batch_size]
-        if len(bi) < 2:  # a last batch of one row has no contrastive loss
-            continue
-        total, clip, reg = val_losses(stack.params, stack.buffers, bi, bt, lam)
-        sums += torch.stack([total, clip, reg], 1).double() * len(bi)
-        scored += len(bi)
-    return sums / max(scored, 1)

@@ -105,7 +105,7 @@ def procrustes(xi: np.ndarray, xt: np.ndarray) -> tuple[np.ndarray, str]:
     return np.linalg.lstsq(x, y, rcond=None)[0], "least-squares"
 
 
-def fit(method: str, xi: np.ndarray, xt: np.ndarray, cfg: FreeConfig, seed: int = 0):
+def solve_maps(method: str, xi: np.ndarray, xt: np.ndarray, cfg: FreeConfig, seed: int = 0):
     """Fit ``method`` on paired training features; returns (image map, text map, facts to record)."""
     if method not in METHODS:
         raise FeatcacheError(f"unknown method {method!r}", f"choose heads or one of: {', '.join(METHODS)}")
