@@ -227,12 +227,12 @@ def study(
     n_boot: int = typer.Option(2000, min=100),
     dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
     pairs: Optional[str] = typer.Option(None, help="A scaling study: training-pair counts, e.g. 50,100,250,500,all."),
-    layers: Optional[str] = typer.Option(None, help="Layer choices compared: last, auto or both [default: last,auto]."),
+    layers: Optional[str] = typer.Option(None, help="Layer choices compared, separated by ';': last, auto or both [default: last;auto]."),
     variants: Optional[str] = typer.Option(
         None, help="Instead of --layers, named rows to compare: methods (trained heads, CSA, CSA + R_S, ASIF, "
                    "Procrustes), switches (one row per R_S switch) or recipe; comma-separated."),
     lam_warmup_steps: Optional[int] = typer.Option(
-        None, "--lam-warmup", "--lam-warmup-steps", min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
+        None, "--lam-warmup", min=0, help="Steps of the lambda ramp for every run [default: the trainer's 1000]; 0 takes the "
                           "ramp out of a scaling study, where a ramp in steps is a different share of each size's run."),
     merge: Optional[str] = typer.Option(
         None, help="Summarise studies run apart (say one --salts each, on several machines): their --out "
@@ -241,6 +241,7 @@ def study(
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
     from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
+    from featcache.pipeline.common.layerspec import CHOICE_HINT, layer_choices
 
     sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
     if variants is not None and layers is not None:
@@ -248,9 +249,10 @@ def study(
     if variants is not None:
         rows = variant_set(parse_list(variants))
     else:
-        chosen = parse_list(layers or "last,auto")
-        if not chosen or any(v not in ("last", "auto") for v in chosen):
-            raise FeatcacheError(f"bad --layers {layers!r}", "use last, auto or last,auto")
+        chosen = layer_choices(layers or "last;auto")
+        if any(v not in ("last", "auto") for v in chosen):
+            raise FeatcacheError(f"bad --layers {layers!r}: a study compares the choices last and auto",
+                                 f"use last, auto or last;auto ({CHOICE_HINT})")
         rows = tuple(recipe(lay, loss) for lay in chosen for loss in ("clip", "clip+structure"))
     cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")),
                       seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,

@@ -117,7 +117,7 @@ def align(
     image_model: str = ImageModel,
     text_model: str = TextModel,
     dataset: str = Dataset,
-    layers: str = typer.Option("auto", help="auto (best mutual-kNN pair) | last | IMG,TXT"),
+    layers: str = typer.Option("auto", help="One layer choice: auto (the best-scoring pair) | last | a layer for both sides | IMAGE,TEXT (e.g. 9,5)."),
     loss: str = typer.Option("clip+structure", help="clip | clip+structure"),
     levels: int = Levels,
     weighting: str = Weighting,
@@ -180,7 +180,7 @@ def sweep(
     image_model: str = ImageModel,
     text_model: str = TextModel,
     dataset: str = Dataset,
-    layers: str = typer.Option("last;auto", help="Layer choices separated by ';' (e.g. 'last;auto;9,5')."),
+    layers: str = typer.Option("last;auto", help="Layer choices, one run each, separated by ';' (e.g. 'last;auto;9,5')."),
     loss: str = typer.Option("clip,clip+structure", help="Losses, comma-separated."),
     seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated."),
     pairs: Optional[str] = typer.Option(None, help="Training-pair counts for a scaling series, e.g. 100,200,400."),
@@ -222,6 +222,7 @@ def sweep(
     """Train one run per grid cell from the cache alone (no encoder is loaded)."""
     import time
 
+    from featcache.pipeline.common.layerspec import layer_choices, pair_parts
     from featcache.pipeline.train.sweep import sweep as run_sweep
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
@@ -230,7 +231,9 @@ def sweep(
                         d_out=d_out,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
                         select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile)
-    layer_list = [v.strip() for v in layers.split(";") if v.strip()]
+    layer_list = layer_choices(layers)
+    for choice in layer_list:
+        pair_parts(choice)  # every choice is checked before the first cell trains
     grid = {"lam": parse_list(lam, float), "temperature": parse_list(temperature, float),
             "centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),

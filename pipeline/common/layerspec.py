@@ -1,4 +1,13 @@
-"""Resolve a ``--layers`` spec against an encoder's canonical layer names.
+"""The one ``--layers`` grammar of every command, and its resolution against an encoder's
+canonical layer names.
+
+The grammar: ``;`` separates *choices* (one run each: ``sweep`` and ``study`` take several,
+``extract`` and ``align`` one), ``,`` separates the layers of one choice, and ``last:N`` counts
+the last N blocks. A layer is a name or a block index. What a choice means depends only on
+where it is used: ``extract`` stores the set it names (``all``, ``last``, ``last:N``,
+``embed,block.03``); stage two trains on a pair, ``auto`` (the best-scoring pair), one layer for
+both sides (``last``, ``-1``) or ``IMAGE,TEXT`` (``block.09,block.05``, ``9,-1``). So
+``last;auto`` is two choices everywhere, and ``9,5`` is one.
 
 Canonical names are ``embed``, ``block.00`` ... ``block.NN`` (the residual stream after each
 block, before any final norm) and ``final`` where the model has a post-norm output.
@@ -22,7 +31,7 @@ def canonical_layers(n_blocks: int, has_final: bool) -> list[str]:
 
 def resolve_layers(spec: str, n_blocks: int, has_final: bool) -> list[str]:
     """Names for ``all``, ``last``, ``last:N`` or a comma list of indices and names."""
-    spec = (spec or "").strip()
+    spec = one_choice(spec, why="a model's stores hold one set of layers") if spec and ";" in spec else (spec or "").strip()
     valid = canonical_layers(n_blocks, has_final)
     range_hint = (
         f"valid: all, last, last:N (1..{n_blocks}), block indices {-n_blocks}..{n_blocks - 1}, "
@@ -60,3 +69,37 @@ def resolve_layers(spec: str, n_blocks: int, has_final: bool) -> list[str]:
     if not names:
         raise FeatcacheError(f"bad layer spec {spec!r}", range_hint)
     return names
+
+
+CHOICE_HINT = "choices are separated by ';' (last;auto), the layers of one choice by ',' (block.09,block.05)"
+
+
+def layer_choices(spec: str, option: str = "--layers") -> list[str]:
+    """The choices of a ``--layers`` value, in order, each stripped; empty ones refused."""
+    choices = [c.strip() for c in (spec or "").split(";")]
+    if not spec or not spec.strip() or not all(choices):
+        raise FeatcacheError(f"bad {option} {spec!r}: an empty layer choice", CHOICE_HINT)
+    return [",".join(p.strip() for p in c.split(",")) for c in choices]
+
+
+def one_choice(spec: str, option: str = "--layers", why: str = "this command uses one layer choice") -> str:
+    """The single choice of a ``--layers`` value; several are refused with ``why``."""
+    choices = layer_choices(spec, option)
+    if len(choices) != 1:
+        raise FeatcacheError(f"bad {option} {spec!r}: {len(choices)} choices, but {why}",
+                             "compare several choices with featcache sweep --layers 'last;auto'")
+    return choices[0]
+
+
+def pair_parts(choice: str) -> list[str] | None:
+    """A stage-two choice as [IMAGE, TEXT] layers, or None for ``auto``."""
+    if choice == "auto":
+        return None
+    parts = [p.strip() for p in choice.split(",")]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(parts) or "auto" in parts or any(p.startswith("last:") or p == "all" for p in parts):
+        raise FeatcacheError(f"bad layer choice {choice!r} for a pair of heads",
+                             "use auto, last, one layer for both sides (-1, block.05) or IMAGE,TEXT such as "
+                             f"block.09,block.05 or 9,-1; {CHOICE_HINT}")
+    return parts

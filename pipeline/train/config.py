@@ -60,7 +60,7 @@ class AlignConfig:
     dataset: str = "tuxpaint"
     train_split: str = "train"
     val_split: str = "val"  # a data set without one holds out 10% of train by image-id hash
-    layers: str = "auto"  # auto | last | IMG,TXT (layer names or block indices)
+    layers: str = "auto"  # one layer choice (common/layerspec.py): auto | last | a layer | IMAGE,TEXT
     loss: str = "clip+structure"
     levels: int = 1
     weighting: str = "none"

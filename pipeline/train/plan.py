@@ -13,7 +13,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.common.arrays import require_finite, subsample
 from featcache.pipeline.common.device import check_fits, pick_device
-from featcache.pipeline.common.layerspec import resolve_layers
+from featcache.pipeline.common.layerspec import one_choice, pair_parts, resolve_layers
 from featcache.pipeline.features import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, stored_dtype
 from featcache.pipeline.select.table import LayerRows, ScoreTable, score_table
 from featcache.pipeline.train.config import AlignConfig, SelectConfig
@@ -115,12 +115,10 @@ def _model_layer(spec: str, store, complete: list[str]) -> str:
 
 def resolve_pair(spec: str, data: CachedData, select: SelectConfig) -> tuple[str, str, ScoreTable | None]:
     """The (image layer, text layer) to train on, and the score table when one was computed."""
-    if spec == "auto":
+    parts = pair_parts(one_choice(spec, why="a run trains on one layer pair"))
+    if parts is None:
         table = select_layers(data, select)
         return (*table.best(), table)
-    parts = ["last", "last"] if spec == "last" else [p.strip() for p in spec.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise FeatcacheError(f"bad --layers {spec!r}", "use auto, last, or IMG,TXT such as block.09,block.05 or 9,-1")
     image_store, text_store = data.train.images, data.train.texts
     image = _model_layer(parts[0], image_store, [n for n in image_store.layers if image_store.is_complete(n)])
     text = _model_layer(parts[1], text_store, [n for n in text_store.layers if text_store.is_complete(n)])
