@@ -195,7 +195,7 @@ def bench_sweep(quick: bool) -> dict:
             print(f"sweep: skipped ({err}); extract dinov2 and minilm on tuxpaint first")
             return {"skipped": str(err)}
         t_one = timed(lambda: train(cfg))
-        t_grid = timed(lambda: sweep(cfg, ["last", "auto"], ["clip", "clip+structure"], [0, 1, 2]))
+        t_grid = timed(lambda: sweep(cfg, ["last", "auto"], ["clip", "clip+structure"], [0, 1, 2], rerun=True))
     out = {"epochs": epochs, "one_run_s": t_one, "grid_12_s": t_grid, "ratio": t_grid / t_one}
     print(f"sweep: 12 cells x {epochs} epochs on tuxpaint: one run {t_one:.1f}s, grid {t_grid:.1f}s, "
           f"ratio {out['ratio']:.1f} (12 would be no sharing)")
@@ -317,7 +317,8 @@ def bench_vectorized_sweep(quick: bool) -> dict:
             return {"skipped": str(err)}
         grid12 = dict(seeds=[0, 1, 2], grid={"lam": [1.0, 3.0, 10.0, 30.0]})
         grid96 = dict(seeds=list(range(8)), grid={"lam": [1.0, 3.0, 10.0, 30.0], "temperature": [0.03, 0.05, 0.1]})
-        run = lambda g, vec: sweep(cfg, ["auto"], ["clip+structure"], g["seeds"], grid=g["grid"], vectorize=vec)
+        run = lambda g, vec: sweep(cfg, ["auto"], ["clip+structure"], g["seeds"], grid=g["grid"], vectorize=vec,
+                                rerun=True)  # timed: every cell trains, finished or not
         train(replace(cfg, epochs=1))  # device start-up (CUDA context, cuBLAS) is not one run's time
         t_one = timed(lambda: train(cfg))
         runs = {}

@@ -35,13 +35,13 @@ def _setup(storage_option: list[str] = typer.Option(
     except FeatcacheError as err:
         _error(f"{err.message} ({err.hint})")
 
-    from featcache.pipeline.train.runs import BrokenRunWarning
+    from featcache.pipeline.train.runs import RunsWarning
 
-    warnings.simplefilter("always", BrokenRunWarning)
+    warnings.simplefilter("always", RunsWarning)
     default_show = warnings.showwarning
 
     def show(message, category, *args, **kwargs):
-        if issubclass(category, BrokenRunWarning):
+        if issubclass(category, RunsWarning):
             err_console.print(f"warning: {message}", highlight=False, soft_wrap=True)
         else:
             default_show(message, category, *args, **kwargs)

@@ -209,6 +209,10 @@ def sweep(
     method: str = typer.Option("heads", help="Methods, comma-separated: heads, procrustes, csa, csa+structure, asif."),
     shard: Optional[str] = typer.Option(None, help="I/N: train every N-th cell from the I-th [default: from torchrun "
                                                    "or a Slurm array]; report over the shared runs dir combines them."),
+    rerun: bool = typer.Option(False, "--rerun", help="Train every cell again, also those with a finished run "
+                                                      "under --runs-dir (by default they are kept and skipped)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells, their resolved layers and which are "
+                                                          "finished; train nothing."),
     vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
                                    help="Train cells that differ only in seed, lambda, tau or pairs as one batched "
                                         "model; each still writes its own run."),
@@ -223,7 +227,7 @@ def sweep(
     import time
 
     from featcache.pipeline.common.layerspec import layer_choices, pair_parts
-    from featcache.pipeline.train.sweep import sweep as run_sweep
+    from featcache.pipeline.train.sweep import plan_sweep, train_plan
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
                         patience=patience, batch_size=batch_size, lr=lr, levels=levels, weighting=weighting,
@@ -239,15 +243,44 @@ def sweep(
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),
             "fixed_structure": parse_list(fixed_structure, _flag), "method": parse_list(method)}
     start = time.perf_counter()
+    plan = plan_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
+                      parse_list(pairs, int) if pairs else None, grid, shard)
+    if dry_run:
+        _print_plan(plan)
+        return
+    skipped = 0 if rerun else len(plan.finished)
+    if skipped:
+        console.print(f"{skipped} of {len(plan.cells)} cells have a finished run under {cfg.runs_dir}: kept, not "
+                      "trained again (--rerun trains them)", highlight=False)
     with progress_bar() as progress:
-        runs = run_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
-                         parse_list(pairs, int) if pairs else None, progress, grid, shard, vectorize)
-    console.print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}", highlight=False)
+        runs = train_plan(plan, progress, vectorize, rerun)
+    console.print(f"{len(runs) - skipped} runs trained in {time.perf_counter() - start:.1f} s under {cfg.runs_dir}",
+                  highlight=False)
     if runs:
         from featcache.pipeline.train.runs import read_json
 
         _print_choices(read_json(runs[0] / "config.json"), layers=False)
     _print_runs(runs)
+
+
+def _print_plan(plan) -> None:
+    """A sweep's cells as a table: what each would train on and whether it has a run already."""
+    from rich.table import Table
+
+    table = Table(box=None)
+    for col in ("cell", "layers", "resolved", "loss", "method", "pairs", "seed", "varies", "run"):
+        table.add_column(col, overflow="fold")
+    settings = [c.cfg.to_dict() for c in plan.cells]
+    varied = [k for k in ("lam", "temperature", "centering", "center_first", "similarity", "margin",
+                          "fixed_structure") if len({str(s[k]) for s in settings}) > 1]
+    for cell, d in zip(plan.cells, settings):
+        varies = ", ".join(f"{k}={d[k]}" for k in varied)
+        table.add_row(cell.id, cell.cfg.layers, " x ".join(plan.resolved_layers(cell)), cell.cfg.loss,
+                      cell.cfg.method, str(cell.cfg.pairs or "all"), str(cell.cfg.seed), varies,
+                      cell.run.name if cell.run else "-")
+    console.print(table)
+    console.print(f"{len(plan.cells)} cells, {len(plan.finished)} finished; nothing trained (--dry-run)",
+                  highlight=False)
 
 
 def _flag(value: str) -> bool:

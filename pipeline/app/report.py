@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.evaluate.results import Column, rows_of
-from featcache.pipeline.train.runs import list_runs, read_eval_results, read_json
+from featcache.pipeline.train.runs import RepeatedCellWarning, list_runs, read_eval_results, read_json
 
 DEFAULT_GROUP = ("dataset", "layers", "method", "loss", "head", "pairs")
 STD = "sample std over seeds (ddof=1)"
@@ -28,10 +29,27 @@ def spread(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def distinct_runs(runs_dir: Path) -> list[Path]:
+    """The finished runs, one per cell: of two runs of one cell (a sweep run again with
+    ``--rerun``, or copied runs), the latest is kept and the others named in a warning, so a
+    repeat never counts as another seed. Runs from before cells had ids are all kept."""
+    latest: dict[str, Path] = {}
+    runs = list_runs(runs_dir)  # in run-id order: start time first
+    for run in runs:
+        cell = read_json(run / "config.json").get("cell")
+        if isinstance(cell, str):
+            if cell in latest:
+                warnings.warn(f"{latest[cell].name} and {run.name} are runs of one cell ({cell}); only "
+                              f"{run.name}, the later, is counted", RepeatedCellWarning, stacklevel=2)
+            latest[cell] = run
+    kept = set(latest.values())
+    return [r for r in runs if r in kept or not isinstance(read_json(r / "config.json").get("cell"), str)]
+
+
 def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
-    """One dict per run: its config keys, summary, and ``values`` (Column -> number)."""
+    """One dict per run (one run per cell): its config keys, summary, and ``values`` (Column -> number)."""
     rows = []
-    for run in list_runs(runs_dir):
+    for run in distinct_runs(runs_dir):
         cfg, summary = read_json(run / "config.json"), read_json(run / "summary.json")
         row = {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
         row.setdefault("method", "heads")  # runs from before training-free methods
@@ -109,7 +127,7 @@ class Report:
 
 # Keys that differ between runs of one setting, or say nothing about it: never grouped on by default.
 NOT_SETTINGS = {"seed", "run", "runs_dir", "cache_dir", "best_val", "train_pairs", "image_layer", "text_layer",
-                "layer_pair", "values", "val_pairs", "device"}
+                "layer_pair", "values", "val_pairs", "device", "cell", "log", "compile"}
 
 
 def default_group(rows: list[dict]) -> list[str]:

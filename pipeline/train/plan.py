@@ -16,6 +16,7 @@ from featcache.pipeline.common.device import check_fits, pick_device
 from featcache.pipeline.common.layerspec import one_choice, pair_parts, resolve_layers
 from featcache.pipeline.features import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, stored_dtype
 from featcache.pipeline.select.table import LayerRows, ScoreTable, score_table
+from featcache.pipeline.train.cells import cell_id
 from featcache.pipeline.train.config import AlignConfig, SelectConfig
 from featcache.pipeline.train.heads import AlignmentModel, FixedModel
 
@@ -34,6 +35,10 @@ class CachedData:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def stores(self) -> dict:
+        """The identities of the stores every run on this data reads (config.json's ``cache``)."""
+        return self.memo("stores", lambda: {"train": self.train.identities(), "val": self.val.identities()})
 
     def features(self, split: str, modality: str, layer: str) -> np.ndarray:
         """One split's rows of one layer, in the dtype the store holds (float16 by default):
@@ -170,10 +175,11 @@ class RunPlan:
 
     def config(self, data: CachedData, val_pairs: int) -> dict:
         """What config.json records."""
+        stores = data.stores()
         config = self.cfg.to_dict() | {
             "image_layer": self.image_layer, "text_layer": self.text_layer, "train_pairs": int(len(self.rows)),
-            "val_pairs": int(val_pairs), "validation": data.validation,
-            "cache": {"train": data.train.identities(), "val": data.val.identities()},
+            "val_pairs": int(val_pairs), "validation": data.validation, "cache": stores,
+            "cell": cell_id(self.cfg, stores),
         }
         if self.table is not None:  # auto: which layers it chose among (complete ones only)
             config["layers_considered"] = {"image": self.table.image_layers, "text": self.table.text_layers}

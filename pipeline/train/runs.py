@@ -81,8 +81,16 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-class BrokenRunWarning(UserWarning):
+class RunsWarning(UserWarning):
+    """Something about the runs a command read that the user should see (the CLI prints these)."""
+
+
+class BrokenRunWarning(RunsWarning):
     """A run directory that cannot be read: it is skipped, never fatal to listing the others."""
+
+
+class RepeatedCellWarning(RunsWarning):
+    """Two finished runs of one cell (``cells.cell_id``): one is kept, never counted as two seeds."""
 
 
 def _readable(run: Path) -> bool:
