@@ -58,6 +58,15 @@ err_console = Console(stderr=True)
 
 CacheDir = typer.Option(None, "--cache-dir", help="Feature store root [env FEATCACHE_CACHE_DIR].")
 RunsDir = typer.Option(None, "--runs-dir", help="Run records root [env FEATCACHE_RUNS_DIR, default ./runs].")
+def use_threads(n: int | None) -> None:
+    """Set torch's CPU threads (imported here, so commands that train nothing start without torch)."""
+    from featcache.pipeline.common.device import set_threads
+
+    set_threads(n)
+
+
+Threads = typer.Option(None, "--threads", help="CPU threads for torch [default: the cores this process may use: "
+                                               "OMP_NUM_THREADS, SLURM_CPUS_PER_TASK or its CPU affinity].")
 
 
 def cache_dir_or_default(path: Optional[str]):

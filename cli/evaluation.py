@@ -11,6 +11,7 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cli.app import (
     CacheDir,
     RunsDir,
+    Threads,
     app,
     cache_dir_or_default,
     console,
@@ -20,6 +21,7 @@ from featcache.cli.app import (
     progress_bar,
     runs_dir_or_default,
     score_table_view,
+    use_threads,
 )
 
 
@@ -50,23 +52,55 @@ def _print_eval(result: dict) -> None:
     console.print(f"result: {result['path']}", highlight=False, soft_wrap=True)
 
 
+def _print_evals(results: list[dict]) -> None:
+    """One line per run: many runs' results side by side (a single run gets _print_eval's table)."""
+    from rich.table import Table
+
+    if len(results) == 1:
+        _print_eval(results[0])
+        return
+    first = results[0]
+    table = Table(title=f"{first['task']} on {first['dataset']}/{first['split']}: {len(results)} runs (%)")
+    table.add_column("run", no_wrap=True)
+    table.add_column("layers")
+    columns = [(key, k) for key, value in first["metrics"].items() for k in (value if isinstance(value, dict) else [None])]
+    for key, k in columns:
+        name = f"{key} {k}" if k else key
+        table.add_column(name.replace("image_to_text", "i→t").replace("text_to_image", "t→i"), justify="right")
+    for r in results:
+        values = [r["metrics"][key][k] if k else r["metrics"][key] for key, k in columns]
+        table.add_row(r["run_id"], " x ".join(r["layers"]), *[f"{100 * v:.1f}" for v in values])
+    console.print(table)
+    console.print(f"{len(results)} results, one per run, under each run's eval/ folder", highlight=False)
+
+
+RunsOption = typer.Option("latest", help="Runs to evaluate, in one process: 'latest', 'all', a run folder, or run ids "
+                                         "and prefixes separated by ',' (a prefix takes every run it starts).")
+
+
 @eval_app.command("retrieval")
 @friendly
 def eval_retrieval_cmd(
-    run: str = typer.Option("latest", help="Run id, prefix, path or 'latest'."),
+    run: str = RunsOption,
     dataset: Optional[str] = typer.Option(None, help="Pair data set [default: the run's]."),
     split: str = typer.Option("test"),
     positives: str = typer.Option("image", help="image (own captions) | caption (also identical captions)."),
     baseline: bool = typer.Option(True, help="Also score the untrained Procrustes/least-squares reference."),
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    threads: Optional[int] = Threads,
 ):
-    """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
+    """Image->text and text->image Recall@1/5/10 of runs on held-out pairs."""
+    use_threads(threads)
+    from featcache.pipeline.evaluate.batch import evaluate_runs, select_runs
     from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 
-    _print_eval(eval_retrieval(RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives,
-                                               baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
-                                               runs_dir=runs_dir_or_default(runs_dir))))
+    cfg = RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives, baseline=baseline,
+                          cache_dir=cache_dir_or_default(cache_dir), runs_dir=runs_dir_or_default(runs_dir))
+    runs = select_runs(cfg.runs_dir, run)
+    with progress_bar() as progress:
+        results = evaluate_runs(eval_retrieval, cfg, runs, progress if len(runs) > 1 else None)
+    _print_evals(results)
 
 
 @eval_app.command("classify")
@@ -74,7 +108,7 @@ def eval_retrieval_cmd(
 def eval_classify_cmd(
     dataset: str = typer.Option("fashion-mnist", help="Classification set: fashion-mnist, mnist, "
                                                       "tuxpaint-categories or an image folder."),
-    run: str = typer.Option("latest"),
+    run: str = RunsOption,
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, min=1, help="Use the store extracted with this --limit."),
     templates: Optional[Path] = typer.Option(None, help="Prompt templates file (JSON list or lines, with {})."),
@@ -83,38 +117,45 @@ def eval_classify_cmd(
     baseline: bool = typer.Option(True),
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    threads: Optional[int] = Threads,
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
+    use_threads(threads)
     from featcache.cache.lookup import StoreNotFound
-    from featcache.pipeline.evaluate.classify import ClassifyConfig, eval_classify
+    from featcache.pipeline.common.names import dataset_key
+    from featcache.pipeline.evaluate.batch import evaluate_runs, select_runs
+    from featcache.pipeline.evaluate.classify import ClassifyConfig, classify_spec, eval_classify
 
     cfg = ClassifyConfig(dataset=dataset, run=run, split=split, limit=limit, templates=templates,
                          classnames=classnames, baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
                          runs_dir=runs_dir_or_default(runs_dir))
+    runs = select_runs(cfg.runs_dir, run)
+    if extract:
+        _extract_for_runs(cfg, runs)
     try:
-        result = eval_classify(cfg)
+        with progress_bar() as progress:
+            results = evaluate_runs(eval_classify, cfg, runs, progress if len(runs) > 1 else None)
     except StoreNotFound as err:
-        from featcache.pipeline.common.names import dataset_key
-        from featcache.pipeline.evaluate.classify import classify_spec
-
         if err.query.dataset != dataset_key(classify_spec(cfg)):
             raise  # the run's own training cache is missing: --extract of this set cannot help
-        if not extract:
-            raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
-        _extract_for_run(cfg)
-        result = eval_classify(cfg)
-    _print_eval(result)
+        raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
+    _print_evals(results)
 
 
-def _extract_for_run(cfg) -> None:
-    """Stage one for a classification set, with the run's encoders and options (eval classify --extract)."""
+def _extract_for_runs(cfg, runs: list[Path]) -> None:
+    """Stage one for a classification set, with each run's encoders and options, where the
+    stores are missing (eval classify --extract; an existing store is a no-op)."""
     from featcache.pipeline.evaluate.classify import classify_spec
     from featcache.pipeline.extract.run import ExtractConfig, extract
-    from featcache.pipeline.train.runs import find_run, read_json
+    from featcache.pipeline.train.runs import read_json
 
-    run_cfg = read_json(find_run(cfg.runs_dir, cfg.run) / "config.json")
-    sides = ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size")),
-             (run_cfg["text_model"], run_cfg.get("text_pooling"), None))
+    sides = []
+    for run in runs:
+        run_cfg = read_json(run / "config.json")
+        for side in ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size")),
+                     (run_cfg["text_model"], run_cfg.get("text_pooling"), None)):
+            if side not in sides:
+                sides.append(side)
     with progress_bar() as progress:
         for model, pooling, size in sides:
             extract(ExtractConfig(model=model, pooling=pooling, image_size=size, dataset=classify_spec(cfg),
@@ -238,8 +279,10 @@ def study(
         None, help="Summarise studies run apart (say one --salts each, on several machines): their --out "
                    "folders, comma-separated; nothing is trained."),
     cache_dir: Optional[str] = CacheDir,
+    threads: Optional[int] = Threads,
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
+    use_threads(threads)
     from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
     from featcache.pipeline.common.layerspec import CHOICE_HINT, layer_choices
 

@@ -11,6 +11,7 @@ import typer
 from featcache.cli.app import (
     CacheDir,
     RunsDir,
+    Threads,
     app,
     cache_dir_or_default,
     console,
@@ -19,6 +20,7 @@ from featcache.cli.app import (
     progress_bar,
     runs_dir_or_default,
     score_table_view,
+    use_threads,
 )
 
 
@@ -84,8 +86,10 @@ def layers(
                           "an estimate of the all-row score (11x faster at n = 50k with 5,000; docs/benchmarks.md)."),
     out: Optional[Path] = typer.Option(None, help="Heatmap PNG [default: <cache-dir>/layer-scores/...png]."),
     cache_dir: Optional[str] = CacheDir,
+    threads: Optional[int] = Threads,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
+    use_threads(threads)
     from featcache.pipeline.app.plots import layer_heatmap
     from featcache.pipeline.features import Side, open_pairs
     from featcache.pipeline.train.config import SelectConfig
@@ -150,8 +154,10 @@ def align(
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    threads: Optional[int] = Threads,
 ):
     """Train alignment heads (or fit a training-free method) on the cached features; write a run record."""
+    use_threads(threads)
     from featcache.pipeline.train.loop import train
     from featcache.pipeline.train.runs import read_json
 
@@ -211,6 +217,8 @@ def sweep(
                                                    "or a Slurm array]; report over the shared runs dir combines them."),
     rerun: bool = typer.Option(False, "--rerun", help="Train every cell again, also those with a finished run "
                                                       "under --runs-dir (by default they are kept and skipped)."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", help="Evaluate every cell's run after training, in this "
+                                                               "process: retrieval and/or classify:DATASET, comma-separated."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells, their resolved layers and which are "
                                                           "finished; train nothing."),
     vectorize: bool = typer.Option(True, "--vectorize/--no-vectorize",
@@ -222,11 +230,14 @@ def sweep(
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    threads: Optional[int] = Threads,
 ):
     """Train one run per grid cell from the cache alone (no encoder is loaded)."""
+    use_threads(threads)
     import time
 
     from featcache.pipeline.common.layerspec import layer_choices, pair_parts
+    from featcache.pipeline.evaluate.batch import evaluate_runs, evaluation
     from featcache.pipeline.train.sweep import plan_sweep, train_plan
 
     cfg = _align_config(image_model, text_model, dataset, cache_dir, runs_dir, head=head, epochs=epochs,
@@ -242,6 +253,7 @@ def sweep(
             "centering": parse_list(centering), "center_first": parse_list(center_first, _flag),
             "similarity": parse_list(similarity), "margin": parse_list(margin, float),
             "fixed_structure": parse_list(fixed_structure, _flag), "method": parse_list(method)}
+    evaluations = [evaluation(s, cfg.cache_dir, cfg.runs_dir) for s in parse_list(evaluate)] if evaluate else []
     start = time.perf_counter()
     plan = plan_sweep(cfg, layer_list, parse_list(loss), parse_list(seeds, int),
                       parse_list(pairs, int) if pairs else None, grid, shard)
@@ -260,6 +272,9 @@ def sweep(
         from featcache.pipeline.train.runs import read_json
 
         _print_choices(read_json(runs[0] / "config.json"), layers=False)
+    for score, eval_cfg in evaluations:
+        with progress_bar() as progress:
+            evaluate_runs(score, eval_cfg, runs, progress)
     _print_runs(runs)
 
 

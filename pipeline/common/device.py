@@ -30,6 +30,30 @@ def pick_device(device: str = "auto") -> torch.device:
 DEVICES = ("auto", "cpu", "gpu")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use: ``OMP_NUM_THREADS`` or Slurm's ``SLURM_CPUS_PER_TASK``
+    when set (a job's share of a node), else the process's CPU affinity (a container's or
+    ``taskset``'s cores, not the machine's)."""
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int | None = None) -> int:
+    """torch's intra-op CPU threads: ``n``, or ``usable_cores()``. Small heads gain little from
+    many threads and lose a lot when threads outnumber free cores (docs/benchmarks.md)."""
+    n = usable_cores() if n is None else n
+    if n < 1:
+        raise FeatcacheError(f"--threads {n}: at least one thread is needed", "use --threads 1 or more")
+    torch.set_num_threads(n)
+    return n
+
+
 GPU_MAX_K = 2048  # faiss GPU flat search returns at most this many neighbours per query
 
 

@@ -13,10 +13,9 @@ from featcache.cache.naming import split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.pipeline.common.arrays import normalise, require_finite
 from featcache.pipeline.evaluate.metrics import class_embeddings, zero_shot
-from featcache.pipeline.evaluate.reference import fit_reference
+from featcache.pipeline.evaluate.reads import Reads
 from featcache.pipeline.evaluate.results import store_record, write_result
 from featcache.pipeline.evaluate.run_view import check_run_stores, embed, run_sides
-from featcache.pipeline.features import open_store
 from featcache.pipeline.train.runs import find_run, load_heads
 
 
@@ -33,10 +32,11 @@ class ClassifyConfig:
     runs_dir: Path = field(default_factory=default_runs_dir)
 
 
-def classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str):
+def classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str, reads: Reads | None = None):
+    reads = reads or Reads()
     image, text = run_sides(run_cfg)
     label = split_label(cfg.split, cfg.limit)
-    images, prompts = open_store(cfg.cache_dir, dataset, label, image), open_store(cfg.cache_dir, dataset, label, text)
+    images, prompts = reads.store(cfg.cache_dir, dataset, label, image), reads.store(cfg.cache_dir, dataset, label, text)
     check_run_stores(run_cfg, images, prompts, f"{dataset}/{label}")
     return images, prompts
 
@@ -47,19 +47,22 @@ def classify_spec(cfg: ClassifyConfig) -> str:
     return cfg.dataset + (":" + ",".join(options) if options else "")
 
 
-def eval_classify(cfg: ClassifyConfig) -> dict:
-    run_dir = find_run(cfg.runs_dir, cfg.run)
+def eval_classify(cfg: ClassifyConfig, reads: Reads | None = None, run_dir: Path | None = None) -> dict:
+    """Score one run (``cfg.run``, or ``run_dir`` when given); ``reads`` shares the cache reads
+    between the runs of a batch (``evaluate.batch``)."""
+    reads = reads or Reads()
+    run_dir = run_dir or find_run(cfg.runs_dir, cfg.run)
     model, run_cfg = load_heads(run_dir)
     dataset = classify_spec(cfg)
     layers = (run_cfg["image_layer"], run_cfg["text_layer"])
-    images, prompts = classification_stores(cfg, run_cfg, dataset)
+    images, prompts = classification_stores(cfg, run_cfg, dataset, reads)
     classes = images.attrs.get("classes", {}).get("classnames") or sorted(set(prompts.groups))
     index = {c: i for i, c in enumerate(classes)}
     keep = ~images.missing
     labels = np.asarray([index[g] for g in images.groups])[keep]
     prompt_class = np.asarray([index[g] for g in prompts.groups])
-    xi = require_finite(images.read(layers[0])[keep], images, layers[0])
-    xt = require_finite(prompts.read(layers[1])[~prompts.missing], prompts, layers[1])
+    xi = require_finite(reads.layer(images, layers[0])[keep], images, layers[0])
+    xt = require_finite(reads.layer(prompts, layers[1])[~prompts.missing], prompts, layers[1])
     prompt_class = prompt_class[~prompts.missing]
     result = {
         "task": "classify", "dataset": dataset, "split": split_label(cfg.split, cfg.limit), "classes": len(classes),
@@ -71,7 +74,7 @@ def eval_classify(cfg: ClassifyConfig) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if cfg.baseline:
-        w, method = fit_reference(run_cfg, cfg.cache_dir)
+        w, method = reads.reference(run_cfg, cfg.cache_dir)
         ref = zero_shot(normalise(normalise(xi) @ w), labels, class_embeddings(normalise(xt), prompt_class, len(classes)))
         result["baseline"] = {"method": method, "metrics": ref}
     result["path"] = str(write_result(run_dir, run_cfg, result))

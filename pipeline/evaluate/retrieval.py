@@ -14,10 +14,9 @@ from featcache.cache.paths import default_cache_dir, default_runs_dir
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.common.arrays import normalise, require_finite
 from featcache.pipeline.evaluate.metrics import retrieval_ranks
-from featcache.pipeline.evaluate.reference import fit_reference
+from featcache.pipeline.evaluate.reads import Reads
 from featcache.pipeline.evaluate.results import store_record, write_result
 from featcache.pipeline.evaluate.run_view import check_run_stores, embed, run_dataset, run_sides
-from featcache.pipeline.features import open_store
 from featcache.pipeline.train.runs import find_run, load_heads
 
 POSITIVE_RULES = ("image", "caption")
@@ -67,17 +66,20 @@ def retrieval_sets(images: FeatureStore, texts: FeatureStore, rule: str):
     return image_rows, caption_rows, i2t, t2i
 
 
-def eval_retrieval(cfg: RetrievalConfig) -> dict:
-    run_dir = find_run(cfg.runs_dir, cfg.run)
+def eval_retrieval(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Path | None = None) -> dict:
+    """Score one run (``cfg.run``, or ``run_dir`` when given); ``reads`` shares the cache reads
+    between the runs of a batch (``evaluate.batch``)."""
+    reads = reads or Reads()
+    run_dir = run_dir or find_run(cfg.runs_dir, cfg.run)
     model, run_cfg = load_heads(run_dir)
     dataset = cfg.dataset or run_dataset(run_cfg)
     image, text = run_sides(run_cfg)
-    images = open_store(cfg.cache_dir, dataset, cfg.split, image)
-    texts = open_store(cfg.cache_dir, dataset, cfg.split, text)
+    images = reads.store(cfg.cache_dir, dataset, cfg.split, image)
+    texts = reads.store(cfg.cache_dir, dataset, cfg.split, text)
     check_run_stores(run_cfg, images, texts, f"{dataset}/{cfg.split}")
     image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
-    xi = require_finite(images.read(run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
-    xt = require_finite(texts.read(run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
+    xi = require_finite(reads.layer(images, run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
+    xt = require_finite(reads.layer(texts, run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
 
     ranks = {}
 
@@ -100,7 +102,7 @@ def eval_retrieval(cfg: RetrievalConfig) -> dict:
     result["first_correct_rank"] = ranks  # max(ks) where no correct item is in the top max(ks)
     result["image_ids"] = [images.ids[r] for r in image_rows]
     if cfg.baseline:
-        w, method = fit_reference(run_cfg, cfg.cache_dir)
+        w, method = reads.reference(run_cfg, cfg.cache_dir)
         result["baseline"] = {"method": method, "metrics": score(normalise(normalise(xi) @ w), normalise(xt))}
     result["path"] = str(write_result(run_dir, run_cfg, result))
     return result

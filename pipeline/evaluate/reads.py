@@ -1,0 +1,53 @@
+"""What evaluating many runs in one process reads once: stores, their layers, and the untrained
+reference of a training set. A sweep's runs share the data set and mostly the layers, so the
+second run's evaluation costs its heads and its metrics, not another read of the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache.store import FeatureStore
+from featcache.pipeline.evaluate.reference import fit_reference
+from featcache.pipeline.features import Side, open_store
+
+# What the reference map depends on (evaluate/reference.py:training_pairs and fit_reference).
+REFERENCE_FIELDS = ("dataset", "train_split", "image_model", "image_pooling", "image_size", "text_model",
+                    "text_pooling", "validation", "pairs", "image_layer", "text_layer", "cache")
+
+
+class Reads:
+    """A memo of the cache reads of evaluations; one per batch, dropped with it."""
+
+    def __init__(self):
+        self._stores: dict[tuple, FeatureStore] = {}
+        self._layers: dict[tuple, np.ndarray] = {}
+        self._references: dict[str, tuple[np.ndarray, str]] = {}
+
+    def store(self, cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
+        key = (str(cache_dir), dataset, split, side)
+        if key not in self._stores:
+            self._stores[key] = open_store(cache_dir, dataset, split, side)
+        return self._stores[key]
+
+    def layer(self, store: FeatureStore, name: str) -> np.ndarray:
+        """The whole layer, read (and checked) once; callers index it, never write to it."""
+        key = (str(store.path), name)
+        if key not in self._layers:
+            values = store.read(name)
+            values.flags.writeable = False
+            self._layers[key] = values
+        return self._layers[key]
+
+    def reference(self, run_cfg: dict, cache_dir: Path) -> tuple[np.ndarray, str]:
+        """``fit_reference`` once per training set: runs that differ only in seed, λ, τ or loss
+        share it (the seed only draws a ``--pairs`` subset)."""
+        fields = {k: run_cfg.get(k) for k in REFERENCE_FIELDS}
+        if run_cfg.get("pairs") is not None:
+            fields["seed"] = run_cfg.get("seed")
+        key = json.dumps([str(cache_dir), fields], sort_keys=True, default=str)
+        if key not in self._references:
+            self._references[key] = fit_reference(run_cfg, cache_dir)
+        return self._references[key]

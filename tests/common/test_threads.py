@@ -1,0 +1,44 @@
+"""CPU threads: the default is the cores this process may use, and --threads sets torch's."""
+
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from featcache.cache.errors import FeatcacheError
+from featcache.cli.main import app
+from featcache.pipeline.common.device import set_threads, usable_cores
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_usable_cores_honours_the_job_share_then_the_affinity(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert usable_cores() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert usable_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a count: the next rule decides
+    assert usable_cores() == 3
+
+
+def test_set_threads_sets_torch_and_refuses_zero():
+    assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    with pytest.raises(FeatcacheError, match="--threads 0"):
+        set_threads(0)
+
+
+def test_the_option_reaches_torch_before_the_command_runs(tmp_path):
+    out = CliRunner().invoke(app, ["align", "--threads", "1", "--runs-dir", str(tmp_path), "--cache-dir",
+                                   str(tmp_path / "empty"), "--epochs", "1"])
+    assert out.exit_code != 0 and torch.get_num_threads() == 1  # set, then the missing cache is reported
+    out = CliRunner().invoke(app, ["sweep", "--threads", "0", "--runs-dir", str(tmp_path)])
+    assert out.exit_code != 0 and "at least one thread" in out.output
