@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/run.py --only layer_target           # 13 x 7 layers at n = 50k
 
 Each benchmark prints its figures and ratio; all results go to one JSON file. Beside it,
-step_profile.py (where a training step's time goes) and stacked_drift.py (stacked against
-sequential sweep cells on one device).
+step_profile.py (where a training step's time goes), stacked_drift.py (stacked against
+sequential sweep cells on one device) and inputs.py (reading users' inputs); research_loop.py
+holds the whole-command figures of batch evaluation and threads, run from here.
 Numbers belong in docs/benchmarks.md together with the command and the machine.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from research_loop import bench_batch_eval, bench_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -690,7 +692,8 @@ BENCHES = {"extraction": bench_extraction, "layer_table": bench_layer_table, "tr
            "sweep": bench_sweep, "retrieval": bench_retrieval, "checksum_read": bench_checksum_read,
            "scaling": bench_scaling, "vectorized_sweep": bench_vectorized_sweep,
            "structure_compile": bench_structure_compile, "s3": bench_s3, "layer_target": bench_layer_target,
-           "scale": bench_scale, "retrieval_memory": bench_retrieval_memory}
+           "scale": bench_scale, "retrieval_memory": bench_retrieval_memory, "batch_eval": bench_batch_eval,
+           "threads": bench_threads}
 ON_REQUEST = ("layer_target", "scale", "retrieval_memory", "s3")  # minutes to tens of minutes: run with --only NAME
 
 
