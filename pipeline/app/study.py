@@ -298,7 +298,8 @@ def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
         for k in cfg.ks:
             for d, name in ((0, "i2t"), (1, "t2i")):
                 vals = [100 * _hits(ranks[variant.name][s][r], k)[d].mean() for s in salts for r in seeds]
-                row[f"{name} R@{k}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
+                # one (split, seed) cell, as with --seeds 0 on explicit splits, has no spread: None, not NaN
+                row[f"{name} R@{k}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
         table.append(row)
 
     comparisons = []
@@ -345,7 +346,8 @@ def to_markdown(summary: dict, with_header: bool = True) -> str:
         "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in summary["table"]:
         lines.append(f"| {row['variant']} | "
-                     + " | ".join(f"{row[c][0]:.1f} ± {row[c][1]:.1f}" for c in cols) + " |")
+                     + " | ".join(f"{row[c][0]:.1f}" + ("" if row[c][1] is None else f" ± {row[c][1]:.1f}")
+                                  for c in cols) + " |")
     lines += ["", "| comparison | metric | difference (points) | 95% bootstrap CI |", "|---|---|---|---|"]
     for c in summary["comparisons"]:
         lines.append(f"| {c['comparison']} | {c['metric']} | {c['difference_points']:+.1f} | "
