@@ -177,15 +177,23 @@ def demo(
                                                  "tuxpaint+openmoji (1,887 pairs; several times longer)."),
     device: str = typer.Option("auto"),
     cache_dir: Optional[str] = CacheDir,
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    pooling: Optional[str] = PoolingPair,
+    image_size: Optional[int] = ImageSize,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
     from featcache.pipeline.app.demo import DemoConfig, run_demo, with_openmoji
     from featcache.pipeline.app.demo import quick as quick_config
+    from featcache.pipeline.app.study import pooling_pair
 
     if dataset not in ("tuxpaint", "tuxpaint+openmoji"):
         raise FeatcacheError(f"the demo trains on tuxpaint or tuxpaint+openmoji, not {dataset!r}",
                              "for your own data use featcache extract, align and eval")
-    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
+    image_pooling, text_pooling = pooling_pair(pooling)
+    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device, image_model=image_model,
+                     text_model=text_model, image_pooling=image_pooling, text_pooling=text_pooling,
+                     image_size=image_size)
     cfg = with_openmoji(cfg) if dataset == "tuxpaint+openmoji" else cfg
     cfg = quick_config(cfg) if quick else cfg
     result = run_demo(cfg, console, progress_bar,

@@ -101,3 +101,23 @@ def test_pooling_names_both_encoders_or_each():
     for bad in ("a,b,c", ","):
         with pytest.raises(FeatcacheError, match="bad --pooling"):
             pooling_pair(bad)
+
+
+def test_demo_takes_the_encoders_and_names_them(monkeypatch, tmp_path):
+    """The demo's command line reaches its config (the run itself is the real-asset test's)."""
+    from featcache.pipeline.app import demo
+
+    seen = {}
+
+    def capture(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise demo.FeatcacheError("stopped after parsing")
+
+    monkeypatch.setattr(demo, "run_demo", capture)
+    out = CliRunner().invoke(app, ["demo", "--image-model", "hf:A", "--text-model", "hf:B", "--pooling", "cls+mean,",
+                                   "--image-size", "-1", "--out", str(tmp_path)])
+    assert out.exit_code == 2 and "stopped after parsing" in out.output
+    cfg = seen["cfg"]
+    assert (cfg.image_model, cfg.text_model, cfg.image_pooling, cfg.text_pooling, cfg.image_size) == \
+        ("hf:A", "hf:B", "cls+mean", None, -1)
+    assert demo.encoders_line(cfg) == "Image encoder hf:A (pooling cls+mean, size -1), text encoder hf:B, trained on tuxpaint"
