@@ -164,7 +164,7 @@ def sides(cfg: StudyConfig) -> tuple[Side, Side]:
 
 def _cached(cfg: StudyConfig, spec: str, side: Side) -> bool:
     """Whether the splits a study reads (train, test, and val where the data set has one) are
-    cached, complete, for ``model``. Read as stage two reads, by the names the stores recorded:
+    cached, complete, for ``side``. Read as stage two reads, by the names the stores recorded:
     neither the encoder's weights nor the data set's files are needed to find out."""
     try:
         train = open_store(cfg.cache_dir, spec, "train", side)
