@@ -58,6 +58,15 @@ err_console = Console(stderr=True)
 
 CacheDir = typer.Option(None, "--cache-dir", help="Feature store root [env FEATCACHE_CACHE_DIR].")
 RunsDir = typer.Option(None, "--runs-dir", help="Run records root [env FEATCACHE_RUNS_DIR, default ./runs].")
+# The encoders, declared once for every command that reads or extracts them.
+ImageModel = typer.Option("dinov2", "--image-model",
+                          help="Image encoder: registry name, timm:<name> or hf:<repo-or-path>.")
+TextModel = typer.Option("minilm", "--text-model", help="Text encoder: registry name or hf:<repo-or-path>.")
+ImageSize = typer.Option(None, "--image-size", help="Input resolution; -1 for the model's pretrained one.")
+PoolingPair = typer.Option(None, "--pooling", help="Pooling of both encoders (mean, cls) or IMAGE,TEXT (cls+mean,mean); "
+                                                   "an empty side keeps that encoder's default.")
+
+
 def use_threads(n: int | None) -> None:
     """Set torch's CPU threads (imported here, so commands that train nothing start without torch)."""
     from featcache.pipeline.common.device import set_threads

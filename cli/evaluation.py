@@ -10,7 +10,11 @@ import typer
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.app import (
     CacheDir,
+    ImageModel,
+    ImageSize,
+    PoolingPair,
     RunsDir,
+    TextModel,
     Threads,
     app,
     cache_dir_or_default,
@@ -214,15 +218,23 @@ def demo(
                                                  "tuxpaint+openmoji (1,887 pairs; several times longer)."),
     device: str = typer.Option("auto"),
     cache_dir: Optional[str] = CacheDir,
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    pooling: Optional[str] = PoolingPair,
+    image_size: Optional[int] = ImageSize,
 ):
     """The main job on the offline assets: extract, layer table, ablation grid, evaluation, report."""
     from featcache.pipeline.app.demo import DemoConfig, run_demo, with_openmoji
     from featcache.pipeline.app.demo import quick as quick_config
+    from featcache.pipeline.app.study import pooling_pair
 
     if dataset not in ("tuxpaint", "tuxpaint+openmoji"):
         raise FeatcacheError(f"the demo trains on tuxpaint or tuxpaint+openmoji, not {dataset!r}",
                              "for your own data use featcache extract, align and eval")
-    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device)
+    image_pooling, text_pooling = pooling_pair(pooling)
+    cfg = DemoConfig(out=out, cache_dir=cache_dir_or_default(cache_dir), device=device, image_model=image_model,
+                     text_model=text_model, image_pooling=image_pooling, text_pooling=text_pooling,
+                     image_size=image_size)
     cfg = with_openmoji(cfg) if dataset == "tuxpaint+openmoji" else cfg
     cfg = quick_config(cfg) if quick else cfg
     result = run_demo(cfg, console, progress_bar,
@@ -259,7 +271,9 @@ def table_view(view):
 @friendly
 def study(
     out: Path = typer.Option(Path("results/study"), help="Folder for study.json, study.md and runs."),
-    salts: str = typer.Option(",1,2", help="Split salts ('' is the default split), comma-separated."),
+    salts: Optional[str] = typer.Option(
+        None, help="Split salts ('' is the default split), comma-separated [default: ,1,2 on hash-split data; "
+                   "data with explicit splits has one split and takes none]."),
     seeds: str = typer.Option("0,1,2"),
     epochs: int = typer.Option(300, min=1),
     patience: int = typer.Option(50, min=1),
@@ -267,6 +281,10 @@ def study(
     checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
     n_boot: int = typer.Option(2000, min=100),
     dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
+    image_model: str = ImageModel,
+    text_model: str = TextModel,
+    pooling: Optional[str] = PoolingPair,
+    image_size: Optional[int] = ImageSize,
     pairs: Optional[str] = typer.Option(None, help="A scaling study: training-pair counts, e.g. 50,100,250,500,all."),
     layers: Optional[str] = typer.Option(None, help="Layer choices compared, separated by ';': last, auto or both [default: last;auto]."),
     variants: Optional[str] = typer.Option(
@@ -283,7 +301,15 @@ def study(
 ):
     """Splits x seeds with paired bootstrap intervals; with --pairs, against the number of training pairs."""
     use_threads(threads)
-    from featcache.pipeline.app.study import StudyConfig, recipe, run_study, scaling_markdown, to_markdown, variant_set
+    from featcache.pipeline.app.study import (
+        StudyConfig,
+        pooling_pair,
+        recipe,
+        run_study,
+        scaling_markdown,
+        to_markdown,
+        variant_set,
+    )
     from featcache.pipeline.common.layerspec import CHOICE_HINT, layer_choices
 
     sizes = tuple(None if v == "all" else _positive(v) for v in parse_list(pairs)) if pairs else ()
@@ -297,11 +323,15 @@ def study(
             raise FeatcacheError(f"bad --layers {layers!r}: a study compares the choices last and auto",
                                  f"use last, auto or last;auto ({CHOICE_HINT})")
         rows = tuple(recipe(lay, loss) for lay in chosen for loss in ("clip", "clip+structure"))
-    cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")),
-                      seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience, batch_size=batch_size,
-                      checkpoint_on=checkpoint_on, n_boot=n_boot, cache_dir=cache_dir_or_default(cache_dir),
-                      pairs=sizes, configs=rows, lam_warmup_steps=lam_warmup_steps)
-    summary = run_study(cfg, progress_bar, [Path(d) for d in parse_list(merge)] if merge is not None else None)
+    image_pooling, text_pooling = pooling_pair(pooling)
+    cfg = StudyConfig(out=out, dataset=dataset, salts=tuple(v.strip() for v in salts.split(",")) if salts is not None
+                      else None, seeds=tuple(parse_list(seeds, int)), epochs=epochs, patience=patience,
+                      batch_size=batch_size, checkpoint_on=checkpoint_on, n_boot=n_boot,
+                      cache_dir=cache_dir_or_default(cache_dir), pairs=sizes, configs=rows,
+                      lam_warmup_steps=lam_warmup_steps, image_model=image_model, text_model=text_model,
+                      image_pooling=image_pooling, text_pooling=text_pooling, image_size=image_size)
+    summary = run_study(cfg, progress_bar, [Path(d) for d in parse_list(merge)] if merge is not None else None,
+                        say=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print(scaling_markdown(summary) if sizes else to_markdown(summary), highlight=False)
 
 

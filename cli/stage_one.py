@@ -9,7 +9,16 @@ from typing import Optional
 import typer
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cli.app import CacheDir, app, cache_dir_or_default, console, friendly, human_bytes, progress_bar
+from featcache.cli.app import (
+    CacheDir,
+    ImageSize,
+    app,
+    cache_dir_or_default,
+    console,
+    friendly,
+    human_bytes,
+    progress_bar,
+)
 
 
 @app.command()
@@ -24,7 +33,7 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per split (smallest id hashes)."),
     pooling: Optional[str] = typer.Option(None, help="cls | mean | cls+mean (vision); mean | cls (text)."),
-    image_size: Optional[int] = typer.Option(None, help="Input resolution; -1 for the model's pretrained one."),
+    image_size: Optional[int] = ImageSize,
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
     skip_bad: bool = typer.Option(False, help="Record undecodable images as missing rows."),
     overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),

@@ -10,7 +10,9 @@ import typer
 
 from featcache.cli.app import (
     CacheDir,
+    ImageModel,
     RunsDir,
+    TextModel,
     Threads,
     app,
     cache_dir_or_default,
@@ -33,8 +35,6 @@ def _align_config(image_model, text_model, dataset, cache_dir, runs_dir, **kw):
                        select=select, **kw)
 
 
-ImageModel = typer.Option("dinov2", "--image-model", help="Image encoder whose cache to read.")
-TextModel = typer.Option("minilm", "--text-model", help="Text encoder whose cache to read.")
 Dataset = typer.Option("tuxpaint", "--dataset", help="Pair data set (train and val splits are read).")
 # Training options that align and sweep share.
 Head = typer.Option("linear", help="linear | mlp")

@@ -42,6 +42,9 @@ class DemoConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     image_model: str = "dinov2"
     text_model: str = "minilm"
+    image_pooling: str | None = None  # None: each encoder's default
+    text_pooling: str | None = None
+    image_size: int | None = None  # None: the image encoder's default; -1: its pretrained size
     # Tux Paint alone keeps the main job at a few minutes on two cores; ``with_openmoji`` trains on
     # the union (1,887 pairs), which encodes 1,565 more images and trains on three times the pairs.
     train_dataset: str = "tuxpaint"
@@ -125,6 +128,15 @@ def quick(cfg: DemoConfig) -> DemoConfig:
                    classify_sets=(("fashion-mnist", 100), ("mnist", 100)), seeds=(0,), epochs=60, patience=20)
 
 
+def encoders_line(cfg: DemoConfig) -> str:
+    """The encoders a demo ran, as the user wrote them, for its report and plots."""
+    def one(model, pooling, size=None):
+        details = [f"{word} {v}" for word, v in (("pooling", pooling), ("size", size)) if v is not None]
+        return model + (f" ({', '.join(details)})" if details else "")
+    return (f"Image encoder {one(cfg.image_model, cfg.image_pooling, cfg.image_size)}, "
+            f"text encoder {one(cfg.text_model, cfg.text_pooling)}, trained on {cfg.train_dataset}")
+
+
 def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> dict:
     """Run the main job; ``show_scores(table)`` renders the layer table (the CLI passes a rich view)."""
     start = time.perf_counter()
@@ -135,27 +147,31 @@ def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> di
     split = lambda s, dataset=cfg.train_dataset: split_label(s, split_limit(cfg, dataset))
     log = tracker(cfg)
 
+    console.print(encoders_line(cfg), highlight=False, soft_wrap=True)
     console.rule("1. extract every layer once")
     t = time.perf_counter()
-    for model in (cfg.image_model, cfg.text_model):
+    for model, pooling, size in ((cfg.image_model, cfg.image_pooling, cfg.image_size),
+                                 (cfg.text_model, cfg.text_pooling, None)):
         for dataset, splits, limit in cfg.extracts:
             with progress_factory() as progress:
                 results = extract(ExtractConfig(model=model, dataset=dataset, splits=list(splits) if splits else None,
-                                                limit=limit, layers="all", cache_dir=cfg.cache_dir,
-                                                device=cfg.device), progress)
+                                                limit=limit, layers="all", cache_dir=cfg.cache_dir, pooling=pooling,
+                                                image_size=size, device=cfg.device), progress)
             done = sum(r.computed_rows for r in results)
             console.print(f"  {model:>7} on {dataset:<20} {sum(r.rows for r in results):>5} rows "
                           f"({'cached' if not done else f'{done} computed'})", highlight=False)
     times["extract_s"] = time.perf_counter() - t
 
     console.rule("2. layer similarity (mutual kNN)")
-    base = AlignConfig(image_model=cfg.image_model, text_model=cfg.text_model, dataset=cfg.train_dataset,
+    base = AlignConfig(image_model=cfg.image_model, text_model=cfg.text_model, image_pooling=cfg.image_pooling,
+                       text_pooling=cfg.text_pooling, image_size=cfg.image_size, dataset=cfg.train_dataset,
                        train_split=split("train"), val_split=split("val"), epochs=cfg.epochs, patience=cfg.patience,
                        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, runs_dir=runs_dir, log=log,
                        device=cfg.device)
     data = load_cached(base)
     table = select_layers(data, base.select)
-    layer_heatmap(table, cfg.out / "layers.png", f"mutual kNN, {cfg.train_dataset} train, n={table.n}, k={table.k}")
+    layer_heatmap(table, cfg.out / "layers.png", f"mutual kNN, {cfg.train_dataset} train, n={table.n}, k={table.k}\n"
+                  f"{cfg.image_model} x {cfg.text_model}")
     write_json(cfg.out / "layers.json", table.to_dict())
     if show_scores is not None:
         show_scores(table)
@@ -185,6 +201,8 @@ def run_demo(cfg: DemoConfig, console, progress_factory, show_scores=None) -> di
     report = build_report(rows, ["layers", "loss"], demo_metrics(rows))
     first = next(m for m in report.metrics if m.is_headline() and m.dataset == cfg.train_dataset)
     written = write_outputs(report, cfg.out, first)
+    markdown = cfg.out / "report.md"  # the report names what it compares: the demo's encoders
+    markdown.write_text(f"{encoders_line(cfg)}.\n\n{markdown.read_text()}")
     labels, means, stds = layer_pair_rows(rows, first)
     written.append(metric_bars(labels, means, stds, cfg.out / "report-layer-pairs.png", f"{first.short} (%)",
                                f"{first.label} per trained layer pair"))

@@ -1,13 +1,17 @@
 """How much of a difference is real? Splits x seeds, with paired bootstrap intervals.
 
 With a few hundred test pairs a Recall@K moves several points between seeds and more between
-splits. The study redraws the Tux Paint hash split with several salts, trains every variant
+splits. The study redraws a hash split (Tux Paint's by default) with several salts, trains every variant
 (by default the recipe grid layers {last, auto} x loss {clip, clip+structure}; the ablation sets
 add the training-free methods and the R_S switches) x seeds on each, and reports:
 
 - mean ± std over every (split, seed) cell per variant;
 - paired differences between variants with a 95% bootstrap interval that resamples splits,
   seeds within a split, and test items within a split.
+
+On data with explicit splits a salt redraws nothing, so the study uses the one split and the
+interval resamples seeds and test items (study_splits.py). It extracts and trains the encoders
+it is given, and every table, plot and JSON it writes names them and the data set as written.
 
 Selection uses the validation split only (layers on train pairs, checkpoints on validation loss).
 """
@@ -24,7 +28,7 @@ import numpy as np
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import safe_component
 from featcache.cache.paths import default_cache_dir
-from featcache.pipeline.common.names import combined_parts, is_combined
+from featcache.pipeline.app.study_splits import SplitPlan, parts_of, plan_splits, salted_spec, split_note
 from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract.run import ExtractConfig, extract
 from featcache.pipeline.features import Side, dataset_splits, open_store
@@ -99,7 +103,12 @@ def comparisons_for(names: list[str]) -> list[tuple[str, str, str]]:
 class StudyConfig:
     out: Path = Path("results/study")
     dataset: str = "tuxpaint"
-    salts: tuple[str, ...] = ("", "1", "2")  # "" is the default split
+    # "" is the default split. None: ("", "1", "2") where the splits are drawn by hash, the data
+    # set's own split where they are not (study_splits.plan_splits).
+    salts: tuple[str, ...] | None = None
+    # The parts of the data set a salt redraws, once planned; () where its splits are its own.
+    # None: not planned yet (and in studies that predate the plan, where every part was salted).
+    salted_parts: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     ks: tuple[int, ...] = (1, 10)
     epochs: int = 300
@@ -112,6 +121,9 @@ class StudyConfig:
     pairs: tuple[int | None, ...] = ()  # a scaling study over training-pair counts (None: all)
     image_model: str = "dinov2"
     text_model: str = "minilm"
+    image_pooling: str | None = None  # None: each encoder's default
+    text_pooling: str | None = None
+    image_size: int | None = None  # None: the image encoder's default; -1: its pretrained size
     configs: tuple[Variant, ...] = CONFIGS  # the rows compared
     # None keeps the trainer's ramp (1,000 steps, the paper's). A scaling study may set 0 (full
     # lambda from the first step): a ramp counted in steps is a different share of a short run
@@ -119,23 +131,46 @@ class StudyConfig:
     lam_warmup_steps: int | None = None
 
 
-def salted_spec(dataset: str, salt: str) -> str:
-    """The data set redrawn with ``salt``; every part of a combined ``a+b`` gets the same salt."""
-    if not salt:
-        return dataset
-    parts = combined_parts(dataset) if is_combined(dataset) else [dataset]
-    return "+".join(f"{p}:salt={salt}" for p in parts)
+def pooling_pair(value: str | None) -> tuple[str | None, str | None]:
+    """``--pooling`` of a command that reads both encoders: one pooling for both sides (``cls``,
+    ``mean``) or ``IMAGE,TEXT`` (``cls+mean,mean``), as ``--layers`` names a pair; an empty side
+    keeps that encoder's default (``cls+mean,``). Each encoder checks its own when it loads."""
+    if value is None:
+        return None, None
+    parts = [v.strip() for v in value.split(",")]
+    if len(parts) > 2 or not any(parts):
+        raise FeatcacheError(f"bad --pooling {value!r}",
+                             "write one pooling for both encoders (mean) or IMAGE,TEXT (cls+mean,mean)")
+    image, text = parts if len(parts) == 2 else parts * 2
+    return image or None, text or None
 
 
-def _cached(cfg: StudyConfig, spec: str, model: str) -> bool:
+def plan(cfg: StudyConfig, say=None) -> StudyConfig:
+    """``cfg`` with its salts and salted parts settled (a no-op once they are); ``say(line)``
+    hears where the splits are not all redrawn."""
+    if cfg.salted_parts is not None:
+        return cfg
+    chosen = plan_splits(cfg.dataset, cfg.salts)
+    note = split_note(chosen, cfg.dataset)
+    if note and say is not None:
+        say(note)
+    return replace(cfg, salts=chosen.salts, salted_parts=chosen.salted_parts)
+
+
+def sides(cfg: StudyConfig) -> tuple[Side, Side]:
+    """The image and text features a study reads: its encoders, poolings and input size."""
+    return Side(cfg.image_model, cfg.image_pooling, cfg.image_size), Side(cfg.text_model, cfg.text_pooling)
+
+
+def _cached(cfg: StudyConfig, spec: str, side: Side) -> bool:
     """Whether the splits a study reads (train, test, and val where the data set has one) are
-    cached, complete, for ``model``. Read as stage two reads, by the names the stores recorded:
+    cached, complete, for ``side``. Read as stage two reads, by the names the stores recorded:
     neither the encoder's weights nor the data set's files are needed to find out."""
     try:
-        train = open_store(cfg.cache_dir, spec, "train", Side(model))
+        train = open_store(cfg.cache_dir, spec, "train", side)
         splits = ["train", "test"] + (["val"] if "val" in dataset_splits(train) else [])
         for split in splits:
-            store = open_store(cfg.cache_dir, spec, split, Side(model))
+            store = open_store(cfg.cache_dir, spec, split, side)
             parts = getattr(store, "parts", [store])  # a+b: each part's own store
             for p in parts:  # every layer `--layers all` gives, not only those an earlier extract asked for
                 wanted = [n for n in p.encoder_identity.get("layers") or p.layers if n != "final"]
@@ -149,23 +184,27 @@ def _cached(cfg: StudyConfig, spec: str, model: str) -> bool:
 def _ensure_cached(cfg: StudyConfig, spec: str, progress_factory=None) -> None:
     """Extract what is not cached yet. A machine that holds a copied cache but not the weights
     (a GPU node, say) runs the study without loading an encoder."""
-    for model in (cfg.image_model, cfg.text_model):
-        if _cached(cfg, spec, model):
+    for side in sides(cfg):
+        if _cached(cfg, spec, side):
             continue
         with progress_factory() if progress_factory else nullcontext() as p:
-            extract(ExtractConfig(model=model, dataset=spec, cache_dir=cfg.cache_dir, device=cfg.device), p)
+            extract(ExtractConfig(model=side.model, pooling=side.pooling, image_size=side.image_size, dataset=spec,
+                                  cache_dir=cfg.cache_dir, device=cfg.device), p)
 
 
 def collect(cfg: StudyConfig, progress_factory=None) -> dict:
     """Train and evaluate every (pairs, variant, split salt, seed); returns first-correct ranks
     keyed ``ranks[(pairs, variant name)][salt][seed]``. A deterministic training-free method is
     fitted once per split and stands for every seed."""
+    cfg = plan(cfg)
     ranks: dict = {}
     for salt in cfg.salts:
-        spec = salted_spec(cfg.dataset, salt)
+        spec = salted_spec(cfg.dataset, salt, cfg.salted_parts)
         _ensure_cached(cfg, spec, progress_factory)
         runs_dir = cfg.out / "runs" / safe_component(salt or "default")  # a salt like '../..' stays inside
-        base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model, epochs=cfg.epochs,
+        base = AlignConfig(dataset=spec, image_model=cfg.image_model, text_model=cfg.text_model,
+                           image_pooling=cfg.image_pooling, text_pooling=cfg.text_pooling,
+                           image_size=cfg.image_size, epochs=cfg.epochs,
                            patience=cfg.patience, batch_size=cfg.batch_size, checkpoint_on=cfg.checkpoint_on,
                            cache_dir=cfg.cache_dir, runs_dir=runs_dir, device=cfg.device)
         if cfg.lam_warmup_steps is not None:
@@ -193,6 +232,36 @@ def collect(cfg: StudyConfig, progress_factory=None) -> dict:
                                          "report this: every seed of every variant should have trained")
                 ranks.setdefault((n, variant.name), {})[salt] = {r: by_seed[r] for r in cfg.seeds}
     return ranks
+
+
+def describe(cfg: StudyConfig) -> dict:
+    """What a study compared, as the user wrote it: the encoders (pooling and input size, None
+    for the encoder's default), the data set, and how its splits were drawn."""
+    salted = parts_of(cfg.dataset) if cfg.salted_parts is None else list(cfg.salted_parts)
+    return {"dataset": cfg.dataset, "image_model": cfg.image_model, "text_model": cfg.text_model,
+            "image_pooling": cfg.image_pooling, "text_pooling": cfg.text_pooling, "image_size": cfg.image_size,
+            "splits": {"rule": "hash" if salted else "explicit", "salted_parts": salted,
+                       "note": split_note(SplitPlan(tuple(cfg.salts or ()), tuple(salted)), cfg.dataset)}}
+
+
+def header(summary: dict) -> str:
+    """The markdown's first lines: the encoders, the data set and the splits a table is about."""
+    d = summary["study"]
+
+    def encoder(side: str) -> str:
+        details = [f"{word} {d[key]}" for word, key in (("pooling", f"{side}_pooling"), ("size", f"{side}_size"))
+                   if d.get(key) is not None]
+        return f"`{d[side + '_model']}`" + (f" ({', '.join(details)})" if details else "")
+
+    splits = d["splits"]
+    if splits["rule"] == "explicit":
+        how = "the data set's own split (explicit); intervals resample seeds and test items"
+    else:
+        how = (f"hash splits redrawn with salts {', '.join(repr(s) for s in summary['salts'])}"
+               + (f" ({splits['note']})" if splits.get("note") else "")
+               + "; intervals resample splits, seeds and test items")
+    return (f"Image encoder {encoder('image')}, text encoder {encoder('text')}, "
+            f"data set `{d['dataset']}`.\nSplits: {how}.\n\n")
 
 
 def _hits(r: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +298,8 @@ def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
         for k in cfg.ks:
             for d, name in ((0, "i2t"), (1, "t2i")):
                 vals = [100 * _hits(ranks[variant.name][s][r], k)[d].mean() for s in salts for r in seeds]
-                row[f"{name} R@{k}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
+                # one (split, seed) cell, as with --seeds 0 on explicit splits, has no spread: None, not NaN
+                row[f"{name} R@{k}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
         table.append(row)
 
     comparisons = []
@@ -244,7 +314,7 @@ def summarise(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
                                 "difference_points": 100 * point, "ci95": [100 * lo, 100 * hi],
                                 "relative_gain_percent": 100 * point / base if base else float("nan")})
     first = next(iter(ranks))
-    return {"table": table, "comparisons": comparisons, "salts": salts, "seeds": seeds,
+    return {"study": describe(cfg), "table": table, "comparisons": comparisons, "salts": salts, "seeds": seeds,
             "checkpoint_on": cfg.checkpoint_on, "epochs": cfg.epochs, "patience": cfg.patience,
             "batch_size": cfg.batch_size, "n_boot": cfg.n_boot, "lam_warmup_steps": cfg.lam_warmup_steps,
             "test_items": {s or "default": int(len(ranks[first][s][seeds[0]]["image_to_text"])) for s in salts}}
@@ -266,16 +336,18 @@ def summarise_scaling(ranks: dict, cfg: StudyConfig, seed: int = 0) -> dict:
                 point, lo, hi = _bootstrap(hits, salts, seeds, cfg.n_boot, rng)
                 bands[f"{key} R@{k}"] = [100 * point, 100 * lo, 100 * hi]
         sizes.append({"pairs": "all" if n is None else n, **summary, "bands": bands})
-    return {"sizes": sizes, "dataset": cfg.dataset}
+    return {"sizes": sizes, "dataset": cfg.dataset, "study": describe(cfg), "salts": salts}
 
 
-def to_markdown(summary: dict) -> str:
+def to_markdown(summary: dict, with_header: bool = True) -> str:
     ks = sorted({int(c.split("@")[1]) for row in summary["table"] for c in row if "@" in c})
     cols = [f"{d} R@{k}" for k in ks for d in ("i2t", "t2i")]
-    lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = ([header(summary)] if with_header and "study" in summary else []) + [
+        "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in summary["table"]:
         lines.append(f"| {row['variant']} | "
-                     + " | ".join(f"{row[c][0]:.1f} ± {row[c][1]:.1f}" for c in cols) + " |")
+                     + " | ".join(f"{row[c][0]:.1f}" + ("" if row[c][1] is None else f" ± {row[c][1]:.1f}")
+                                  for c in cols) + " |")
     lines += ["", "| comparison | metric | difference (points) | 95% bootstrap CI |", "|---|---|---|---|"]
     for c in summary["comparisons"]:
         lines.append(f"| {c['comparison']} | {c['metric']} | {c['difference_points']:+.1f} | "
@@ -284,9 +356,9 @@ def to_markdown(summary: dict) -> str:
 
 
 def scaling_markdown(scaling: dict) -> str:
-    parts = []
+    parts = [header(scaling)] if "study" in scaling else []
     for size in scaling["sizes"]:
-        parts.append(f"### {size['pairs']} training pairs\n\n" + to_markdown(size))
+        parts.append(f"### {size['pairs']} training pairs\n\n" + to_markdown(size, with_header=False))
         gains = [c for c in size["comparisons"] if c["comparison"].startswith("STRUCTURE")]
         parts.append("".join(f"Relative gain of STRUCTURE ({c['metric']}): {c['relative_gain_percent']:+.0f}%\n"
                              for c in gains))
@@ -308,13 +380,19 @@ def scaling_plot(scaling: dict, path: Path, k: int = 1) -> Path:
                 ms.append(point)
                 ss.append((hi - lo) / 2)
     return metric_lines(series, path, "training pairs (log; rightmost: all)", f"mean R@{k} (%), 95% interval",
-                        f"{scaling['dataset']}: R@{k} against training pairs")
+                        f"{scaling['dataset']}: R@{k} against training pairs" + _encoders_line(scaling))
+
+
+def _encoders_line(scaling: dict) -> str:
+    d = scaling.get("study")
+    return f"\nimage {d['image_model']}, text {d['text_model']}" if d else ""
 
 
 RANKS_FILE = "ranks.json"
 
 
-SETTINGS = ("dataset", "image_model", "text_model", "epochs", "patience", "batch_size", "checkpoint_on",
+SETTINGS = ("dataset", "image_model", "text_model", "image_pooling", "text_pooling", "image_size", "salted_parts",
+            "epochs", "patience", "batch_size", "checkpoint_on",
             "lam_warmup_steps", "pairs", "ks")  # what studies must share to be merged
 
 
@@ -387,12 +465,13 @@ def merge_ranks(dirs: list[Path], cfg: StudyConfig) -> tuple[dict, StudyConfig]:
     return ranks, merged
 
 
-def run_study(cfg: StudyConfig, progress_factory=None, merge: list[Path] | None = None) -> dict:
+def run_study(cfg: StudyConfig, progress_factory=None, merge: list[Path] | None = None, say=None) -> dict:
     """Train and evaluate (or, with ``merge``, read the ranks of studies run apart), then
-    summarise into ``cfg.out``."""
+    summarise into ``cfg.out``; ``say(line)`` hears where a salt redraws nothing."""
     if merge:
         ranks, cfg = merge_ranks(merge, cfg)
     else:
+        cfg = plan(cfg, say)
         ranks = collect(cfg, progress_factory)
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_ranks(ranks, cfg, cfg.out / RANKS_FILE)

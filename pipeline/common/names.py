@@ -32,6 +32,18 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), options
 
 
+def with_option(spec: str, key: str, value: str) -> str:
+    """``spec`` (one data set, not ``a+b``) with one more option, in the grammar its kind reads:
+    a corpus takes a trailing ``:key=value`` segment (its target may hold ':'), a name or a path
+    one ``:key=value,key=value`` list. Appending ``:salt=1`` to ``pairs.jsonl:outside=allow``
+    would read as the option ``outside=allow:salt=1``."""
+    if listing.is_corpus(spec):
+        return f"{spec}:{key}={value}"
+    name, options = parse_spec(spec)
+    options[key] = value
+    return name + ":" + ",".join(f"{k}={v}" for k, v in options.items())
+
+
 # The corpus formats: spec prefix -> the name its caches are stored under (a listing, no read).
 CORPORA = {"wds": wds_name, "hfds": hfds_name}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common import listing
-from featcache.pipeline.common.names import REGISTERED, canonical_name, is_combined, parse_spec
+from featcache.pipeline.common.names import REGISTERED, canonical_name, is_combined, parse_spec, with_option
 from featcache.pipeline.data import builtin as builtin_data
 from featcache.pipeline.data import user as user_data
 from featcache.pipeline.data.hfds import load_hfds
@@ -65,3 +65,36 @@ def load_dataset(spec: str) -> dict[str, Split]:
     for split in splits.values():
         split.dataset = cname
     return splits
+
+
+# Salts that probe whether a data set's splits are drawn by hash. Several, so that a data set
+# with only a few hash-split rows is not taken for a fixed one because one redraw kept them all
+# where they were (each row stays put with probability about 0.54 per salt).
+PROBE_SALTS = ("1", "2", "3", "4", "5", "6", "7", "8")
+
+
+def salt_redraws(spec: str) -> bool:
+    """Whether a split salt moves any row of ``spec`` (one data set, not ``a+b``) to another split.
+
+    The built-in pair sets, a pair table without a 'split' column and corpora without split
+    fields draw their splits by hashing ids, so a salt redraws them; a table with a split on every
+    row, Karpathy and COCO files and folders of splits keep their own, and a salted copy of them
+    would be the same rows extracted again under another name. Asked of the adapters themselves
+    (the data set loaded with and without salts, each split's ids compared; no image is decoded),
+    so no format is guessed from its name. An adapter that takes no salt option keeps its splits.
+    """
+    plain = _assignment(load_dataset(spec))
+    for salt in PROBE_SALTS:
+        try:
+            salted = load_dataset(with_option(spec, "salt", salt))
+        except FeatcacheError:
+            return False
+        if _assignment(salted) != plain:
+            return True
+    return False
+
+
+def _assignment(splits: dict[str, Split]) -> dict[str, tuple[frozenset, frozenset]]:
+    """Which rows each split holds."""
+    return {name: (frozenset(s.images.ids if s.images else ()), frozenset(s.texts.ids if s.texts else ()))
+            for name, s in splits.items()}
