@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 @app.callback()
-def _setup(storage_option: list[str] = typer.Option(
+def _setup(ctx: typer.Context, storage_option: list[str] = typer.Option(
         [], "--storage-option", metavar="KEY=VALUE",
         help="An fsspec option for s3:// and other URL caches, e.g. endpoint_url=http://127.0.0.1:9000 "
              "(repeatable; given before the command).")) -> None:
@@ -47,6 +47,12 @@ def _setup(storage_option: list[str] = typer.Option(
             default_show(message, category, *args, **kwargs)
 
     warnings.showwarning = show
+    from featcache.cli.defaults import project_defaults
+
+    try:
+        project_defaults(ctx)
+    except FeatcacheError as err:
+        _error(f"{err.message} ({err.hint})")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,6 +71,34 @@ TextModel = typer.Option("minilm", "--text-model", help="Text encoder: registry 
 ImageSize = typer.Option(None, "--image-size", help="Input resolution; -1 for the model's pretrained one.")
 PoolingPair = typer.Option(None, "--pooling", help="Pooling of both encoders (mean, cls) or IMAGE,TEXT (cls+mean,mean); "
                                                    "an empty side keeps that encoder's default.")
+
+
+def settings_file(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]):
+    """--config FILE, read before every other option (is_eager): its values become defaults."""
+    from featcache.cli.defaults import load_config
+
+    try:
+        return load_config(ctx, param, value)
+    except FeatcacheError as err:
+        raise typer.BadParameter(f"{err.message} ({err.hint})" if err.hint else err.message) from None
+
+
+ConfigFile = typer.Option(None, "--config", is_eager=True, callback=settings_file, metavar="FILE",
+                          help="A TOML or YAML file of this command's options (lists for a sweep's grid); "
+                               "flags on the command line override it.")
+Name = typer.Option(None, "--name", help="A label for the run(s), shown by runs and recorded in config.json.")
+Tag = typer.Option(None, "--tag", metavar="KEY=VALUE", help="A tag recorded in config.json (repeatable); "
+                                                            "report --where tag.KEY=VALUE filters on it.")
+
+
+def parse_tags(items: Optional[list[str]]) -> dict[str, str]:
+    tags = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise FeatcacheError(f"bad --tag {item!r}", "write KEY=VALUE, e.g. --tag ablation=lambda")
+        tags[key.strip()] = value.strip()
+    return tags
 
 
 def use_threads(n: int | None) -> None:

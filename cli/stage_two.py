@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +9,11 @@ import typer
 
 from featcache.cli.app import (
     CacheDir,
+    ConfigFile,
     ImageModel,
+    Name,
     RunsDir,
+    Tag,
     TextModel,
     Threads,
     app,
@@ -19,6 +21,7 @@ from featcache.cli.app import (
     console,
     friendly,
     parse_list,
+    parse_tags,
     progress_bar,
     runs_dir_or_default,
     score_table_view,
@@ -84,8 +87,10 @@ def layers(
     queries: Optional[int] = typer.Option(
         None, min=2, help="mutual_knn / lcs_knn on many rows: exact neighbours of this many seeded rows only, "
                           "an estimate of the all-row score (11x faster at n = 50k with 5,000; docs/benchmarks.md)."),
-    out: Optional[Path] = typer.Option(None, help="Heatmap PNG [default: <cache-dir>/layer-scores/...png]."),
+    out: Optional[Path] = typer.Option(None, help="Heatmap PNG (and its JSON beside it) [default: "
+                                                  "<runs-dir>/layer-scores/...png, beside the runs, never in the cache]."),
     cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
     threads: Optional[int] = Threads,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
@@ -106,10 +111,8 @@ def layers(
     console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
                   f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
     stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")
-    from featcache.cache.location import is_url
-
-    writable = not is_url(root) and os.access(root, os.W_OK)  # a shared read-only cache: write here instead
-    png = out or (root / "layer-scores" if writable else Path("layer-scores")) / f"{stem}.png"
+    # The cache may be shared and read-only: what a command makes goes beside the runs.
+    png = out or runs_dir_or_default(runs_dir) / "layer-scores" / f"{stem}.png"
     layer_heatmap(table, png)
     write_json(png.with_suffix(".json"), table.to_dict())
     console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
@@ -118,6 +121,8 @@ def layers(
 @app.command()
 @friendly
 def align(
+    ctx: typer.Context,
+    config: Optional[str] = ConfigFile,
     image_model: str = ImageModel,
     text_model: str = TextModel,
     dataset: str = Dataset,
@@ -154,10 +159,13 @@ def align(
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    name: Optional[str] = Name,
+    tag: Optional[list[str]] = Tag,
     threads: Optional[int] = Threads,
 ):
     """Train alignment heads (or fit a training-free method) on the cached features; write a run record."""
     use_threads(threads)
+    from featcache.cli.defaults import setting_sources
     from featcache.pipeline.train.loop import train
     from featcache.pipeline.train.runs import read_json
 
@@ -168,7 +176,8 @@ def align(
                         batch_size=batch_size, lr=lr, checkpoint_on=checkpoint_on, device=device,
                         val_split=val_split, centering=centering, center_first=center_first, similarity=similarity,
                         gamma=gamma, margin=margin, fixed_structure=fixed_structure, select_metric=select_metric,
-                        select_k_rule=k_rule, method=method, log=log, compile=compile)
+                        select_k_rule=k_rule, method=method, log=log, compile=compile, name=name,
+                        tags=parse_tags(tag), sources=setting_sources(ctx))
     with progress_bar() as progress:
         run = train(cfg, progress=progress)
     _print_choices(read_json(run / "config.json"))
@@ -177,12 +186,16 @@ def align(
                   f"{s['train_pairs']} pairs, "
                   f"best {s['checkpoint_on']} {s['best_val']:.4f} at epoch {s['best_epoch']} "
                   f"({s['epochs_run']} epochs, {s['seconds']:.1f} s)", highlight=False)
+    if "best_before_lambda_warmup" in s:
+        console.print(f"note: {s['best_before_lambda_warmup']['note']}", highlight=False, soft_wrap=True)
     console.print(f"record: {run}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @friendly
 def sweep(
+    ctx: typer.Context,
+    config: Optional[str] = ConfigFile,
     image_model: str = ImageModel,
     text_model: str = TextModel,
     dataset: str = Dataset,
@@ -230,12 +243,15 @@ def sweep(
     val_split: str = ValSplit,
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    name: Optional[str] = Name,
+    tag: Optional[list[str]] = Tag,
     threads: Optional[int] = Threads,
 ):
     """Train one run per grid cell from the cache alone (no encoder is loaded)."""
     use_threads(threads)
     import time
 
+    from featcache.cli.defaults import setting_sources
     from featcache.pipeline.common.layerspec import layer_choices, pair_parts
     from featcache.pipeline.evaluate.batch import evaluate_runs, evaluation
     from featcache.pipeline.train.sweep import plan_sweep, train_plan
@@ -245,7 +261,9 @@ def sweep(
                         divergence=divergence, lam_warmup_steps=lam_warmup, learn_temperature=learn_temperature,
                         d_out=d_out,
                         checkpoint_on=checkpoint_on, device=device, val_split=val_split, gamma=gamma,
-                        select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile)
+                        select_metric=select_metric, select_k_rule=k_rule, log=log, compile=compile, name=name,
+                        tags=parse_tags(tag), group=name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                        sources=setting_sources(ctx))
     layer_list = layer_choices(layers)
     for choice in layer_list:
         pair_parts(choice)  # every choice is checked before the first cell trains

@@ -52,6 +52,7 @@ def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:
     for run in distinct_runs(runs_dir):
         cfg, summary = read_json(run / "config.json"), read_json(run / "summary.json")
         row = {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
+        row.update({f"tag.{k}": v for k, v in (cfg.get("tags") or {}).items()})  # --where tag.KEY=VALUE
         row.setdefault("method", "heads")  # runs from before training-free methods
         row.update(run=run.name, image_layer=summary["image_layer"], text_layer=summary["text_layer"],
                    best_val=summary["best_val"], train_pairs=summary["train_pairs"])
@@ -127,14 +128,20 @@ class Report:
 
 # Keys that differ between runs of one setting, or say nothing about it: never grouped on by default.
 NOT_SETTINGS = {"seed", "run", "runs_dir", "cache_dir", "best_val", "train_pairs", "image_layer", "text_layer",
-                "layer_pair", "values", "val_pairs", "device", "cell", "log", "compile"}
+                "layer_pair", "values", "val_pairs", "device", "cell", "log", "compile", "group", "name"}
+
+
+def is_setting(key: str) -> bool:
+    """A config key that, when it varies, separates groups: not bookkeeping (names, tags, the
+    sweep a run came from), which --group-by and --where can still use."""
+    return key not in NOT_SETTINGS and not key.startswith("tag.")
 
 
 def default_group(rows: list[dict]) -> list[str]:
     """DEFAULT_GROUP plus every other setting that varies across the runs, so runs of different
     ablations are never averaged together as if they were seeds."""
-    varying = sorted(k for k in {k for r in rows for k in r} - NOT_SETTINGS - set(DEFAULT_GROUP)
-                     if len({str(r.get(k)) for r in rows}) > 1)
+    varying = sorted(k for k in {k for r in rows for k in r} - set(DEFAULT_GROUP)
+                     if is_setting(k) and len({str(r.get(k)) for r in rows}) > 1)
     return [k for k in DEFAULT_GROUP if any(k in r for r in rows)] + varying
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.runs import list_runs, read_json
 
-NOT_IDENTITY = ("runs_dir", "cache_dir", "log", "device", "compile", "name", "tags", "threads")
+NOT_IDENTITY = ("runs_dir", "cache_dir", "log", "device", "compile", "name", "tags", "group", "sources")
 
 
 def cell_id(cfg: AlignConfig, stores: dict) -> str:

@@ -4,6 +4,7 @@ its validation. Every run directory records the resolved config in config.json."
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def check_seed(seed) -> None:
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise FeatcacheError(f"the seed must be a whole number from 0 to {2**32 - 1}, got {seed}",
                              "pass --seed 0, 1, 2, ...")
+
+
+TAG_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -98,6 +102,11 @@ class AlignConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
     runs_dir: Path = field(default_factory=default_runs_dir)
+    # Bookkeeping: recorded and shown, never part of what is trained (train/cells.py leaves them out).
+    name: str | None = None  # a label the user chooses (runs shows it; report can filter on it)
+    tags: dict[str, str] = field(default_factory=dict)  # --tag KEY=VALUE
+    group: str | None = None  # the sweep a run belongs to (wandb groups by it)
+    sources: dict[str, str] = field(default_factory=dict)  # option -> command line, a settings file, default
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,3 +148,7 @@ class AlignConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise FeatcacheError(f"--{name} must be a finite number >= 0, got {value}")
+        for key, value in self.tags.items():
+            if not key or not TAG_KEY.fullmatch(key) or not isinstance(value, str):
+                raise FeatcacheError(f"bad --tag {key}={value}", "write KEY=VALUE, the key in letters, digits, '_', '-' "
+                                                                 "and '.'")

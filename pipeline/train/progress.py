@@ -18,10 +18,10 @@ from featcache.pipeline.train.runs import RunWriter
 LOSS_NAMES = ("total", "clip", "structure")
 
 
-def epoch_record(epoch: int, step: int, lr: float, lam: float, train: dict, val: dict) -> dict:
-    """One metrics.jsonl line of a trained run."""
-    return {"epoch": epoch, "step": step, "lr": lr, "lambda": lam, **{f"train_{k}": v for k, v in train.items()},
-            **{f"val_{k}": v for k, v in val.items()}}
+def epoch_record(epoch: int, step: int, lr: float, lam: float | None, train: dict, val: dict) -> dict:
+    """One metrics.jsonl line of a trained run (``lam`` None: the loss has no λ, so none is logged)."""
+    return {"epoch": epoch, "step": step, "lr": lr, **({"lambda": lam} if lam is not None else {}),
+            **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
 
 
 def check_finite(epoch: int, train: dict, val: dict) -> None:
@@ -48,10 +48,11 @@ class RunProgress:
         check_finite(epoch, train, val)
         cfg = self.cfg
         score = val["clip"] if cfg.checkpoint_on == "val_clip" else val["total"]
+        lam = lambda_at(step, cfg.lam, cfg.lam_warmup_steps) if cfg.loss != "clip" else None
         if score < self.best["score"]:
-            self.best = {"epoch": epoch, "score": score}
+            self.best = {"epoch": epoch, "score": score, "step": step, "lambda": lam}
             self.best_weights = weights()
-        self.writer.log(epoch_record(epoch, step, lr, lambda_at(step, cfg.lam, cfg.lam_warmup_steps), train, val))
+        self.writer.log(epoch_record(epoch, step, lr, lam, train, val))
         self.epochs_run = epoch + 1
         return epoch - self.best["epoch"] >= cfg.patience
 
@@ -62,5 +63,17 @@ class RunProgress:
             "text_layer": self.config["text_layer"], "best_epoch": self.best["epoch"], "best_val": self.best["score"],
             "checkpoint_on": self.cfg.checkpoint_on, "epochs_run": self.epochs_run, "steps": steps,
             "seconds": time.perf_counter() - self.start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "train_pairs": train_pairs,
+            "train_pairs": train_pairs, **self.warmup_note(),
         }
+
+    def warmup_note(self) -> dict:
+        """When the kept checkpoint comes before λ's ramp ends, the run is mostly a CLIP run
+        with a little R_S: said in summary.json (and by align), never silently."""
+        lam = self.best.get("lambda")
+        if lam is None or self.best.get("step", 0) >= self.cfg.lam_warmup_steps or lam >= self.cfg.lam:
+            return {}
+        return {"best_before_lambda_warmup": {
+            "step": self.best["step"], "lambda": lam, "lam": self.cfg.lam, "lam_warmup_steps": self.cfg.lam_warmup_steps,
+            "note": f"the best epoch (step {self.best['step']}) came before the λ ramp ended "
+                    f"(step {self.cfg.lam_warmup_steps}): it was trained at λ ≈ {lam:.3g} of {self.cfg.lam:g}; "
+                    "a longer run, a shorter --lam-warmup or --checkpoint-on val_total changes that"}}

@@ -34,13 +34,17 @@ class NullTracker:
 class TensorBoardTracker:
     """An event file under ``<run>/tensorboard`` (read it with ``tensorboard --logdir runs``)."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, config: dict | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
         except ImportError:
             raise FeatcacheError("--log tensorboard needs the tensorboard package",
                                  "pip install tensorboard, or log with --log none") from None
         self.writer = SummaryWriter(log_dir=str(log_dir))
+        if config:  # the HPARAMS tab: this run's settings beside the metrics its scalars log
+            for summary in hparams(hyperparameters(config), {"val/clip": 0.0, "val/total": 0.0}):
+                self.writer.file_writer.add_summary(summary)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -80,6 +84,7 @@ class WandbTracker:
         try:
             self.run = wandb.init(dir=str(log_dir), project=os.environ.get("WANDB_PROJECT") or "featcache",
                                   id=name, name=name, config=config, resume="allow", settings=settings,
+                                  group=(config or {}).get("group"), tags=tag_list(config),
                                   reinit="create_new")
         except Exception as err:  # wandb raises its own error types for login, network and settings
             raise FeatcacheError(f"wandb could not start a run ({type(err).__name__}: {err})",
@@ -97,7 +102,7 @@ def make_tracker(kind: str, run_dir: Path, name: str | None = None, config: dict
     if kind == "none":
         return NullTracker()
     if kind == "tensorboard":
-        return TensorBoardTracker(Path(run_dir) / "tensorboard")
+        return TensorBoardTracker(Path(run_dir) / "tensorboard", config)
     if kind == "wandb":
         return WandbTracker(Path(run_dir), name or Path(run_dir).name, config)
     raise FeatcacheError(f"unknown tracker {kind!r}", f"choose one of: {', '.join(TRACKERS)}")
@@ -112,3 +117,17 @@ def scalars(record: dict) -> dict[str, float]:
         split, _, name = key.partition("_")
         out[f"{split}/{name}" if split in ("train", "val") and name else key] = float(value)
     return out
+
+
+def hyperparameters(config: dict) -> dict:
+    """A run's config as TensorBoard hparams: its scalar settings, tags as ``tag.KEY``."""
+    out = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and k not in ("cache_dir", "runs_dir")}
+    out.update({f"tag.{k}": v for k, v in (config.get("tags") or {}).items()})
+    return out
+
+
+def tag_list(config: dict | None) -> list[str] | None:
+    """wandb's tags: the run's name and its KEY=VALUE tags."""
+    config = config or {}
+    tags = [f"{k}={v}" for k, v in (config.get("tags") or {}).items()] + ([config["name"]] if config.get("name") else [])
+    return tags or None

@@ -37,10 +37,11 @@ def test_extract_layers_align_eval_as_written(tmp_path):
         assert len(s.layers) == (13 if s.identity["encoder"]["name"] == "dinov2-s" else 7)
 
     out = featcache("layers", env=env)
-    assert "best pair" in out and list((tmp_path / "cache" / "layer-scores").glob("*.png"))
+    assert "best pair" in out and list((tmp_path / "runs" / "layer-scores").glob("*.png"))  # beside the runs
+    assert not (tmp_path / "cache" / "layer-scores").exists()  # never in the (perhaps shared) cache
 
     out = featcache("align", env=env)
-    run = next((tmp_path / "runs").iterdir())
+    run = next(p for p in (tmp_path / "runs").iterdir() if (p / "summary.json").exists())
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["image_model"], cfg["text_model"], cfg["dataset"], cfg["loss"], cfg["head"]) == (
         "dinov2", "minilm", "tuxpaint", "clip+structure", "linear")
