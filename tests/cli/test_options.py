@@ -37,3 +37,21 @@ def test_heads_that_cannot_fit_are_refused_ahead_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
     out = runner.invoke(app, ["layers", *common[:-2], "--calibrate", "100000", "--n", "20"])
     assert out.exit_code == 2 and "at most 1000" in out.output, out.output
+
+
+def test_every_align_option_is_a_sweep_option():
+    """align and sweep share one option set: what align can set, a sweep can fix or vary
+    (seed as the axis seeds); a new align option without its sweep twin fails here."""
+    import typer.main
+
+    from featcache.cli.main import app
+
+    commands = typer.main.get_command(app).commands
+    align = {p.name for p in commands["align"].params}
+    sweep = {p.name for p in commands["sweep"].params}
+    assert align - {"seed"} <= sweep and "seeds" in sweep
+    shared = {p.name: p for p in commands["align"].params}
+    for p in commands["sweep"].params:
+        if p.name in shared and p.name not in ("lam", "temperature", "centering", "center_first", "similarity",
+                                                "margin", "fixed_structure", "method", "layers", "loss", "pairs", "config"):  # axes: lists
+            assert p.help == shared[p.name].help, p.name  # declared once: the same Option, the same text
