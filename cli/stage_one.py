@@ -29,7 +29,8 @@ def extract(
     dataset: str = typer.Option("tuxpaint", help="Data set name, a+b, or a path to your own data."),
     split: Optional[list[str]] = typer.Option(None, help="Split(s) to extract [default: all]."),
     cache_dir: Optional[str] = CacheDir,
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Rows per forward [default: 32 on CPU; on CUDA "
+                                                                   "sized to the model, a divisor of the chunk]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per split (smallest id hashes)."),
     pooling: Optional[str] = typer.Option(None, help="cls | mean | cls+mean (vision); mean | cls (text)."),
@@ -37,11 +38,14 @@ def extract(
     dtype: str = typer.Option("float16", help="Stored dtype: float16 or float32."),
     skip_bad: bool = typer.Option(False, help="Record undecodable images as missing rows."),
     overwrite: bool = typer.Option(False, help="Replace a store that has another identity."),
-    num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU, 4 on CUDA]."),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="Decoding workers [default: 0 on CPU; on CUDA the "
+                                                                  "usable cores less 2, at most 14]."),
     chunk_rows: Optional[int] = typer.Option(None, min=1, hidden=True, help="Rows per chunk (tests)."),
     shard: Optional[str] = typer.Option(None, help="I/N: do chunks b with b mod N == I, then help others "
                                                    "(for Slurm arrays; torchrun sets this itself)."),
     steal: bool = typer.Option(True, help="After its own chunks, take unfinished chunks of other shards."),
+    write_queue: int = typer.Option(2, min=0, help="Whole chunks queued for the writer thread; 0 writes on the "
+                                                   "forward thread (the serial path)."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract.run import ExtractConfig
@@ -51,7 +55,7 @@ def extract(
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
                         overwrite=overwrite, num_workers=num_workers,
-                        chunk_rows=chunk_rows, shard=shard, steal=steal)
+                        chunk_rows=chunk_rows, shard=shard, steal=steal, write_queue=write_queue)
     with progress_bar() as progress:
         results = run_extract(cfg, progress)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -1,7 +1,10 @@
-"""Where work runs: the torch device (``auto`` prefers CUDA), and faiss on the GPU or the CPU.
+"""Where work runs: the torch device (``auto`` prefers CUDA), and exact neighbour search.
 
-faiss: a flat inner-product index on the GPU where faiss-gpu and a GPU are there, else on the
-CPU; both stages' neighbour searches (layer table, retrieval) go through ``flat_ip``.
+Both stages' neighbour searches (layer table, retrieval) go through ``flat_ip``: an exact flat
+inner-product index, from faiss on the GPU where faiss-gpu sees one, else from torch on the GPU
+where torch sees CUDA (``featcache.pipeline.common.torch_knn``: faiss-gpu cannot be installed on
+every CUDA machine), else from faiss on the CPU. ``FEATCACHE_FAISS_DEVICE`` (or a caller's
+``device``) forces one: ``cpu``, ``gpu`` (faiss-gpu) or ``torch``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.common.torch_knn import TorchFlatIP
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -27,7 +31,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
-DEVICES = ("auto", "cpu", "gpu")
+DEVICES = ("auto", "cpu", "gpu", "torch")
 
 
 def usable_cores() -> int:
@@ -66,25 +70,39 @@ def gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
-def use_gpu(device: str | None = None, k: int = 1) -> bool:
-    """Whether a search of ``k`` neighbours runs on the GPU under ``device`` (or the env var)."""
+def search_backend(device: str | None = None, k: int = 1) -> str:
+    """Which exact search runs ``k`` neighbours under ``device`` (or the env var): ``gpu``
+    (faiss-gpu), ``torch`` or ``cpu`` (faiss-cpu)."""
     device = (device or os.environ.get("FEATCACHE_FAISS_DEVICE") or "auto").lower()
     if device not in DEVICES:
         raise FeatcacheError(f"unknown faiss device {device!r}", f"choose one of: {', '.join(DEVICES)}")
-    if device == "cpu":
-        return False
-    gpus = gpu_count()
-    if device == "gpu" and not (gpus and hasattr(faiss, "StandardGpuResources")):
+    if device in ("cpu", "torch"):
+        return device
+    faiss_gpu = gpu_count() > 0 and hasattr(faiss, "StandardGpuResources")
+    if device == "gpu" and not faiss_gpu:
         raise FeatcacheError("a GPU faiss search was asked for, but faiss sees no GPU",
-                             "install the gpu extra (pip install 'featcache[gpu]', see docs/scale.md) or use cpu")
-    return gpus > 0 and hasattr(faiss, "StandardGpuResources") and k <= GPU_MAX_K
+                             "install the gpu extra (pip install 'featcache[gpu]', see docs/scale.md), "
+                             "or use torch (an exact search on torch's GPU) or cpu")
+    if faiss_gpu and k <= GPU_MAX_K:
+        return "gpu"
+    return "torch" if device == "auto" and torch.cuda.is_available() else "cpu"
+
+
+def use_gpu(device: str | None = None, k: int = 1) -> bool:
+    """Whether a search of ``k`` neighbours runs on faiss's GPU index under ``device`` (or the env var)."""
+    return search_backend(device, k) == "gpu"
 
 
 def flat_ip(x: np.ndarray, device: str | None = None, k: int = 1):
-    """An exact inner-product index holding the rows of ``x`` (float32, C order), on the GPU
-    where :func:`use_gpu` says so."""
+    """An exact inner-product index holding the rows of ``x`` (float32, C order), from the
+    backend :func:`search_backend` chooses."""
+    backend = search_backend(device, k)
+    if backend == "torch":
+        index = TorchFlatIP(x.shape[1])
+        index.add(x)
+        return index
     index = faiss.IndexFlatIP(x.shape[1])
-    if use_gpu(device, k):
+    if backend == "gpu":
         global _resources
         if _resources is None:
             _resources = faiss.StandardGpuResources()

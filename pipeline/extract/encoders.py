@@ -2,11 +2,17 @@
 
 ``load_encoder`` builds what a registry entry (``featcache.pipeline.registry``) names. Every
 layer's output is pooled by a forward hook as soon as it is made, so at most one batch's tokens
-of one layer are alive at a time beyond the model's own.
+of one layer are alive at a time beyond the model's own; the hooks are registered once
+(``featcache.pipeline.extract.pooling``).
+
+Images travel from the decoding workers as uint8 (a quarter of the bytes of float32) and are
+normalised by :meth:`Encoder.normalise` on the device the model runs on, with the formula the
+numpy path used, so on a CPU the pixels are bitwise the same.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from torch import nn
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.layerspec import canonical_layers
+from featcache.pipeline.extract.pooling import PooledTaps, Stop, pool, register, stop
 from featcache.pipeline.extract.registry import EncoderEntry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,6 +55,32 @@ def weights_digest(model: nn.Module, skip: tuple[str, ...] = ()) -> str:
     return hashlib.sha256("".join(tensor_digests).encode()).hexdigest()
 
 
+def pixels_of(images: list, size: int, processor=None) -> torch.Tensor:
+    """PIL images (already RGB on white) as a decoding worker ships them: uint8 (N, 3, S, S) for
+    featcache's own preprocessing (the shorter side resized bicubic, the centre cropped), to be
+    normalised on the device by :meth:`Encoder.normalise`; float32, already normalised, where
+    the model has its own image processor, whose steps are transformers' and not split."""
+    if processor is not None:
+        pixels = processor(images=list(images), return_tensors="np")["pixel_values"]
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    from PIL import Image
+
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
+    for i, img in enumerate(images):
+        w, h = img.size
+        scale = size / min(w, h)
+        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (rw - size) // 2, (rh - size) // 2
+        if max(rw, rh) > 8 * size:  # a 20000 x 1 strip: resample only the part that is kept
+            box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+            img = img.resize((size, size), Image.BICUBIC, box=box)
+        else:
+            img = img.resize((rw, rh), Image.BICUBIC)
+            img = img.crop((left, top, left + size, top + size))
+        out[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
 def dummy_inputs(model: nn.Module) -> dict:
     """A one-row blank input (zero pixels, or four tokens) that runs any encoder once."""
     config = model.config
@@ -63,14 +96,6 @@ class Tap(NamedTuple):
 
     module: nn.Module
     kind: str  # "output" | "input"
-
-
-class _Stop(Exception):
-    """Raised from a hook once every requested layer is pooled, to skip the rest of the model."""
-
-
-def _stop(*_args) -> None:
-    raise _Stop
 
 
 @dataclass
@@ -92,6 +117,8 @@ class Encoder:
     processor: object = None  # transformers' image processor, where the model has one (hf_encoder)
     files_digest: str | None = None  # config and tokenizer (hf_encoder.config_digest)
     _digest: str | None = field(default=None, repr=False)
+    _taps_of: PooledTaps | None = field(default=None, repr=False)  # hooks of the last layer list
+    _norm: dict = field(default_factory=dict, repr=False)  # device -> (255, mean, std) tensors
 
     @property
     def name(self) -> str:
@@ -132,31 +159,34 @@ class Encoder:
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare_images(self, images: list) -> torch.Tensor:
-        """PIL images (already RGB on white) -> normalised pixel batch: the model's own image
-        processor where it has one; else the shorter side resized (bicubic) and the centre cropped."""
-        if self.processor is not None:
-            pixels = self.processor(images=list(images), return_tensors="np")["pixel_values"]
-            return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        from PIL import Image
+        """PIL images (already RGB on white) -> normalised float32 pixel batch on the CPU."""
+        return self.normalise(self.prepare_pixels(images))
 
-        size = self.preprocessing["image_size"]
-        mean = np.asarray(self.preprocessing["mean"], dtype=np.float32)
-        std = np.asarray(self.preprocessing["std"], dtype=np.float32)
-        out = np.empty((len(images), 3, size, size), dtype=np.float32)
-        for i, img in enumerate(images):
-            w, h = img.size
-            scale = size / min(w, h)
-            rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-            left, top = (rw - size) // 2, (rh - size) // 2
-            if max(rw, rh) > 8 * size:  # a 20000 x 1 strip: resample only the part that is kept
-                box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-                img = img.resize((size, size), Image.BICUBIC, box=box)
-            else:
-                img = img.resize((rw, rh), Image.BICUBIC)
-                img = img.crop((left, top, left + size, top + size))
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-            out[i] = ((arr - mean) / std).transpose(2, 0, 1)
-        return torch.from_numpy(out)
+    def prepare_pixels(self, images: list) -> torch.Tensor:
+        """What a decoding worker ships: see :func:`pixels_of`."""
+        return self.pixels(images)
+
+    @property
+    def pixels(self):
+        """:func:`pixels_of` bound to this encoder's preprocessing: picklable, without the model."""
+        return functools.partial(pixels_of, size=self.preprocessing.get("image_size"), processor=self.processor)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> float32 ``(x / 255 - mean) / std``, on the pixels' device; float32
+        pixels (an image processor's) pass through.
+
+        Every operand is a float32 tensor, never a Python scalar: CUDA divides by a scalar as a
+        multiplication by its reciprocal, which is not the correctly rounded division numpy did.
+        """
+        if pixels.dtype != torch.uint8:
+            return pixels
+        key = str(pixels.device)
+        if key not in self._norm:
+            as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=pixels.device)  # noqa: E731
+            self._norm[key] = (as_tensor(255.0), as_tensor(self.preprocessing["mean"])[:, None, None],
+                               as_tensor(self.preprocessing["std"])[:, None, None])
+        full, mean, std = self._norm[key]
+        return (pixels.to(torch.float32) / full - mean) / std
 
     def prepare_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
@@ -169,48 +199,33 @@ class Encoder:
     @torch.inference_mode()
     def forward(self, inputs, layers: list[str], pooling: str) -> dict[str, torch.Tensor]:
         """Pooled float32 features (batch, width) of each requested layer, in one pass."""
+        stacked = self.forward_stacked(inputs, layers, pooling)
+        return {n: stacked[i] for i, n in enumerate(layers)}
+
+    @torch.inference_mode()
+    def forward_stacked(self, inputs, layers: list[str], pooling: str) -> torch.Tensor:
+        """(layers, batch, width) float32 on the device: one tensor, so that the range check,
+        the cast and the copy to the host are one operation each for the whole batch."""
         mask = None
         if self.modality == "text":
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
             mask = inputs["attention_mask"].unsqueeze(-1).float()
         else:
-            inputs = inputs.to(self.device, non_blocking=True)
-        pooled: dict[str, torch.Tensor] = {}
-        wanted = set(layers)
+            inputs = self.normalise(inputs.to(self.device, non_blocking=True))
+        if self._taps_of is None or self._taps_of.layers != list(layers):
+            if self._taps_of is not None:
+                self._taps_of.remove()
+            self._taps_of = PooledTaps(self.taps, layers)
 
-        def pool(tokens: torch.Tensor) -> torch.Tensor:
-            tokens = tokens.float()
-            if self.modality == "text":
-                if pooling == "cls":
-                    return tokens[:, 0]
-                return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            cls = tokens[:, 0]
-            patches = tokens[:, self.num_prefix_tokens:].mean(1)
-            return {"cls": cls, "mean": patches, "cls+mean": torch.cat([cls, patches], -1)}[pooling]
-
-        def take(name: str, tokens) -> None:
-            tokens = tokens[0] if isinstance(tokens, (tuple, list)) else tokens
-            pooled[name] = pool(tokens)
-            if wanted.issubset(pooled):
-                raise _Stop
-
-        handles = [self._hook(n, take) for n in layers]
-        try:
+        def run() -> None:
             with self._autocast():
                 self._run(inputs)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: pooled[n] for n in layers}
+
+        prefix = self.num_prefix_tokens
+        return self._taps_of.run(run, lambda tokens: pool(tokens, pooling, self.modality, prefix, mask))
 
     def _hook(self, name: str, take):
-        tap = self.taps[name]
-        if tap.kind == "input":
-            return tap.module.register_forward_pre_hook(
-                lambda _m, args, kwargs: take(name, args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        return tap.module.register_forward_hook(lambda _m, _args, output: take(name, output))
+        return register(self.taps[name], lambda tokens: take(name, tokens))
 
     def _run(self, inputs) -> None:
         if self.modality == "text":
@@ -233,16 +248,16 @@ class Encoder:
         ran: set[str] = set()
         handles = [m.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name))
                    for name, m in self.model.named_modules() if name in owners]
-        stop = []
+        stop_at = []
         try:
-            stop = [self._hook(max(layers, key=self.layer_names.index), _stop)]
+            stop_at = [self._hook(max(layers, key=self.layer_names.index), stop)]
             inputs = {k: v.to(self.device) for k, v in dummy_inputs(self.model).items()}
             with torch.inference_mode():
                 self.model(**inputs)
-        except _Stop:
+        except Stop:
             pass
         finally:
-            for h in handles + stop:
+            for h in handles + stop_at:
                 h.remove()
         shown = ", ".join(self.uninitialised[:3]) + (", ..." if len(self.uninitialised) > 3 else "")
         used = sorted(n for n in self.uninitialised if n.rsplit(".", 1)[0] in ran)

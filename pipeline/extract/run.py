@@ -28,8 +28,8 @@ from featcache.pipeline.extract import provenance
 from featcache.pipeline.extract.encoders import Encoder
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.extract.registry import ALIASES
-
-FP16_MAX = 65504.0
+from featcache.pipeline.extract.transfer import to_host
+from featcache.pipeline.extract.writer import ChunkBatch, ChunkWriter
 
 
 def _batch_delay_s() -> float:
@@ -44,7 +44,7 @@ class ExtractConfig:
     dataset: str = "tuxpaint"
     splits: list[str] | None = None  # None: every split of the data set
     cache_dir: Path = field(default_factory=default_cache_dir)
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32 on CPU; on CUDA sized to the model, a divisor of the chunk rows
     device: str = "auto"
     limit: int | None = None  # a fixed hash-chosen subset of N images per split (and their captions)
     pooling: str | None = None  # None: the encoder's default
@@ -52,10 +52,11 @@ class ExtractConfig:
     dtype: str = "float16"
     skip_bad: bool = False
     overwrite: bool = False
-    num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
+    num_workers: int | None = None  # None: 0 on CPU; on CUDA the usable cores less 2, at most 14
     chunk_rows: int | None = None  # None: chunks of at least 1 MiB
     shard: str | None = None  # "I/N": this process does chunks b with b mod N == I (then steals)
     steal: bool = True  # after its own chunks, take unfinished chunks of other shards/ranks
+    write_queue: int = 2  # whole chunks queued for the writer thread; 0: write inline (the serial path)
 
 
 @dataclass
@@ -173,10 +174,11 @@ def open_store_for(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: 
 
 
 class _ImageRows(torch.utils.data.Dataset):
-    """Decodes and preprocesses rows, in DataLoader workers on a GPU machine."""
+    """Decodes and preprocesses rows, in DataLoader workers on a GPU machine. It holds only the
+    preprocessing (``pixels``, a picklable function), never the encoder and its weights."""
 
-    def __init__(self, side: ImageSide, encoder: Encoder):
-        self.side, self.encoder = side, encoder
+    def __init__(self, side: ImageSide, pixels):
+        self.side, self.pixels = side, pixels
 
     def __len__(self) -> int:
         return len(self.side)
@@ -185,7 +187,7 @@ class _ImageRows(torch.utils.data.Dataset):
         """(row, pixels, error, sha256 of the bytes decoded): hashed here, on the one read."""
         try:
             image, digest = self.side.load_hashed(row)
-            return row, self.encoder.prepare_images([image])[0], None, digest
+            return row, self.pixels([image])[0], None, digest
         except BadImage as err:
             return row, None, err.message, bytes(32)
 
@@ -214,61 +216,77 @@ def chunk_batches(store: FeatureStore, chunks: list[int], batch_size: int) -> li
     return out
 
 
+class _Batches:
+    """A split's batches for one loader: its own chunks', then those of each chunk it may steal
+    that is still unfinished when the loader reaches it (another worker may have done it since)."""
+
+    def __init__(self, store: FeatureStore, layers: list[str], own: list[int], steal: list[int], batch_size: int):
+        self.store, self.layers, self.own, self.steal, self.batch_size = store, layers, own, steal, batch_size
+
+    def __iter__(self):
+        yield from chunk_batches(self.store, self.own, self.batch_size)
+        for chunk in self.steal:
+            if any(not self.store.chunk_done(n, chunk) for n in self.layers):
+                yield from chunk_batches(self.store, [chunk], self.batch_size)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers: none on a CPU (its cores are better spent on the model); on CUDA the
+    cores this process may use, less two for the forward and writer threads, at most 14."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores - 2, 14))
+
+
+def default_batch_size(encoder: Encoder, chunk_rows: int) -> int:
+    """32 on a CPU. On CUDA a batch that keeps the device busy (256 for ViT-L/g widths, 512 for
+    ViT-B, 1,024 below), lowered to a divisor of ``chunk_rows`` so every batch of a full chunk
+    has one shape (ViT-S chunks are 1,408 = 11 x 128 rows: 704)."""
+    if encoder.device.type != "cuda":
+        return 32
+    target = 256 if encoder.width >= 1024 else 512 if encoder.width >= 768 else 1024
+    return max(d for d in range(1, min(target, chunk_rows) + 1) if chunk_rows % d == 0)
+
+
 def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureStore, layers: list[str],
-                    pooling: str, chunks: list[int], progress, task, stamps=None) -> int:
-    """Compute and write whole chunks; returns the number of rows computed."""
-    batches = chunk_batches(store, chunks, cfg.batch_size)
+                    pooling: str, own: list[int], steal: list[int], progress, task, stamps=None) -> int:
+    """Compute and write whole chunks (own, then stolen); returns the number of rows computed."""
+    batch_size = cfg.batch_size or default_batch_size(encoder, store.chunk_rows)
+    batches = _Batches(store, layers, own, steal, batch_size)
     if encoder.modality == "image":
-        workers = cfg.num_workers if cfg.num_workers is not None else (4 if encoder.device.type == "cuda" else 0)
+        workers = cfg.num_workers if cfg.num_workers is not None else default_workers(encoder.device)
         loader = torch.utils.data.DataLoader(
-            _ImageRows(side, encoder), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
-            pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+            _ImageRows(side, encoder.pixels), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
+            pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
         )
     else:
         loader = (_text_batch(encoder, side, rows) + (None,) for rows in batches)
 
-    pending: dict[int, dict] = {}
+    filling: dict[int, list[ChunkBatch]] = {}
+    filled: dict[int, int] = {}
+    own_chunks = set(own)
     computed, delay = 0, _batch_delay_s()
-    for rows, inputs, errors, hashes in loader:
-        if errors and not cfg.skip_bad:
-            raise FeatcacheError(next(iter(errors.values())),
-                                 "fix the input, or pass --skip-bad to record it as a missing row; "
-                                 "finished chunks are kept")
-        chunk = rows[0] // store.chunk_rows
-        sl = store.chunk_slice(chunk)
-        buf = pending.setdefault(chunk, {
-            "features": {n: np.full((sl.stop - sl.start, store.width), np.nan, dtype=cfg.dtype) for n in layers},
-            "missing": np.zeros(sl.stop - sl.start, dtype=bool), "filled": 0,
-            "sha256": np.zeros((sl.stop - sl.start, 32), dtype=np.uint8)})
-        if hashes is not None:
-            buf["sha256"][np.asarray(rows) - sl.start] = hashes
-        good_rows = [r for r in rows if r not in errors]
-        if inputs is not None:
-            out = encoder.forward(inputs, layers, pooling)
-            local = np.asarray(good_rows) - sl.start
-            for name, values in out.items():
-                values = values.cpu().numpy()
-                if not np.isfinite(values).all():  # NaN would pass the range check below, and be stored
-                    bad = side.ids[good_rows[int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])]]
-                    raise FeatcacheError(f"layer {name} of {encoder.name} is not finite (NaN or inf) for row {bad!r}",
-                                         "check the model's weights and preprocessing; finished chunks are kept")
-                if cfg.dtype == "float16" and np.abs(values).max(initial=0) > FP16_MAX:
-                    raise FeatcacheError(f"layer {name} of {encoder.name} exceeds the float16 range",
-                                         "extract with --dtype float32")
-                buf["features"][name][local] = values.astype(cfg.dtype)
-        for r in errors:
-            buf["missing"][r - sl.start] = True
-        buf["filled"] += len(rows)
-        computed += len(rows)
-        if buf["filled"] == sl.stop - sl.start:
-            todo = [n for n in layers if not store.chunk_done(n, chunk)]
-            sources = (stamps[sl], buf["sha256"]) if stamps is not None else None
-            store.write_chunk(chunk, {n: buf["features"][n] for n in todo}, buf["missing"], sources)
-            del pending[chunk]
-        if task is not None:
-            progress.update(task, advance=len(rows))
-        if delay:
-            time.sleep(delay)
+    with ChunkWriter(store, layers, cfg.dtype, encoder.name, side.ids, stamps, cfg.write_queue) as writer:
+        for rows, inputs, errors, hashes in loader:
+            if errors and not cfg.skip_bad:
+                raise FeatcacheError(next(iter(errors.values())),
+                                     "fix the input, or pass --skip-bad to record it as a missing row; "
+                                     "finished chunks are kept")
+            chunk = rows[0] // store.chunk_rows
+            good = [r for r in rows if r not in errors]
+            out = to_host(encoder.forward_stacked(inputs, layers, pooling), cfg.dtype) if inputs is not None else None
+            filling.setdefault(chunk, []).append(ChunkBatch(rows, good, errors, hashes, out))
+            filled[chunk] = filled.get(chunk, 0) + len(rows)
+            sl = store.chunk_slice(chunk)
+            if filled[chunk] == sl.stop - sl.start:
+                writer.put(chunk, filling.pop(chunk))
+                del filled[chunk]
+            computed += len(rows)
+            if task is not None and chunk in own_chunks:
+                progress.update(task, advance=len(rows))
+            if delay:
+                time.sleep(delay)
     return computed
 
 
@@ -294,16 +312,13 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
         store.fence = held.check
         pending = store.pending_chunks(layers)
         own = worker.own(pending)
+        steal = worker.steal_order(pending) if worker.count > 1 and cfg.steal else []
         task = progress.add_task(f"{split.dataset}/{split.name} {encoder.name}",
                                  total=sum(store.chunk_slice(b).stop - store.chunk_slice(b).start for b in own)) \
             if progress is not None else None
         try:
-            computed = _compute_chunks(cfg, encoder, side, store, layers, pooling, own, progress, task, stamps)
-            if worker.count > 1 and cfg.steal:
-                for chunk in worker.steal_order(pending):
-                    if any(not store.chunk_done(n, chunk) for n in layers):
-                        computed += _compute_chunks(cfg, encoder, side, store, layers, pooling, [chunk], None, None,
-                                                    stamps)
+            computed = _compute_chunks(cfg, encoder, side, store, layers, pooling, own, steal, progress, task,
+                                       stamps)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FeatcacheError(f"no space left on the device of {path} ({err.strerror})",
@@ -316,8 +331,10 @@ def extract_split(cfg: ExtractConfig, encoder: Encoder, split: Split, layers: li
 
 def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     """Extract every requested split; finished chunks of earlier runs are kept, not recomputed."""
-    if cfg.batch_size < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise FeatcacheError(f"batch size must be positive, got {cfg.batch_size}")
+    if cfg.write_queue < 0:
+        raise FeatcacheError(f"--write-queue must be 0 (write inline) or a number of chunks, got {cfg.write_queue}")
     if cfg.image_size is not None and cfg.image_size != -1 and cfg.image_size < 1:
         raise FeatcacheError(f"--image-size must be a positive number of pixels or -1, got {cfg.image_size}",
                              "e.g. 224, or -1 for the model's pretrained size")
