@@ -150,6 +150,8 @@ def main() -> int:
     p.add_argument("--repo", default=None, help="the checkout (default: the one holding this script)")
     p.add_argument("--before", default="fe29c6b")
     p.add_argument("--after", default="HEAD")
+    p.add_argument("--after-repo", default=None, help="build the after wheel from this checkout's --after "
+                   "(default: --repo), e.g. the branch with the new code while .device/ lives here")
     p.add_argument("--dest", default=".device", help="relative to --repo")
     p.add_argument("--skip-ref", action="store_true")
     args = p.parse_args()
@@ -158,11 +160,13 @@ def main() -> int:
     dest.mkdir(parents=True, exist_ok=True)
     exclude(repo, f"/{args.dest.strip('/')}/")
     deps(dest)
-    shas = {label: featcache_wheel(repo, rev, dest / "fc" / label)
-            for label, rev in (("before", args.before), ("after", args.after))}
-    dirty = sh("git", "-C", repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    after_repo = Path(args.after_repo).resolve() if args.after_repo else repo
+    shas = {"before": featcache_wheel(repo, args.before, dest / "fc" / "before"),
+            "after": featcache_wheel(after_repo, args.after, dest / "fc" / "after")}
+    dirty = sh("git", "-C", after_repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
     if dirty:
-        print(f"note: {repo} has uncommitted changes; the after wheel is HEAD ({shas['after']}) without them")
+        print(f"note: {after_repo} has uncommitted changes; the after wheel is {args.after} ({shas['after']}) "
+              "without them")
     weights(dest)
     if not args.skip_ref:
         reference(repo, dest)
