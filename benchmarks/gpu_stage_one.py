@@ -988,6 +988,10 @@ def _encoder_case(run: Run, spec: str, batch: int) -> dict:
     bare = mean(entry["bare"]["per_s"])
     entry["hooks_over_bare"] = round(bare / mean(entry["encoder_forward_on_device"]["per_s"]), 3)
     entry["to_host_over_bare"] = round(bare / mean(entry["encoder_forward_to_host"]["per_s"]), 3)
+    stacked = getattr(enc, "forward_stacked", None)
+    if stacked is not None:  # the new code's one tensor per batch: one copy to the host
+        entry["forward_stacked_to_host"] = run.measure(lambda: stacked(x, layers, pooling).cpu(), items=batch)
+        entry["stacked_to_host_over_bare"] = round(bare / mean(entry["forward_stacked_to_host"]["per_s"]), 3)
     return entry
 
 
@@ -1008,6 +1012,8 @@ def _image_rows(side, enc):
             kwargs[name] = enc
         elif "prep" in name:
             kwargs[name] = enc.preprocessing
+        elif hasattr(enc, name):  # e.g. the new code's ``pixels``: the encoder's picklable preprocessing
+            kwargs[name] = getattr(enc, name)
         elif p.default is p.empty:
             raise RuntimeError(f"_ImageRows{inspect.signature(cls.__init__)}: cannot fill {name!r}")
     return cls(**kwargs), getattr(R, "_collate", None)
@@ -1176,7 +1182,7 @@ def extract_once(run: Run, spec: str, dataset: str, images: int | None, batch: i
     steady_rows = int(sum(c[2] for c in later))
     gpu_ms = [c[3].elapsed_time(c[4]) if c[3] is not None else (c[1] - c[0]) * 1e3 for c in calls]
     entry.update({
-        "images": total, "chunk_rows": store.chunk_rows, "layers": len(results[0].layers),
+        "images": total, "batch": int(rows.max()), "chunk_rows": store.chunk_rows, "layers": len(results[0].layers),
         "startup_s": round(calls[0][0] - start, 3), "first_chunk_s": round(t_a - start, 3),
         "overall_per_s": round(total / (end - start), 1),
         "steady_per_s": round(steady_rows / (t_b - t_a), 1) if later and t_b > t_a else None,
@@ -1189,8 +1195,9 @@ def extract_once(run: Run, spec: str, dataset: str, images: int | None, batch: i
     return entry, results
 
 
-def _finish_extract(run: Run, entry: dict, spec: str, batch: int, section: str, key: str) -> None:
-    if entry.get("steady_per_s"):
+def _finish_extract(run: Run, entry: dict, spec: str, batch: int | None, section: str, key: str) -> None:
+    batch = batch or entry.get("batch")  # None: the batch the code chose, read off its forward calls
+    if entry.get("steady_per_s") and batch:
         bare = same_files_bare(run, spec, batch)
         entry["bare_per_s"] = bare["per_s"]
         entry["steady_over_bare"] = round(entry["steady_per_s"] / mean(bare["per_s"]), 3)
@@ -1253,6 +1260,10 @@ def sec_extract(run: Run, res: dict) -> None:
     if has_queue:  # the serial writer of the new code, beside its default queue
         k, size, n, b, w = runs[0]
         runs.insert(1, (f"{k}_wq0", size, n, b, w, {"write_queue": 0}))
+    default_batch = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}.get("batch_size")
+    if default_batch is None and not run.args.tiny:  # the new code sizes the batch itself (a divisor of the chunk)
+        at = next((i for i, r in enumerate(runs) if r[1] == "S"), len(runs) - 1) + 1
+        runs.insert(at, ("S_Bdefault_w14", "S", 16384, None, 14))
     for item in runs:
         key, size, images, batch, workers = item[:5]
         extra = item[5] if len(item) > 5 else None
