@@ -19,6 +19,7 @@ from featcache.cache.locks import all_writers_locked, store_lock
 from featcache.cache.naming import StoreSpec, split_label, store_path
 from featcache.cache.paths import default_cache_dir
 from featcache.cache.store import FeatureStore
+from featcache.pipeline.common.device import usable_cores
 from featcache.pipeline.common.layerspec import resolve_layers
 from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.common.workers import Worker, barrier, from_environment, init_distributed, parse_shard
@@ -235,8 +236,7 @@ def default_workers(device: torch.device) -> int:
     cores this process may use, less two for the forward and writer threads, at most 14."""
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores - 2, 14))
+    return max(1, min(usable_cores() - 2, 14))
 
 
 def default_batch_size(encoder: Encoder, chunk_rows: int) -> int:
