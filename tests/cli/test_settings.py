@@ -83,12 +83,13 @@ def test_a_bad_project_file_is_one_line(project):
 def test_clip_runs_log_no_lambda_and_an_early_checkpoint_is_named(project):
     out = runner.invoke(app, ["align", "--epochs", "2", "--layers", "last", "--loss", "clip"])
     assert out.exit_code == 0, out.output
-    run = list_runs(project / "runs")[-1]
+    [run] = list_runs(project / "runs")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("lambda" not in line for line in lines)
     out = runner.invoke(app, ["align", "--epochs", "3", "--patience", "3", "--layers", "last", "--lam-warmup", "1000"])
     assert out.exit_code == 0, out.output
-    summary = json.loads((list_runs(project / "runs")[-1] / "summary.json").read_text())
+    [run] = [r for r in list_runs(project / "runs") if config_of(r)["loss"] == "clip+structure"]  # ids sort by second
+    summary = json.loads((run / "summary.json").read_text())
     note = summary["best_before_lambda_warmup"]
     assert note["lambda"] < note["lam"] and "note: the best epoch" in out.output
 
