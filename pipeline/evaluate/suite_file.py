@@ -58,22 +58,23 @@ def load_suite(spec: str) -> Suite:
         raise FeatcacheError(f"no suite {spec!r}", f"built-in suites: {', '.join(builtin_names())}; or the path of a "
                                                    "suite file (.toml or .yaml)")
     try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = tomllib.loads(text)
-    except (UnicodeDecodeError, ValueError) as err:  # tomllib and yaml errors are ValueErrors or YAMLErrors
+        data = _read(path)
+    except ValueError as err:  # tomllib's, yaml's (converted in _read) and UTF-8 errors
         raise FeatcacheError(f"the suite file {path} cannot be read: {str(err).splitlines()[0]}",
                              "write TOML or YAML (see docs/usage.md)") from None
-    except Exception as err:  # yaml.YAMLError does not derive from ValueError
-        if type(err).__module__.startswith("yaml"):
-            raise FeatcacheError(f"the suite file {path} cannot be read: {str(err).splitlines()[0]}",
-                                 "write TOML or YAML (see docs/usage.md)") from None
-        raise
     return parse_suite(data, path.stem, path.resolve().parent, str(path))
+
+
+def _read(path: Path):
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        return tomllib.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(str(err)) from None
 
 
 def parse_suite(data, default_name: str, folder: Path | None, where: str | None = None) -> Suite:

@@ -216,3 +216,17 @@ def test_bootstrap_over_benchmarks():
                 Outcome("c", "classify", skipped="not on disk")]
     avg = averages(outcomes)
     assert avg["classify"]["mean"] == pytest.approx((0.2 - 0.5) / 2) and avg["classify"]["benchmarks"] == 2
+
+
+@pytest.mark.parametrize("text, suffix, words", [
+    ("[[benchmark]\n", ".toml", "cannot be read"),
+    ("benchmark: [\n", ".yaml", "cannot be read"),
+    ('[[benchmark]]\nname = "a"\ntask = "segment"\nsource = "mnist"\n', ".toml", "unknown task"),
+    ('[[benchmark]]\nname = "a"\ntask = "classify"\n', ".toml", "needs a source"),
+    ("name = 'x'\n", ".toml", "lists no benchmark"),
+])
+def test_bad_suite_files_are_one_line(tmp_path, text, suffix, words):
+    path = tmp_path / f"s{suffix}"
+    path.write_text(text)
+    out = runner.invoke(app, ["eval", "suite", "--suite", str(path), "--runs-dir", str(tmp_path)])
+    assert out.exit_code != 0 and words in out.output and "Traceback" not in out.output
