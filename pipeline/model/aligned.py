@@ -72,6 +72,17 @@ class AlignedModel:
         return cls.from_spec(spec, heads_path, device, image_model, text_model, sides, batch_size)
 
     @classmethod
+    def open(cls, ref: str | Path, device: str = "auto", runs_dir: Path | None = None,
+             sides: tuple[str, ...] = ("image", "text"), **kwargs) -> "AlignedModel":
+        """A model folder (``export_model``) or a run (folder, id, prefix, ``latest``): what the
+        commands' ``--run`` takes."""
+        from featcache.pipeline.model.folder import is_model_folder
+
+        if is_model_folder(Path(ref)):
+            return cls.load(ref, device, sides=sides, **kwargs)
+        return cls.from_run(ref, device, runs_dir, sides=sides, **kwargs)
+
+    @classmethod
     def from_spec(cls, spec: ModelSpec, heads_path: Path, device: str = "auto", image_model: str | None = None,
                   text_model: str | None = None, sides: tuple[str, ...] = ("image", "text"),
                   batch_size: int = 32) -> "AlignedModel":

@@ -52,6 +52,11 @@ def export_model(run: str | Path, folder: Path, runs_dir: Path | None = None, ov
     return folder
 
 
+def is_model_folder(path: Path) -> bool:
+    """A folder with a config.json and no summary.json (which every run has)."""
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "summary.json").exists()
+
+
 def read_folder(folder: Path) -> tuple[ModelSpec, Path]:
     """The record of a model folder and its heads file, refused if the heads are not the ones
     its config.json was written with."""
