@@ -9,6 +9,7 @@ import sys
 # Importing registers the commands; the order here is the order of `featcache --help`.
 from featcache.cli import (
     evaluation,  # noqa: E402,F401
+    model,  # noqa: E402,F401
     stage_one,  # noqa: E402,F401,I001
     stage_two,  # noqa: E402,F401
 )

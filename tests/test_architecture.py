@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"cache": "featcache.cache", "pipeline": "featcache.pipeline", "cli": "featcache.cli"}
+FOLDERS = {"api": "featcache", "cache": "featcache.cache", "pipeline": "featcache.pipeline", "cli": "featcache.cli"}
 STAGE_ONE = ("data", "extract")
 STAGE_TWO = ("features", "select", "train", "evaluate")  # each may import only those before it
 
@@ -84,6 +84,8 @@ def violations(graph: list[tuple[str, str, int]]) -> list[str]:
             why = "stage one and stage two never import each other"
         elif a in STAGE_TWO and b in STAGE_TWO and STAGE_TWO.index(b) > STAGE_TWO.index(a):
             why = f"stage two imports only earlier rooms ({' <- '.join(STAGE_TWO)})"
+        elif a not in ("root", "app", "cli", "model") and b == "model":
+            why = "only the app and the CLI use the aligned model"
         elif a not in ("app", "cli") and b in ("app", "cli"):
             why = "the library never imports the app or the CLI"
         elif a == "app" and b == "cli":
@@ -168,6 +170,9 @@ def test_one_builder_of_the_extract_command():
     ("featcache.pipeline.train.plan", "featcache.pipeline.evaluate.metrics", "only earlier rooms"),
     ("featcache.pipeline.select.table", "featcache.pipeline.train.loop", "only earlier rooms"),
     ("featcache.pipeline.evaluate.retrieval", "featcache.pipeline.app.report", "never imports the app"),
+    ("featcache.pipeline.evaluate.retrieval", "featcache.pipeline.model.aligned", "only the app and the CLI use"),
+    ("featcache.pipeline.extract.run", "featcache.pipeline.model.pooled", "only the app and the CLI use"),
+    ("featcache.pipeline.model.aligned", "featcache.pipeline.app.report", "never imports the app"),
     ("featcache.pipeline.app.study", "featcache.cli.app", "the app never imports the CLI"),
 ])
 def test_a_forbidden_import_is_caught(src, dst, rule):

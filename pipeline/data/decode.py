@@ -62,6 +62,15 @@ def decode_image(data: bytes, source: str):
         detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", Path(source).name, str(err))
         raise BadImage(f"cannot decode image {source}: {type(err).__name__}: {detail}",
                        "fix or remove the file, or pass --skip-bad to record it as a missing row") from None
+    return as_viewed(img)
+
+
+def as_viewed(img):
+    """A decoded PIL image as ``decode_image`` returns it (16-bit scaled, transparency on white,
+    RGB): images handed over already decoded (``AlignedModel.encode_image``) go through the same
+    steps as files, so they give the features a cached file would."""
+    from PIL import Image
+
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
