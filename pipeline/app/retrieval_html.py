@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 
 from featcache.pipeline.app.thumbnails import Thumb
-from featcache.pipeline.evaluate.examples import Examples, Query
+from featcache.pipeline.evaluate.examples import Examples, Hit, Query
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
@@ -53,36 +53,40 @@ def missed(q: Query, k: int, what: str) -> str:
         return ""
     if not q.correct:
         return f'<p class="note">no correct {what} in the gallery</p>'
-    return f'<p class="note">the first correct {what} is at rank {q.first_correct + 1}</p>'
+    shown = " (below)" if what == "image" else ""
+    return f'<p class="note">the first correct {what}{shown} is at rank {q.first_correct + 1}</p>'
+
+
+def hit(h: Hit, rank: int, rid: str, body: str) -> str:
+    return (f'<li class="hit{" correct" if h.correct else ""}" data-id="{e(rid)}">{mark(h.correct)}'
+            f'<span class="score">#{rank + 1} &middot; {h.score:.3f}</span> {body}</li>')
 
 
 def caption_query(q: Query, ex: Examples, captions: list[str], thumbs: dict[int, Thumb]) -> str:
     p = ex.pairs
-    hits = "".join(
-        f'<li class="hit{" correct" if h.correct else ""}">{picture(thumbs[int(p.image_rows[h.index])])}'
-        f'{mark(h.correct)}<span class="score">#{n + 1} &middot; {h.score:.3f}</span></li>'
-        for n, h in enumerate(q.hits))
+    row = int(p.caption_rows[q.index])
+    hits = "".join(hit(h, n, p.images.ids[int(p.image_rows[h.index])], picture(thumbs[int(p.image_rows[h.index])]))
+                   for n, h in enumerate(q.hits))
     expected = ""
     if q.first_correct >= ex.k and q.correct:
-        expected = f'<div class="expected">{picture(thumbs[int(p.image_rows[q.correct[0]])])}</div>'
-    return (f'<div class="query" data-direction="text-to-image"><div class="ask">'
-            f'<div class="caption">{e(captions[int(p.caption_rows[q.index])])}</div>'
-            f'<div class="meta">caption {e(p.texts.ids[int(p.caption_rows[q.index])])}</div>'
+        want = int(p.image_rows[q.correct[0]])
+        expected = f'<div class="expected" data-id="{e(p.images.ids[want])}">{picture(thumbs[want])}</div>'
+    return (f'<div class="query" data-direction="text-to-image" data-id="{e(p.texts.ids[row])}"><div class="ask">'
+            f'<div class="caption">{e(captions[row])}</div><div class="meta">caption {e(p.texts.ids[row])}</div>'
             f'{missed(q, ex.k, "image")}{expected}</div><ol class="hits images">{hits}</ol></div>')
 
 
 def image_query(q: Query, ex: Examples, captions: list[str], thumbs: dict[int, Thumb]) -> str:
     p = ex.pairs
-    hits = "".join(
-        f'<li class="hit{" correct" if h.correct else ""}">{mark(h.correct)}#{n + 1} '
-        f'{e(captions[int(p.caption_rows[h.index])])} <span class="score">{h.score:.3f}</span></li>'
-        for n, h in enumerate(q.hits))
+    row = int(p.image_rows[q.index])
+    hits = "".join(hit(h, n, p.texts.ids[int(p.caption_rows[h.index])], e(captions[int(p.caption_rows[h.index])]))
+                   for n, h in enumerate(q.hits))
     expected = ""
     if q.first_correct >= ex.k and q.correct:
         expected = f'<p class="note">for example: {e(captions[int(p.caption_rows[q.correct[0]])])}</p>'
-    return (f'<div class="query" data-direction="image-to-text"><div class="ask">'
-            f'{picture(thumbs[int(p.image_rows[q.index])])}'
-            f'{missed(q, ex.k, "caption")}{expected}</div><ol class="hits captions">{hits}</ol></div>')
+    return (f'<div class="query" data-direction="image-to-text" data-id="{e(p.images.ids[row])}"><div class="ask">'
+            f'{picture(thumbs[row])}{missed(q, ex.k, "caption")}{expected}</div>'
+            f'<ol class="hits captions">{hits}</ol></div>')
 
 
 def metrics_table(result: dict | None) -> str:
