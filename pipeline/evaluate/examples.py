@@ -50,7 +50,9 @@ def sample(n_total: int, n: int, seed: int, direction: int) -> list[int]:
 
 
 def ranked(query: np.ndarray, gallery: np.ndarray, index: int, positives: set[int], k: int) -> Query:
-    """One query's full ranking (stable on ties, as the metrics' reference path sorts)."""
+    """One query's full ranking. Exact ties (identical captions embed identically) are ordered
+    by gallery position, as the metrics' reference path sorts; faiss may order them otherwise, so
+    a rank here can differ from Recall@K's only within a tie."""
     order = np.argsort(-(gallery @ query), kind="stable")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))

@@ -203,3 +203,25 @@ def test_an_image_changed_since_extraction_is_not_shown(tiny, monkeypatch):
     assert shown[0].uri is None and "changed after its features were stored" in shown[0].problem
     assert shown[1].uri is not None and shown[1].problem is None
     assert np.asarray(store.sources()[1][0]).any()  # the check had a recorded hash to compare with
+
+
+def test_the_page_ranks_agree_with_the_metrics(tiny):
+    """The page's ranking is the one Recall@K counted: each sampled query's first correct rank
+    equals the evaluation's (where the evaluation saw it, in its top max(ks)) up to exact ties,
+    which the tiny set has (identical captions) and which the page orders by gallery position."""
+    from featcache.pipeline.evaluate.examples import retrieval_examples
+    from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
+
+    cfg = RetrievalConfig(cache_dir=tiny["cache"], runs_dir=tiny["runs"], baseline=False)
+    ranks = eval_retrieval(cfg)["first_correct_rank"]
+    ex = retrieval_examples(cfg, queries=100, seed=3)
+    assert len(ex.text_to_image) == len(ranks["text_to_image"]) and len(ex.image_to_text) == len(ranks["image_to_text"])
+    for direction in ("text_to_image", "image_to_text"):
+        for q in getattr(ex, direction):
+            query, gallery = (ex.pairs.et, ex.pairs.ei) if direction == "text_to_image" else (ex.pairs.ei, ex.pairs.et)
+            scores = gallery @ query[q.index]
+            best = scores[q.correct].max()
+            tied = (int((scores > best + 1e-6).sum()), int((scores >= best - 1e-6).sum()) - 1)
+            assert tied[0] <= q.first_correct <= tied[1]
+            assert min(tied[0], 10) <= ranks[direction][q.index] <= min(tied[1], 10)
+            assert [h.score for h in q.hits] == sorted((h.score for h in q.hits), reverse=True)
