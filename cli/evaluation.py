@@ -93,18 +93,37 @@ def eval_retrieval_cmd(
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
     threads: Optional[int] = Threads,
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained page of example queries "
+                                        "(caption -> top 5 images, image -> top 5 captions, thumbnails inline)."),
+    html_queries: int = typer.Option(20, help="Example queries per direction on the --html page."),
+    html_seed: int = typer.Option(0, help="Seed of the --html page's sample of queries."),
+    force: bool = typer.Option(False, help="Replace an existing --html page."),
 ):
     """Image->text and text->image Recall@1/5/10 of runs on held-out pairs."""
     use_threads(threads)
     from featcache.pipeline.evaluate.batch import evaluate_runs, select_runs
+    from featcache.pipeline.evaluate.reads import Reads
     from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 
     cfg = RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives, baseline=baseline,
                           cache_dir=cache_dir_or_default(cache_dir), runs_dir=runs_dir_or_default(runs_dir))
     runs = select_runs(cfg.runs_dir, run)
+    page = None
+    if html is not None:
+        from featcache.pipeline.app.retrieval_page import PageConfig, check_page_path, write_retrieval_page
+
+        page = PageConfig(html, queries=html_queries, seed=html_seed, force=force)
+        check_page_path(page)
+        if len(runs) != 1:
+            raise FeatcacheError(f"--html shows one run, but --run {run!r} selects {len(runs)}",
+                                 "pass one run id (or write one page per run)")
+    reads = Reads()
     with progress_bar() as progress:
-        results = evaluate_runs(eval_retrieval, cfg, runs, progress if len(runs) > 1 else None)
+        results = evaluate_runs(eval_retrieval, cfg, runs, progress if len(runs) > 1 else None, reads=reads)
     _print_evals(results)
+    if page is not None:
+        out = write_retrieval_page(cfg, page, results[0], reads, runs[0])
+        console.print(f"gallery: {out}", highlight=False, soft_wrap=True)
 
 
 @eval_app.command("classify")

@@ -35,10 +35,12 @@ def select_runs(runs_dir: Path, spec: str) -> list[Path]:
     return chosen
 
 
-def evaluate_runs(score: Callable[..., dict], cfg, runs: list[Path], progress=None) -> list[dict]:
+def evaluate_runs(score: Callable[..., dict], cfg, runs: list[Path], progress=None,
+                  reads: Reads | None = None) -> list[dict]:
     """``score(cfg, reads, run_dir)`` (``eval_retrieval`` or ``eval_classify``) for each run, one
-    result each (written beside the run as a single evaluation writes it)."""
-    reads = Reads()
+    result each (written beside the run as a single evaluation writes it); ``reads``: a memo the
+    caller reads on with afterwards (the ``--html`` page), else one of its own."""
+    reads = reads or Reads()
     task = progress.add_task(f"evaluate {len(runs)} runs", total=len(runs)) if progress else None
     results = []
     for run in runs:

@@ -66,9 +66,28 @@ def retrieval_sets(images: FeatureStore, texts: FeatureStore, rule: str):
     return image_rows, caption_rows, i2t, t2i
 
 
-def eval_retrieval(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Path | None = None) -> dict:
-    """Score one run (``cfg.run``, or ``run_dir`` when given); ``reads`` shares the cache reads
-    between the runs of a batch (``evaluate.batch``)."""
+@dataclass
+class RetrievalPairs:
+    """A run's held-out pairs through its heads: what the metrics score and the gallery shows."""
+
+    run_dir: Path
+    run_cfg: dict
+    dataset: str
+    images: FeatureStore
+    texts: FeatureStore
+    image_rows: np.ndarray  # store rows of the gallery images (missing rows left out)
+    caption_rows: np.ndarray  # store rows of the captions that belong to a gallery image
+    i2t: list[set[int]]  # positives, as indices into caption_rows
+    t2i: list[set[int]]  # positives, as indices into image_rows
+    xi: np.ndarray  # the run's stored layers of those rows
+    xt: np.ndarray
+    ei: np.ndarray  # through the heads, L2-normalised
+    et: np.ndarray
+
+
+def retrieval_pairs(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Path | None = None) -> RetrievalPairs:
+    """The run's stores (checked to be its encoders'), its retrieval sets and both sides embedded:
+    read once for the scores and once more, from ``reads``' memo, for a gallery page."""
     reads = reads or Reads()
     run_dir = run_dir or find_run(cfg.runs_dir, cfg.run)
     model, run_cfg = load_heads(run_dir)
@@ -80,6 +99,17 @@ def eval_retrieval(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Pa
     image_rows, caption_rows, i2t, t2i = retrieval_sets(images, texts, cfg.positives)
     xi = require_finite(reads.layer(images, run_cfg["image_layer"])[image_rows], images, run_cfg["image_layer"])
     xt = require_finite(reads.layer(texts, run_cfg["text_layer"])[caption_rows], texts, run_cfg["text_layer"])
+    return RetrievalPairs(run_dir, run_cfg, dataset, images, texts, image_rows, caption_rows, i2t, t2i, xi, xt,
+                          embed(model.image_head, xi), embed(model.text_head, xt))
+
+
+def eval_retrieval(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Path | None = None) -> dict:
+    """Score one run (``cfg.run``, or ``run_dir`` when given); ``reads`` shares the cache reads
+    between the runs of a batch (``evaluate.batch``)."""
+    reads = reads or Reads()
+    p = retrieval_pairs(cfg, reads, run_dir)
+    run_dir, run_cfg, dataset, images, texts = p.run_dir, p.run_cfg, p.dataset, p.images, p.texts
+    image_rows, caption_rows, i2t, t2i, xi, xt = p.image_rows, p.caption_rows, p.i2t, p.t2i, p.xi, p.xt
 
     ranks = {}
 
@@ -95,7 +125,7 @@ def eval_retrieval(cfg: RetrievalConfig, reads: Reads | None = None, run_dir: Pa
         "task": "retrieval", "dataset": dataset, "split": cfg.split, "positive_rule": cfg.positives,
         "ks": list(cfg.ks), "run_id": run_dir.name, "layers": [run_cfg["image_layer"], run_cfg["text_layer"]],
         "images": len(image_rows), "captions": len(caption_rows),
-        "metrics": score(embed(model.image_head, xi), embed(model.text_head, xt), keep_ranks=True),
+        "metrics": score(p.ei, p.et, keep_ranks=True),
         "cache": {"image": store_record(images), "text": store_record(texts)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
