@@ -197,11 +197,41 @@ def _decode_one(blob: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return None
 
 
+class DecodeStream:
+    """The CUDA stream the decoding and resizing run on, apart from the model's.
+
+    nvJPEG's hardware engine does not wait for work queued before it on the stream it is given,
+    and torchvision allocates its outputs from the caching allocator of the caller's current
+    stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): decoding on the model's stream
+    while a forward is queued could hand nvJPEG memory that queued kernels still read. Here the
+    decoder only ever sees this stream's memory, and the stream is drained (its own short resize
+    work, never the forward) before each decode. The result is handed to the model's stream with
+    ``wait_stream`` and ``record_stream``, so the next batch decodes while the GPU runs this one.
+    On a CPU it does nothing."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(self, fn, *args):
+        """``fn(*args)`` on the decode stream: a tensor (or None) the model's stream may use."""
+        if self.stream is None:
+            return fn(*args)
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):
+            out = fn(*args)
+        if out is not None:
+            main = torch.cuda.current_stream(out.device)
+            main.wait_stream(self.stream)
+            out.record_stream(main)
+        return out
+
+
 def finish(rows: list[int], batch: JpegBatch, errors: dict, side: ImageSide, pixels, size: int,
            device: torch.device) -> torch.Tensor | None:
     """The batch's pixels on ``device``, in row order, for the rows without an error (uint8,
     (good, 3, S, S)); a JPEG the decoder rejects goes through PIL here, and if PIL rejects it too
-    its error joins ``errors`` as a worker's would."""
+    its error joins ``errors`` as a worker's would. Runs on the current stream (see
+    :class:`DecodeStream`)."""
     parts: dict[int, torch.Tensor] = {}
     if batch.pixels is not None:
         parts.update(zip(batch.pixel_rows, batch.pixels.to(device, non_blocking=True)))
@@ -219,5 +249,6 @@ def finish(rows: list[int], batch: JpegBatch, errors: dict, side: ImageSide, pix
 
 def decoded(loader, side: ImageSide, pixels, size: int, device: torch.device):
     """The loader's batches with their pixels finished: what ``_compute_chunks`` reads."""
+    stream = DecodeStream(device)
     for rows, batch, errors, hashes in loader:
-        yield rows, finish(rows, batch, errors, side, pixels, size, device), errors, hashes
+        yield rows, stream.run(finish, rows, batch, errors, side, pixels, size, device), errors, hashes
