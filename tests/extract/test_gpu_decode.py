@@ -209,3 +209,15 @@ def test_decode_gpu_without_cuda_is_one_line_naming_both_options(tiny_vit, tmp_p
                                    "--decode", "gpu", "--cache-dir", str(tmp_path / "cache")])
     assert out.exit_code != 0 and "--decode gpu" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_with_its_own_image_processor_is_refused(tmp_path, hook):
+    from test_own_encoders import save_vision_model
+
+    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2, "do_normalize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "ViTImageProcessor"}
+    model = save_vision_model(tmp_path / "vit", "vit", processor)
+    pairs = make_jpeg_pairs(tmp_path / "data", n=2)
+    with pytest.raises(FeatcacheError, match="own ViTImageProcessor") as err:
+        extract(_cfg(model, pairs, tmp_path / "cache", decode="gpu"))
+    assert "drop --decode gpu" in err.value.hint
