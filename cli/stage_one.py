@@ -46,6 +46,8 @@ def extract(
     steal: bool = typer.Option(True, help="After its own chunks, take unfinished chunks of other shards."),
     write_queue: int = typer.Option(2, min=0, help="Whole chunks queued for the writer thread; 0 writes on the "
                                                    "forward thread (the serial path)."),
+    decode: str = typer.Option("cpu", help="cpu | gpu: decode and resize JPEGs on the CUDA device (nvJPEG); "
+                                           "a new preprocessing identity, other files still decoded on the CPU."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract.run import ExtractConfig
@@ -55,7 +57,8 @@ def extract(
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
                         overwrite=overwrite, num_workers=num_workers,
-                        chunk_rows=chunk_rows, shard=shard, steal=steal, write_queue=write_queue)
+                        chunk_rows=chunk_rows, shard=shard, steal=steal, write_queue=write_queue,
+                        decode=decode)
     with progress_bar() as progress:
         results = run_extract(cfg, progress)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -58,7 +58,7 @@ def test_the_whole_script_runs_tiny_on_the_cpu(tmp_path):
     run = json.loads((tmp_path / "stage_one.json").read_text())["runs"]["tiny"]
     sections = run["sections"]
     assert set(sections) == {"env", "ceilings", "bare", "decode_proto", "gpu_decode", "knn", "encoder", "decode",
-                             "writes", "extract", "decompose", "knn_featcache"}
+                             "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode"}
     failed = {k: v.get("error") or v.get("skipped") for k, v in sections.items() if v.get("status") != "ok"}
     assert failed == {}
     assert run["meta"]["featcache_version"]
@@ -66,6 +66,10 @@ def test_the_whole_script_runs_tiny_on_the_cpu(tmp_path):
         entry = sections["extract"][key]
         assert entry["images"] == 64 and entry["steady_per_s"] > 0 and entry["steady_over_bare"] > 0
     assert sections["decompose"]["decode_and_writes_removed"]["steady_per_s"] > 0
+    gpu_decode = sections["extract_gpu_decode"]  # --decode gpu through featcache's CPU test hook
+    assert gpu_decode["T_B16_w1_gpu"]["preprocessing_decode"] == "torchvision-cpu"
+    assert gpu_decode["T_B16_w1_cpu"]["preprocessing_decode"] == "(none: PIL)"
+    assert gpu_decode["T_B16_w1_agreement"]["min_cosine"] > 0.99
     assert sections["knn"]["self_n2000_d64_k10"]["check"]["neighbour_agreement"] == 1.0
     assert len(sections["bare"]["T_rand"]["B8"]["ms"]) == 2  # each timed block is read twice
     assert run["summary"] and "tiny" in proc.stdout

@@ -55,6 +55,16 @@ def weights_digest(model: nn.Module, skip: tuple[str, ...] = ()) -> str:
     return hashlib.sha256("".join(tensor_digests).encode()).hexdigest()
 
 
+def square_geometry(w: int, h: int, size: int) -> tuple[float, int, int, int, int]:
+    """Where featcache's own preprocessing takes a ``size`` x ``size`` input from a w x h image:
+    (scale, resized width, resized height, crop left, crop top), the shorter side resized to
+    ``size``. One definition, shared by the PIL path (:func:`pixels_of`) and the GPU decoder
+    (``gpu_decode``), so the two can differ only in how they resample, never in where they crop."""
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    return scale, rw, rh, (rw - size) // 2, (rh - size) // 2
+
+
 def pixels_of(images: list, size: int, processor=None) -> torch.Tensor:
     """PIL images (already RGB on white) as a decoding worker ships them: uint8 (N, 3, S, S) for
     featcache's own preprocessing (the shorter side resized bicubic, the centre cropped), to be
@@ -67,10 +77,7 @@ def pixels_of(images: list, size: int, processor=None) -> torch.Tensor:
 
     out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for i, img in enumerate(images):
-        w, h = img.size
-        scale = size / min(w, h)
-        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (rw - size) // 2, (rh - size) // 2
+        scale, rw, rh, left, top = square_geometry(*img.size, size)
         if max(rw, rh) > 8 * size:  # a 20000 x 1 strip: resample only the part that is kept
             box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
             img = img.resize((size, size), Image.BICUBIC, box=box)

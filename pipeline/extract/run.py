@@ -25,7 +25,7 @@ from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.common.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 from featcache.pipeline.data.catalog import load_dataset
 from featcache.pipeline.data.rows import BadImage, ImageSide, Split
-from featcache.pipeline.extract import provenance
+from featcache.pipeline.extract import gpu_decode, provenance
 from featcache.pipeline.extract.encoders import Encoder
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.extract.registry import ALIASES
@@ -58,6 +58,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": this process does chunks b with b mod N == I (then steals)
     steal: bool = True  # after its own chunks, take unfinished chunks of other shards/ranks
     write_queue: int = 2  # whole chunks queued for the writer thread; 0: write inline (the serial path)
+    decode: str = "cpu"  # "gpu": JPEGs decoded and resized on the device (gpu_decode), a new preprocessing identity
 
 
 @dataclass
@@ -107,10 +108,12 @@ def store_spec(cfg: ExtractConfig, encoder: Encoder, split: Split, pooling: str)
                      encoder.preprocessing.get("image_size"))
 
 
-def command_for(cfg: ExtractConfig, split: Split) -> str:
-    """The extract command that (re)builds one split's store: recorded for error hints."""
+def command_for(cfg: ExtractConfig, split: Split, decode: str | None = None) -> str:
+    """The extract command that (re)builds one split's store: recorded for error hints; ``decode``
+    is the image encoder's (a text store is not decoded, whatever --decode said)."""
     return extract_command(cfg.model, cfg.dataset, split.name, layers=cfg.layers, limit=cfg.limit, pooling=cfg.pooling,
-                           image_size=cfg.image_size, cache_dir=cfg.cache_dir, dtype=cfg.dtype)
+                           image_size=cfg.image_size, cache_dir=cfg.cache_dir, dtype=cfg.dtype,
+                           decode=decode)
 
 
 def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names: list[str]) -> dict:
@@ -121,7 +124,8 @@ def store_attrs(cfg: ExtractConfig, encoder: Encoder, split: Split, split_names:
             "defaults": {"pooling": encoder.entry.default_pooling,
                          "image_size": encoder.default_image_size if encoder.modality == "image" else None,
                          "pretrained_image_size": encoder.native_image_size},
-            "command": command_for(cfg, split), "dataset_label": cfg.dataset, "dataset_splits": split_names}
+            "command": command_for(cfg, split, cfg.decode if encoder.modality == "image" else None),
+            "dataset_label": cfg.dataset, "dataset_splits": split_names}
 
 
 def _existing(path) -> FeatureStore | None:
@@ -256,10 +260,15 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
     batches = _Batches(store, layers, own, steal, batch_size)
     if encoder.modality == "image":
         workers = cfg.num_workers if cfg.num_workers is not None else default_workers(encoder.device)
+        size = encoder.preprocessing.get("image_size")
+        on_device = cfg.decode == "gpu"
+        dataset = gpu_decode.JpegRows(side, encoder.pixels, size) if on_device else _ImageRows(side, encoder.pixels)
         loader = torch.utils.data.DataLoader(
-            _ImageRows(side, encoder.pixels), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
-            pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+            dataset, batch_sampler=batches, collate_fn=gpu_decode.collate if on_device else _collate,
+            num_workers=workers, pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
         )
+        if on_device:
+            loader = gpu_decode.decoded(loader, side, encoder.pixels, size, encoder.device)
     else:
         loader = (_text_batch(encoder, side, rows) + (None,) for rows in batches)
 
@@ -340,6 +349,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
                              "e.g. 224, or -1 for the model's pretrained size")
     if cfg.dtype not in ("float16", "float32"):
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
+    gpu_decode.check_config(cfg.decode, cfg.device)
     if is_combined(cfg.dataset):
         # a+b is read as the union of a's and b's stores: each part is cached once, on its own
         return [r for part in combined_parts(cfg.dataset) for r in extract(replace(cfg, dataset=part), progress)]
@@ -354,6 +364,8 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     if worker.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{worker.local_rank}"
     encoder = load_encoder(cfg.model, device, cfg.image_size)
+    if cfg.decode == "gpu":
+        gpu_decode.apply(encoder)  # a new preprocessing identity; the CPU path's stays as it was
     pooling = cfg.pooling or encoder.entry.default_pooling
     encoder.check_pooling(pooling)
     layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)
