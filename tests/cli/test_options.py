@@ -37,3 +37,20 @@ def test_heads_that_cannot_fit_are_refused_ahead_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
     out = runner.invoke(app, ["layers", *common[:-2], "--calibrate", "100000", "--n", "20"])
     assert out.exit_code == 2 and "at most 1000" in out.output, out.output
+
+
+def test_a_layer_table_that_cannot_fit_is_one_line_naming_n(tmp_path, monkeypatch):
+    from conftest import build_tiny_cache
+
+    from featcache.pipeline.common import device
+
+    tiny = build_tiny_cache(tmp_path / "tiny", n=24)
+    argv = ["layers", "--image-model", tiny["vit"], "--text-model", tiny["bert"], "--dataset", str(tiny["pairs"]),
+            "--cache-dir", str(tiny["cache"]), "--metric", "hcs", "--n", "50000", "--out", str(tmp_path / "h.png")]
+    monkeypatch.setattr(device, "available_bytes", lambda dev: 4096)  # a process with 4 KiB to spare
+    out = runner.invoke(app, argv)
+    line = " ".join(out.output.split())
+    assert out.exit_code == 2 and "--n" in line and "needs about" in line and "lower --n" in line, out.output
+    assert "Traceback" not in out.output and not (tmp_path / "h.png").exists()
+    monkeypatch.undo()
+    assert runner.invoke(app, argv).exit_code == 0  # the same table (24 rows) fits a real machine
