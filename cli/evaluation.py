@@ -10,20 +10,28 @@ import typer
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.app import (
     CacheDir,
+    Json,
     RunsDir,
     app,
     cache_dir_or_default,
     console,
+    err_console,
     eval_app,
     friendly,
     parse_list,
+    print_json,
     progress_bar,
     runs_dir_or_default,
     score_table_view,
 )
 
 
-def _print_eval(result: dict) -> None:
+def _print_eval(result: dict, as_json: bool = False) -> None:
+    """An evaluation result as a table, or (--json) the result record itself: the same dict
+    that was written to the run's eval/ folder, with its path."""
+    if as_json:
+        print_json(result)
+        return
     from rich.table import Table
 
     table = Table(title=f"{result['task']} on {result['dataset']}/{result['split']} (run {result['run_id']}, "
@@ -60,13 +68,14 @@ def eval_retrieval_cmd(
     baseline: bool = typer.Option(True, help="Also score the untrained Procrustes/least-squares reference."),
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = Json,
 ):
     """Image->text and text->image Recall@1/5/10 of a run on held-out pairs."""
     from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 
     _print_eval(eval_retrieval(RetrievalConfig(run=run, dataset=dataset, split=split, positives=positives,
                                                baseline=baseline, cache_dir=cache_dir_or_default(cache_dir),
-                                               runs_dir=runs_dir_or_default(runs_dir))))
+                                               runs_dir=runs_dir_or_default(runs_dir))), as_json)
 
 
 @eval_app.command("classify")
@@ -83,6 +92,7 @@ def eval_classify_cmd(
     baseline: bool = typer.Option(True),
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = Json,
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
     from featcache.cache.lookup import StoreNotFound
@@ -103,7 +113,7 @@ def eval_classify_cmd(
             raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
         _extract_for_run(cfg)
         result = eval_classify(cfg)
-    _print_eval(result)
+    _print_eval(result, as_json)
 
 
 def _extract_for_run(cfg) -> None:
@@ -132,6 +142,7 @@ def report(
     baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),
     out: Optional[Path] = typer.Option(None, help="Folder for report.csv, report.md and PNG plots."),
     runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = Json,
 ):
     """Compare runs side by side: mean ± std over seeds per config group."""
     from rich.table import Table
@@ -147,12 +158,15 @@ def report(
         filters[key] = value
     rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
     rep = build_report(rows, parse_list(group_by) if group_by else None, metric or None, filters)
+    say = err_console if as_json else console  # under --json, stdout holds the document alone
     table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± sample std over seeds (%)")
     for col in rep.header():
         table.add_column(col, overflow="fold")
     for row in rep.table_rows():
         table.add_row(*row)
-    console.print(table)
+    if not as_json:
+        console.print(table)
+    written = []
     if out is not None:
         written = write_outputs(rep, out)
         first = rep.headline()
@@ -161,7 +175,9 @@ def report(
             written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first.short} (%)",
                                        f"{first.label} per trained layer pair"))
         for path in written:
-            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+            say.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({**rep.to_dict(), "written": [str(p) for p in written]})
 
 
 @app.command()
@@ -261,7 +277,12 @@ def study(
 
 
 def _positive(value: str) -> int:
-    n = int(value)
-    if n < 2:
-        raise ValueError(value)
+    """One --pairs size: a whole number of at least 2 (training needs two pairs), or all."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < 2:
+        raise FeatcacheError(f"bad --pairs size {value!r}", "write whole numbers of at least 2 or 'all', "
+                                                             "comma-separated (e.g. 50,100,all)")
     return n

@@ -64,6 +64,13 @@ class ScoreTable:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> dict:
+        """The table with the choices read off it (what ``layers`` prints under the table): the
+        best pair and the last blocks' pair, each with its score."""
+        best, last = self.best(), self.last()
+        return {**self.to_dict(), "best": {"image_layer": best[0], "text_layer": best[1], "score": self.score(*best)},
+                "last": {"image_layer": last[0], "text_layer": last[1], "score": self.score(*last)}}
+
 
 def _width(feats: Mapping, name: str) -> int:
     """A layer's width without reading it: a LayerRows knows its store's, an array its shape."""
