@@ -240,7 +240,7 @@ def study(
     patience: int = typer.Option(50, min=1),
     batch_size: int = typer.Option(128, min=2),
     checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
-    n_boot: int = typer.Option(2000, min=100),
+    n_boot: int = typer.Option(2000, min=100, max=100_000, help="Bootstrap resamples (a Python loop each)."),
     dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
     pairs: Optional[str] = typer.Option(None, help="A scaling study: training-pair counts, e.g. 50,100,250,500,all."),
     layers: Optional[str] = typer.Option(None, help="Layer choices compared: last, auto or both [default: last,auto]."),

@@ -20,6 +20,12 @@ LOSSES = ("clip", "clip+structure")
 MAX_CALIBRATE = 1000
 
 
+# R_S's random walk of L steps: by a few dozen steps P^L is the walk's stationary distribution
+# on both sides and further levels add nothing but time (each is a B x B product, forward and
+# back: --levels 4199 kept a 16-pair run busy for minutes).
+MAX_LEVELS = 64
+
+
 def check_seed(seed) -> None:
     """Seeds seed numpy and torch generators, which take 0 <= seed < 2**32."""
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -119,6 +125,9 @@ class AlignConfig:
         for name in ("levels", "epochs", "batch_size", "d_out"):
             if getattr(self, name) < 1:
                 raise FeatcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.levels > MAX_LEVELS:
+            raise FeatcacheError(f"--levels {self.levels} is more random-walk steps than change anything",
+                                 f"use at most {MAX_LEVELS} (1 to 3 is usual)")
         if self.pairs is not None and self.pairs < 2:
             raise FeatcacheError(f"--pairs must be at least 2, got {self.pairs}")
         if self.lr <= 0 or not math.isfinite(self.lr):

@@ -11,7 +11,7 @@ import typing
 
 import pytest
 import typer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -132,13 +132,15 @@ def invoke_within(argv: list[str], seconds: float):
 
 
 def check(argv: list[str]) -> None:
+    """Exit 0, or a clean failure: 2 (usage or featcache error), or 1 from verify (bad stores)."""
     out = invoke_within(argv, TIMEOUT_S)
     shown = f"featcache {' '.join(argv)}\n{out.output}"
     assert "Traceback" not in out.output, shown
     if out.exit_code == 0:
         return
     # a usage error (typer) or a featcache error: SystemExit with 2, never another exception
-    assert isinstance(out.exception, SystemExit) and out.exit_code == 2, f"{out.exception!r}\n{shown}"
+    codes = (1, 2) if argv[0] == "verify" else (2,)
+    assert isinstance(out.exception, SystemExit) and out.exit_code in codes, f"{out.exception!r}\n{shown}"
     errors = [line for line in out.output.splitlines() if line.startswith("error:")]
     assert len(errors) <= 1, shown  # a featcache error is one line (rich never wraps it: soft_wrap)
 
@@ -154,8 +156,10 @@ def test_every_command_with_numeric_or_list_options_is_fuzzed():
 
 
 @pytest.mark.slow
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# No shrinking: a timed-out example leaves its thread running, and every shrink would run beside
+# it; the failing command line is printed whole, which is all a fix needs.
+@settings(max_examples=400, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          report_multiple_bugs=False, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_extreme_option_values_never_trace_or_hang(tiny, data):
     command, flag, kind = data.draw(st.sampled_from(OPTIONS), label="option")

@@ -19,6 +19,12 @@ runner = CliRunner()
     (["sweep", "--seeds", ""], "is empty"),
     (["study", "--seeds", ""], "is empty"),
     (["study", "--merge", ""], "is empty"),
+    # found by tests/cli/test_option_fuzz.py
+    (["study", "--pairs", "1,1"], "bad --pairs size '1'"),
+    (["study", "--pairs", "nan"], "bad --pairs size 'nan'"),
+    (["extract", "--num-workers", "99999999999999999999"], "decoding processes"),
+    (["extract", "--image-size", "14000"], "PIL's decompression-bomb check"),
+    (["align", "--levels", "4199"], "use at most 64"),
 ])
 def test_bad_options_are_one_line(argv, needle, tmp_path):
     out = runner.invoke(app, [*argv, "--cache-dir", str(tmp_path / "cache")])
