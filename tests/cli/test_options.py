@@ -25,6 +25,7 @@ runner = CliRunner()
     (["extract", "--num-workers", "99999999999999999999"], "decoding processes"),
     (["extract", "--image-size", "14000"], "PIL's decompression-bomb check"),
     (["align", "--levels", "4199"], "use at most 64"),
+    (["align", "--lr", "3.83e68"], "beyond float32"),
 ])
 def test_bad_options_are_one_line(argv, needle, tmp_path):
     out = runner.invoke(app, [*argv, "--cache-dir", str(tmp_path / "cache")])
