@@ -8,6 +8,7 @@ import inspect
 import shutil
 import threading
 import typing
+from pathlib import Path
 
 import pytest
 import typer
@@ -152,7 +153,7 @@ def test_every_command_with_numeric_or_list_options_is_fuzzed():
     assert {("layers", "--n"), ("align", "--d-out"), ("sweep", "--seeds"), ("study", "--n-boot"),
             ("extract", "--image-size"), ("runs", "--last"), ("eval classify", "--limit")} <= names
     for command in {c for c, _, _ in OPTIONS}:
-        base_args(command, {"root": None, "models": [], "vit": "", "pairs": "", "cache": ""})
+        base_args(command, {"root": Path("/nowhere"), "models": [], "vit": "", "pairs": "", "cache": ""})
 
 
 @pytest.mark.slow
