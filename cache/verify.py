@@ -9,7 +9,7 @@ the store ends up bitwise equal to an undamaged one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +41,27 @@ class BadChunk:
     @property
     def repairable(self) -> bool:
         return self.chunk is not None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "repairable": self.repairable}
+
+
+@dataclass
+class VerifyReport:
+    """What one ``featcache verify`` found: the table and ``verify --json`` both read this."""
+
+    stores: list[str]
+    bad: list[BadChunk] = field(default_factory=list)
+    repair: bool = False  # bad chunks were marked unfinished (the repairable ones)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def to_dict(self) -> dict:
+        return {"stores": self.stores, "ok": self.ok, "bad": [b.to_dict() for b in self.bad],
+                "bad_stores": sorted({b.store for b in self.bad}),
+                "repaired_chunks": sum(b.repairable for b in self.bad) if self.repair else 0}
 
 
 def _done_flags(store: FeatureStore, layer: str) -> tuple[dict[int, int], list[BadChunk]]:

@@ -112,6 +112,30 @@ Threads = typer.Option(None, "--threads", help="CPU threads for torch [default: 
                                                "OMP_NUM_THREADS, SLURM_CPUS_PER_TASK or its CPU affinity].")
 
 
+Json = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else there "
+                                         "(messages and progress go to stderr).")
+
+
+def print_json(doc) -> None:
+    """One JSON document on stdout, written directly (rich would wrap and colour it). NaN and
+    infinities (a layer constant over rows scores NaN) become null: JSON has no NaN, and
+    strict parsers (jq, JavaScript) refuse the bare token Python would write."""
+    import json
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    sys.stdout.write(json.dumps(clean(doc), indent=2, allow_nan=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def cache_dir_or_default(path: Optional[str]):
     """A local path or an fsspec URL (s3://, gs://, file://, memory://)."""
     from featcache.cache.location import as_location

@@ -12,6 +12,7 @@ from featcache.cli.app import (
     CacheDir,
     ImageModel,
     ImageSize,
+    Json,
     PoolingPair,
     RunsDir,
     TextModel,
@@ -19,9 +20,11 @@ from featcache.cli.app import (
     app,
     cache_dir_or_default,
     console,
+    err_console,
     eval_app,
     friendly,
     parse_list,
+    print_json,
     progress_bar,
     runs_dir_or_default,
     score_table_view,
@@ -29,7 +32,12 @@ from featcache.cli.app import (
 )
 
 
-def _print_eval(result: dict) -> None:
+def _print_eval(result: dict, as_json: bool = False) -> None:
+    """An evaluation result as a table, or (--json) the result record itself: the same dict
+    that was written to the run's eval/ folder, with its path."""
+    if as_json:
+        print_json(result)
+        return
     from rich.table import Table
 
     table = Table(title=f"{result['task']} on {result['dataset']}/{result['split']} (run {result['run_id']}, "
@@ -56,12 +64,16 @@ def _print_eval(result: dict) -> None:
     console.print(f"result: {result['path']}", highlight=False, soft_wrap=True)
 
 
-def _print_evals(results: list[dict]) -> None:
-    """One line per run: many runs' results side by side (a single run gets _print_eval's table)."""
+def _print_evals(results: list[dict], as_json: bool = False) -> None:
+    """One line per run: many runs' results side by side (a single run gets _print_eval's table);
+    --json: one run's result record, or ``{"results": [...]}`` for several."""
     from rich.table import Table
 
     if len(results) == 1:
-        _print_eval(results[0])
+        _print_eval(results[0], as_json)
+        return
+    if as_json:
+        print_json({"results": results})
         return
     first = results[0]
     table = Table(title=f"{first['task']} on {first['dataset']}/{first['split']}: {len(results)} runs (%)")
@@ -98,6 +110,7 @@ def eval_retrieval_cmd(
     html_queries: int = typer.Option(20, help="Example queries per direction on the --html page."),
     html_seed: int = typer.Option(0, help="Seed of the --html page's sample of queries."),
     force: bool = typer.Option(False, help="Replace an existing --html page."),
+    as_json: bool = Json,
 ):
     """Image->text and text->image Recall@1/5/10 of runs on held-out pairs."""
     use_threads(threads)
@@ -120,7 +133,7 @@ def eval_retrieval_cmd(
     reads = Reads()
     with progress_bar() as progress:
         results = evaluate_runs(eval_retrieval, cfg, runs, progress if len(runs) > 1 else None, reads=reads)
-    _print_evals(results)
+    _print_evals(results, as_json)
     if page is not None:
         out = write_retrieval_page(cfg, page, results[0], reads, runs[0])
         console.print(f"gallery: {out}", highlight=False, soft_wrap=True)
@@ -141,6 +154,7 @@ def eval_classify_cmd(
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
     threads: Optional[int] = Threads,
+    as_json: bool = Json,
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall."""
     use_threads(threads)
@@ -162,7 +176,7 @@ def eval_classify_cmd(
         if err.query.dataset != dataset_key(classify_spec(cfg)):
             raise  # the run's own training cache is missing: --extract of this set cannot help
         raise FeatcacheError(err.message, f"{err.hint}, or pass --extract") from None
-    _print_evals(results)
+    _print_evals(results, as_json)
 
 
 def _extract_for_runs(cfg, runs: list[Path]) -> None:
@@ -232,6 +246,7 @@ def report(
     baseline: bool = typer.Option(False, help="Also show the untrained reference's metrics."),
     out: Optional[Path] = typer.Option(None, help="Folder for report.csv, report.md and PNG plots."),
     runs_dir: Optional[Path] = RunsDir,
+    as_json: bool = Json,
 ):
     """Compare runs side by side: mean ± std over seeds per config group."""
     from rich.table import Table
@@ -247,12 +262,15 @@ def report(
         filters[key] = value
     rows = run_rows(runs_dir_or_default(runs_dir), include_baseline=baseline)
     rep = build_report(rows, parse_list(group_by) if group_by else None, metric or None, filters)
+    say = err_console if as_json else console  # under --json, stdout holds the document alone
     table = Table(title=f"{sum(g['n'] for g in rep.groups)} runs, mean ± sample std over seeds (%)")
     for col in rep.header():
         table.add_column(col, overflow="fold")
     for row in rep.table_rows():
         table.add_row(*row)
-    console.print(table)
+    if not as_json:
+        console.print(table)
+    written = []
     if out is not None:
         written = write_outputs(rep, out)
         first = rep.headline()
@@ -261,7 +279,9 @@ def report(
             written.append(metric_bars(labels, means, stds, out / "report-layer-pairs.png", f"{first.short} (%)",
                                        f"{first.label} per trained layer pair"))
         for path in written:
-            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+            say.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({**rep.to_dict(), "written": [str(p) for p in written]})
 
 
 @app.command()
@@ -334,7 +354,7 @@ def study(
     patience: int = typer.Option(50, min=1),
     batch_size: int = typer.Option(128, min=2),
     checkpoint_on: str = typer.Option("val_clip", help="val_clip | val_total"),
-    n_boot: int = typer.Option(2000, min=100),
+    n_boot: int = typer.Option(2000, min=100, max=100_000, help="Bootstrap resamples (a Python loop each)."),
     dataset: str = typer.Option("tuxpaint", help="tuxpaint, tuxpaint+openmoji, or your own pair file."),
     image_model: str = ImageModel,
     text_model: str = TextModel,
@@ -391,7 +411,12 @@ def study(
 
 
 def _positive(value: str) -> int:
-    n = int(value)
-    if n < 2:
-        raise ValueError(value)
+    """One --pairs size: a whole number of at least 2 (training needs two pairs), or all."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < 2:
+        raise FeatcacheError(f"bad --pairs size {value!r}", "write whole numbers of at least 2 or 'all', "
+                                                             "comma-separated (e.g. 50,100,all)")
     return n

@@ -12,11 +12,13 @@ from featcache.cache.errors import FeatcacheError
 from featcache.cli.app import (
     CacheDir,
     ImageSize,
+    Json,
     app,
     cache_dir_or_default,
     console,
     friendly,
     human_bytes,
+    print_json,
     progress_bar,
 )
 
@@ -53,6 +55,8 @@ def extract(
     from featcache.pipeline.extract.run import ExtractConfig
     from featcache.pipeline.extract.run import extract as run_extract
 
+    check_workers(num_workers)
+    check_image_size(image_size)
     cfg = ExtractConfig(model=model, layers=layers, dataset=dataset, splits=split or None,
                         cache_dir=cache_dir_or_default(cache_dir), batch_size=batch_size, device=device,
                         limit=limit, pooling=pooling, image_size=image_size, dtype=dtype, skip_bad=skip_bad,
@@ -78,6 +82,27 @@ def extract(
         console.print(f"  {r.split}: {r.path}", highlight=False, soft_wrap=True)
 
 
+def check_workers(num_workers: Optional[int]) -> None:
+    """Each decoding worker is a process: 10^20 of them forked until the machine stalled. More
+    than four per core (and 64) cannot decode faster, so it is a typo, refused in one line."""
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if num_workers is not None and num_workers > most:
+        raise FeatcacheError(f"--num-workers {num_workers} is more than {most} decoding processes "
+                             f"({os.cpu_count()} cores here)", "use at most 4 per core; 0 decodes in the main process")
+
+
+def check_image_size(image_size: Optional[int]) -> None:
+    """An input size whose square holds more pixels than PIL's decompression-bomb limit: PIL
+    refuses the resize (a traceback) or numpy the batch (112 GiB at 100,002), so say it first."""
+    from featcache.pipeline.data.decode import max_image_pixels
+
+    limit = max_image_pixels()
+    if image_size is not None and limit is not None and image_size > 0 and image_size**2 > limit:
+        raise FeatcacheError(f"--image-size {image_size} makes {image_size:,} x {image_size:,} inputs, more than the "
+                             f"{limit:,} pixels PIL's decompression-bomb check allows",
+                             "use the model's own size (leave --image-size out) or a few hundred pixels")
+
+
 def _deep(path) -> list:
     from featcache.cache.store import FeatureStore
     from featcache.cache.verify import BadChunk
@@ -92,35 +117,52 @@ def _deep(path) -> list:
 
 @app.command("ls")
 @friendly
-def list_stores(cache_dir: Optional[str] = CacheDir):
+def list_stores(cache_dir: Optional[str] = CacheDir, as_json: bool = Json):
     """List feature stores with their data set, identity, size and completeness."""
     from rich.table import Table
 
-    from featcache.cache.store import FeatureStore, find_stores
+    from featcache.cache.listing import list_stores as entries
 
     root = cache_dir_or_default(cache_dir)
+    found = list(entries(root))
+    if as_json:
+        print_json({"cache_dir": str(root), "stores": [e.to_dict() for e in found]})
+        return
+    if not found:
+        console.print(f"no feature stores under {root}", highlight=False, soft_wrap=True)
+        return
     table = Table(title=f"feature stores under {root}")
-    for col in ("data set", "stored as", "split", "encoder", "variant", "rows", "width", "layers", "complete",
-                "size", "weights"):
+    for col in ("data set", "split", "encoder", "variant", "rows", "width", "layers", "complete", "size", "weights"):
         table.add_column(col, overflow="fold")
-    n = 0
-    for path in find_stores(root):
-        n += 1
-        try:
-            s = FeatureStore.open(path)
-            ident = s.identity
-            done = sum(s.is_complete(name) for name in s.layers)
-            lost = sum(len(s.lost_chunks(name)) for name in s.layers)
-        except FeatcacheError as err:
-            table.add_row(str(path), "", "", "", "", "", "", "", f"broken: {err}", "", "")
+    shortened = False
+    for e in found:
+        if e.broken:
+            table.add_row(short_path(e.path), "", "", "", "", "", "", f"broken: {e.broken}", "", "")
             continue
-        parts = str(path).rstrip("/").split("/")
-        table.add_row(s.attrs.get("dataset_label", ""), ident["dataset"]["name"], parts[-3], ident["encoder"]["name"],
-                      parts[-1].removesuffix(".zarr"), str(s.rows), str(s.width), f"{done}/{len(s.layers)}",
-                      f"no: {lost} chunk(s) lost, run featcache verify" if lost else
-                      "yes" if s.is_complete() else "no", human_bytes(s.nbytes_on_disk()),
-                      ident["encoder"]["weights_sha256"][:12])
-    console.print(table if n else f"no feature stores under {root}")
+        label, encoder = short_path(e.dataset_label or e.dataset), short_path(e.encoder)
+        shortened |= (label, encoder) != (e.dataset_label or e.dataset, e.encoder)
+        table.add_row(label, e.split, encoder, e.variant, str(e.rows), str(e.width), f"{e.complete_layers}/{e.layers}",
+                      f"no: {e.lost_chunks} chunk(s) lost, run featcache verify" if e.lost_chunks else
+                      "yes" if e.complete else "no", human_bytes(e.bytes_on_disk), e.weights_sha256[:12])
+    console.print(table)
+    if shortened:
+        console.print("paths shortened to their last parts: featcache ls --json gives them whole, with each "
+                      "store's path", highlight=False, soft_wrap=True)
+
+
+def short_path(text: str, width: int = 32) -> str:
+    """A long path (a user's pair file, an ``hf:`` model folder) as its scheme and last parts,
+    so a table row stays one line instead of folding a path over five."""
+    if len(text) <= width or "/" not in text:
+        return text
+    scheme = text[: text.index(":") + 1] if text.startswith(("hf:", "timm:")) else ""
+    parts = text[len(scheme):].rstrip("/").split("/")
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(tail) + len(part) + 1 > width - len(scheme) - 2:
+            break
+        tail = f"{part}/{tail}"
+    return f"{scheme}…/{tail}"
 
 
 @app.command()
@@ -133,31 +175,39 @@ def verify(
                                             "place: each chunk's checksum is checked, then its seal written."),
     deep: bool = typer.Option(False, help="Also re-read every image and check its sha256 against the one its "
                                           "features were computed from."),
+    as_json: bool = Json,
 ):
     """Check the presence, checksum and seal of every finished chunk; exit 1 if any is bad."""
     from rich.table import Table
 
     from featcache.cache.location import is_url
     from featcache.cache.store import find_stores
+    from featcache.cache.verify import VerifyReport
     from featcache.cache.verify import verify as run_verify
 
     root = cache_dir_or_default(cache_dir)
     if not stores and not is_url(root) and not Path(root).is_dir():
         raise FeatcacheError(f"the cache directory {root} does not exist", "check --cache-dir")
     paths = stores or list(find_stores(root))
-    if not paths:
-        console.print(f"no feature stores under {cache_dir_or_default(cache_dir)}")
-        return
+    report = VerifyReport([str(p) for p in paths], repair=repair)
     with progress_bar() as progress:
-        bad = []
         for path in progress.track(paths, description="verify"):
-            bad += run_verify([path], repair=repair, reseal=reseal)
+            report.bad += run_verify([path], repair=repair, reseal=reseal)
             if deep:
-                bad += _deep(path)
-    if not bad:
+                report.bad += _deep(path)
+    if as_json:
+        print_json(report.to_dict())
+        if not report.ok:
+            raise typer.Exit(1)
+        return
+    if not paths:
+        console.print(f"no feature stores under {root}", highlight=False, soft_wrap=True)
+        return
+    if report.ok:
         console.print(f"{len(paths)} store(s) verified: every finished chunk is present, its checksum holds "
                       "and it matches its seal")
         return
+    bad = report.bad
     table = Table(title=f"{len(bad)} bad chunk(s) in {len({b.store for b in bad})} store(s)")
     for col in ("store", "layer", "chunk", "problem"):
         table.add_column(col, overflow="fold")

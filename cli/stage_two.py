@@ -11,6 +11,7 @@ from featcache.cli.app import (
     CacheDir,
     ConfigFile,
     ImageModel,
+    Json,
     Name,
     RunsDir,
     Tag,
@@ -19,9 +20,11 @@ from featcache.cli.app import (
     app,
     cache_dir_or_default,
     console,
+    err_console,
     friendly,
     parse_list,
     parse_tags,
+    print_json,
     progress_bar,
     runs_dir_or_default,
     score_table_view,
@@ -92,6 +95,7 @@ def layers(
     cache_dir: Optional[str] = CacheDir,
     runs_dir: Optional[Path] = RunsDir,
     threads: Optional[int] = Threads,
+    as_json: bool = Json,
 ):
     """Score every (image layer, text layer) pair; print the table and write a heatmap."""
     use_threads(threads)
@@ -107,15 +111,20 @@ def layers(
     table = select_layers(data, SelectConfig(metric=metric, n=n, k=k, k_rule=k_rule, calibrate=calibrate, seed=seed,
                                              queries=queries))
     best, last = table.best(), table.last()
-    console.print(score_table_view(table, f"{dataset}/{split}"))
-    console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
-                  f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
+    if not as_json:
+        console.print(score_table_view(table, f"{dataset}/{split}"))
+        console.print(f"best pair: {best[0]} x {best[1]} ({table.score(*best):.3f}); "
+                      f"last pair: {last[0]} x {last[1]} ({table.score(*last):.3f})", highlight=False)
     stem = f"{dataset}-{split}-{image_model}-{text_model}-{metric}".replace("/", "_").replace(":", "_")
     # The cache may be shared and read-only: what a command makes goes beside the runs.
     png = out or runs_dir_or_default(runs_dir) / "layer-scores" / f"{stem}.png"
     layer_heatmap(table, png)
     write_json(png.with_suffix(".json"), table.to_dict())
-    console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
+    if as_json:
+        print_json({**table.summary(), "dataset": dataset, "split": split, "image_model": image_model,
+                    "text_model": text_model, "heatmap": str(png), "table_json": str(png.with_suffix(".json"))})
+    else:
+        console.print(f"heatmap: {png}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -337,40 +346,47 @@ def _print_choices(config: dict, layers: bool = True) -> None:
 
 
 def _print_runs(runs):
+    """A table of runs whose id column is never cut or wrapped, piped or on a narrow terminal
+    (ids are copied into other commands); the other columns fold instead, and below 100
+    columns the table is drawn 100 wide, for the terminal to wrap, rather than squeezed to ids."""
     from rich.table import Table
 
-    from featcache.pipeline.train.runs import read_json
+    from featcache.pipeline.train.runs import RunEntry
 
+    entries = [RunEntry.of(run) for run in runs]
     table = Table()
-    for col in ("run", "data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
-        table.add_column(col)
-    for run in runs:
-        c, s = read_json(run / "config.json"), read_json(run / "summary.json")
-        evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
-        table.add_row(run.name, c["dataset"], f"{c['layers']}: {s['image_layer']} x {s['text_layer']}",
-                      c.get("method", "heads"), c["loss"],
-                      c["head"], str(s["train_pairs"]), str(c["seed"]), f"{s['best_val']:.4f}", str(s["best_epoch"]),
-                      ", ".join(evals))
-    console.print(table)
+    table.add_column("run", no_wrap=True, min_width=max((len(e.run_id) for e in entries), default=3))
+    for col in ("data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(e.run_id, e.dataset, f"{e.layers}: {e.image_layer} x {e.text_layer}", e.method, e.loss, e.head,
+                      str(e.train_pairs), str(e.seed), f"{e.best_val:.4f}", str(e.best_epoch), ", ".join(e.evals))
+    console.print(table, width=max(console.width, 100), crop=False)
 
 
 @app.command()
 @friendly
-def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, help="Show the N most recent."),
-         clean: bool = typer.Option(False, help="Remove the .partial-* folders of runs that were killed.")):
+def runs(runs_dir: Optional[Path] = RunsDir, last: int = typer.Option(50, min=1, help="Show the N most recent."),
+         clean: bool = typer.Option(False, help="Remove the .partial-* folders of runs that were killed."),
+         as_json: bool = Json):
     """List runs with their key config and best validation loss."""
-    from featcache.pipeline.train.runs import list_runs, partial_runs
+    from featcache.pipeline.train.runs import RunEntry, list_runs, partial_runs
 
+    removed = None
     if clean:
         import shutil
 
         partial = partial_runs(runs_dir_or_default(runs_dir))
         for path in partial:
             shutil.rmtree(path)
-        console.print(f"removed {len(partial)} unfinished run folder(s)", highlight=False)
+        removed = len(partial)
+        (err_console if as_json else console).print(f"removed {removed} unfinished run folder(s)", highlight=False)
 
-    found = list_runs(runs_dir_or_default(runs_dir))
-    if not found:
+    found = list_runs(runs_dir_or_default(runs_dir))[-last:]
+    if as_json:
+        doc = {"runs_dir": str(runs_dir_or_default(runs_dir)), "runs": [RunEntry.of(r).to_dict() for r in found]}
+        print_json(doc if removed is None else {**doc, "removed_partial": removed})
+    elif not found:
         console.print(f"no runs under {runs_dir_or_default(runs_dir)}")
-        return
-    _print_runs(found[-last:])
+    else:
+        _print_runs(found)

@@ -119,6 +119,19 @@ class Report:
             w.writerow([g[k] for k in self.group_by] + [g["n"]] + stats)
         return buf.getvalue()
 
+    def to_dict(self) -> dict:
+        """The report as data (``report --json``): per group its keys, n, runs, and per metric
+        the values over seeds with their mean and sample std (None where there are none)."""
+        def stats(values: list) -> dict:
+            return {"mean": float(np.mean(values)) if values else None,
+                    "std": spread(values) if len(values) > 1 else None, "values": [float(v) for v in values]}
+
+        return {"group_by": self.group_by, "std": STD,
+                "metrics": [{"label": m.label, "short": m.short} for m in self.metrics],
+                "groups": [{**{k: g[k] for k in self.group_by}, "n": g["n"], "runs": g["runs"],
+                            "metrics": {m.label: stats(g["values"].get(m, [])) for m in self.metrics}}
+                           for g in self.groups]}
+
     def to_markdown(self) -> str:
         head = self.header()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -112,9 +112,16 @@ def flat_ip(x: np.ndarray, device: str | None = None, k: int = 1):
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory a run can still take on ``device``: free GPU memory, or the machine's available RAM."""
+    """Memory a run can still take on ``device``: free GPU memory; on the CPU the least of the
+    machine's available RAM, the headroom under the process's cgroup limit (a container, a
+    Slurm job) and under its address-space rlimit (``ulimit -v``). MemAvailable alone would
+    promise a job in a 16 GB cgroup the host's 500 GB, and the kernel would kill it instead."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    return min(v for v in (_meminfo_available(), cgroup_headroom(), rlimit_headroom()) if v is not None)
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -123,6 +130,52 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def cgroup_headroom(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """limit - usage of the process's memory cgroup (v2, else v1), or None without a limit.
+    The group's own folder is tried first, then the namespace root a container mounts."""
+    try:
+        with open(proc) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for _, controllers, group in lines:
+        if controllers == "":
+            files, base = ("memory.max", "memory.current"), root
+        elif "memory" in controllers.split(","):
+            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), f"{root}/memory"
+        else:
+            continue
+        for folder in (base + group.rstrip("/"), base):
+            limit, used = (_read_int(f"{folder}/{name}") for name in files)
+            if limit is not None and used is not None and limit < 2**60:  # v1 writes 2^63 - 4096 for none
+                return max(0, limit - used)
+    return None
+
+
+def rlimit_headroom() -> int | None:
+    """The address space left under RLIMIT_AS (``ulimit -v``), or None when unlimited."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return None
+    return max(0, soft - size)
 
 
 def check_fits(need: int, device: torch.device, what: str, hint: str) -> None:

@@ -45,6 +45,68 @@ def _expand_svg_entities(data: bytes) -> bytes:
     return re.sub(rb"&(\w+);", lambda m: entities.get(m.group(1), m.group(0)), body)
 
 
+# Elements that cairosvg renders on a surface of their own size (the canvas, nested viewports,
+# masks, patterns, markers, embedded images): a mask is rasterised at its full size before it
+# is scaled, so a 20,000-pixel mask took 1.6 GB and 3 s, and larger ones longer or a kill.
+SVG_SURFACES = {"svg": ("width", "height"), "symbol": ("width", "height"), "image": ("width", "height"),
+                "mask": ("width", "height"), "pattern": ("width", "height"),
+                "marker": ("markerWidth", "markerHeight")}
+
+
+def max_image_pixels() -> int | None:
+    """PIL's decompression-bomb limit: PIL refuses images above twice ``Image.MAX_IMAGE_PIXELS``
+    (read when called, so a user who raises it for their PNGs raises it for SVGs too; None: off)."""
+    from PIL import Image
+
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def svg_surface_sizes(tree) -> list[tuple[str, float, float]]:
+    """(tag, width, height) in pixels at 96 dpi of every element that gets a surface of its own,
+    the root canvas first, as cairosvg reads them (units, viewBox fallback), without rendering.
+    Percentages count as 0 here: they are shares of an enclosing size that is itself measured."""
+    from types import SimpleNamespace
+
+    from cairosvg.helpers import node_format, size
+
+    # size() needs only these of a surface: the dpi, 1em (cairosvg's 12pt), and a context for %.
+    probe = SimpleNamespace(dpi=96, font_size=16.0, context_width=None, context_height=None)
+    width, height, _ = node_format(probe, tree)
+    out, stack = [(tree.tag, width, height)], list(tree.children)
+    while stack:
+        node = stack.pop()
+        stack.extend(getattr(node, "children", ()))
+        keys = SVG_SURFACES.get(node.tag)
+        if keys and all(node.get(key) for key in keys):
+            out.append((node.tag, size(probe, node.get(keys[0]), "x"), size(probe, node.get(keys[1]), "y")))
+    return out
+
+
+def check_svg_canvas(tree) -> None:
+    """Refuse, before anything is rasterised, an SVG whose canvas (or a mask, pattern or other
+    surface in it) holds more pixels than PIL lets a PNG or JPEG have. cairosvg has no such
+    check: a 10^6 x 10^6 canvas otherwise renders, or allocates until the kernel steps in."""
+    limit = max_image_pixels()
+    if limit is None:
+        return
+    for i, (tag, width, height) in enumerate(svg_surface_sizes(tree)):
+        if abs(width) * abs(height) > limit:
+            what = "canvas" if i == 0 else f"<{tag}>"
+            raise ValueError(f"its {what} is {width:,.0f} x {height:,.0f} pixels, more than the {limit:,} "
+                             "that PIL's decompression-bomb check allows (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+def render_svg(data: bytes, width: int = 512) -> bytes:
+    """An SVG as PNG bytes ``width`` pixels wide: entities inlined (bounded), its canvas and
+    surfaces checked against PIL's pixel limit, and only then rasterised."""
+    import cairosvg
+    from cairosvg.parser import Tree
+
+    data = _expand_svg_entities(data)
+    check_svg_canvas(Tree(bytestring=data))
+    return cairosvg.svg2png(bytestring=data, output_width=width)
+
+
 def decode_image(data: bytes, source: str):
     """Decode PNG/JPEG/SVG bytes to RGB as a viewer shows them: EXIF orientation applied,
     16-bit channels scaled (not clipped) to 8 bits, transparency composited on white."""
@@ -52,9 +114,7 @@ def decode_image(data: bytes, source: str):
 
     try:
         if source.lower().endswith(".svg"):
-            import cairosvg
-
-            data = cairosvg.svg2png(bytestring=_expand_svg_entities(data), output_width=512)
+            data = render_svg(data)
         img = Image.open(io.BytesIO(data))
         img.load()
         img = ImageOps.exif_transpose(img)

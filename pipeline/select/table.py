@@ -14,8 +14,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.common.device import check_fits
 from featcache.pipeline.features import read_rows
-from featcache.pipeline.select.metrics import METRICS, QUERY_METRICS, alignment_score, k_for, permuted, prepare
+from featcache.pipeline.select.metrics import (
+    METRICS,
+    NEIGHBOURS_ONLY,
+    QUERY_METRICS,
+    alignment_score,
+    k_for,
+    permuted,
+    prepare,
+)
 
 
 def rice_k(n: int) -> int:
@@ -55,6 +64,19 @@ class ScoreTable:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> dict:
+        """The table with the choices read off it (what ``layers`` prints under the table): the
+        best pair and the last blocks' pair, each with its score."""
+        best, last = self.best(), self.last()
+        return {**self.to_dict(), "best": {"image_layer": best[0], "text_layer": best[1], "score": self.score(*best)},
+                "last": {"image_layer": last[0], "text_layer": last[1], "score": self.score(*last)}}
+
+
+def _width(feats: Mapping, name: str) -> int:
+    """A layer's width without reading it: a LayerRows knows its store's, an array its shape."""
+    store = getattr(feats, "store", None)
+    return int(store.width) if store is not None else int(np.shape(feats[name])[1])
+
 
 class LayerRows(Mapping):
     """The same rows of each named layer of a store, read (``read_rows``) when looked up and
@@ -78,6 +100,60 @@ class LayerRows(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+# Bytes per n x n entry that one hcs pair builds: the float32 walk matrices of three levels and
+# autograd's intermediates (hcs), the float64 ones (hcs_released). The constants in table_bytes
+# were read off the code and checked against peak RSS (3 + 3 random layers of width 384, n =
+# 12,000 for the others, 4,000 for hcs): the estimate is 1.0 to 1.3 times the measured growth
+# for the neighbour metrics and hcs, up to 2.5 times for cka, svcca and hcs_released (at n =
+# 3,000, mutual_knn's few MB of faiss buffers are a tenth more than the estimate).
+_PAIR_N2 = {"hcs": 4 * 18, "hcs_released": 8 * 9}
+
+
+def table_bytes(metric: str, n: int, k: int | None, image_widths: list[int], text_widths: list[int],
+                queries: int | None = None, calibrate: int = 0) -> int:
+    """An estimate of the peak memory of ``score_table`` on n rows, so that a table that cannot
+    fit is refused before its layers are read rather than killed by the kernel half-way.
+
+    What every layer of both sides keeps until the table is done (neighbour lists and their
+    sorted keys; the unit rows for the metrics that score rows), plus the most that reading and
+    preparing one layer needs (its rows three times: float16, float32, normalised; the search's
+    results and sort), plus the most one pair's score builds (n x n walk matrices for hcs, the
+    LCS table, the gathered rows of cknna, float64 copies and SVDs of the kernel metrics) and,
+    when calibrating, one re-paired copy of a layer.
+    """
+    m = min(queries, n) if queries else n
+    kk = (k or 1) + 1
+    wide = max([*image_widths, *text_widths, 1])
+    layers = len(image_widths) + len(text_widths)
+    neighbours = METRICS[metric].needs_neighbours
+    keep_rows = metric not in NEIGHBOURS_ONLY  # the neighbour-only metrics drop the rows after the search
+    held = sum((16 * m * kk if neighbours else 0) + (4 * n * w if keep_rows else 0)
+               for w in [*image_widths, *text_widths])
+    layer = 12 * n * wide + (48 * m * kk if neighbours else 0)
+    pair = {
+        "mutual_knn": 24 * m * kk, "cycle_knn": 32 * n * kk, "lcs_knn": 4 * n * kk * kk + 8 * n * kk,
+        "cknna": 24 * n * kk * wide + 96 * n * kk,
+        "cka": 32 * n * wide + 24 * wide * wide, "unbiased_cka": 32 * n * wide + 8 * wide * wide,
+        "svcca": 32 * n * wide + 32 * n * min(n, wide),
+    }.get(metric, _PAIR_N2.get(metric, 0) * n * n)
+    repaired = (4 * n * wide if keep_rows else 0) + (32 * m * kk if neighbours else 0) if calibrate else 0
+    return int(held + layer + pair + repaired + (16 * n * calibrate if layers else 0))
+
+
+def check_table_fits(metric: str, n: int, k: int | None, image_widths: list[int], text_widths: list[int],
+                     queries: int | None = None, calibrate: int = 0) -> None:
+    """One line naming --n (and what else sets the size) when the table cannot fit the memory
+    this process may still take (the machine's, its cgroup's, its ulimit's; common.device)."""
+    import torch
+
+    need = table_bytes(metric, n, k, image_widths, text_widths, queries, calibrate)
+    shape = f"{len(image_widths)} x {len(text_widths)} layers of width up to {max([*image_widths, *text_widths])}"
+    check_fits(need, torch.device("cpu"),
+               f"the {metric} layer table on {n:,} pairs (--n)" + (f" with k={k}" if k else "") + f", {shape},",
+               "lower --n" + (" or --k, or pass --queries 5000 (mutual_knn, lcs_knn)" if k else "")
+               + (" (hcs is O(n^2) in memory: --n 1000)" if metric in _PAIR_N2 else ""))
 
 
 def score_table(
@@ -115,6 +191,8 @@ def score_table(
             raise FeatcacheError(f"query rows work with {', '.join(QUERY_METRICS)} and no calibration",
                                  "leave the number of query rows unset")
         rows = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:queries])
+    check_table_fits(metric, n, k, [_width(image_feats, name) for name in image_feats],
+                     [_width(text_feats, name) for name in text_feats], None if rows is None else len(rows), calibrate)
 
     def prepared(feats) -> tuple[dict, set]:
         """Each layer prepared in turn (looked up once: a LayerRows reads it then), so only one

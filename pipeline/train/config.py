@@ -20,6 +20,14 @@ LOSSES = ("clip", "clip+structure")
 
 MAX_CALIBRATE = 1000
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+# R_S's random walk of L steps: by a few dozen steps P^L is the walk's stationary distribution
+# on both sides and further levels add nothing but time (each is a B x B product, forward and
+# back: --levels 4199 kept a 16-pair run busy for minutes).
+MAX_LEVELS = 64
+
 
 def check_seed(seed) -> None:
     """Seeds seed numpy and torch generators, which take 0 <= seed < 2**32."""
@@ -128,8 +136,15 @@ class AlignConfig:
         for name in ("levels", "epochs", "batch_size", "d_out"):
             if getattr(self, name) < 1:
                 raise FeatcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.levels > MAX_LEVELS:
+            raise FeatcacheError(f"--levels {self.levels} is more random-walk steps than change anything",
+                                 f"use at most {MAX_LEVELS} (1 to 3 is usual)")
         if self.pairs is not None and self.pairs < 2:
             raise FeatcacheError(f"--pairs must be at least 2, got {self.pairs}")
+        for name in ("lr", "temperature", "lam", "gamma", "margin"):  # torch holds them as float32
+            if math.isfinite(getattr(self, name)) and abs(getattr(self, name)) > FLOAT32_MAX:
+                raise FeatcacheError(f"--{name} {getattr(self, name):g} is beyond float32 (at most {FLOAT32_MAX:.3g}), "
+                                     "where training computes", "use a value of the usual size (see featcache align --help)")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise FeatcacheError(f"--lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
@@ -113,6 +114,38 @@ def list_runs(runs_dir: Path) -> list[Path]:
     finished = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                       and (p / "summary.json").exists())
     return [p for p in finished if _readable(p)]
+
+
+@dataclass
+class RunEntry:
+    """One finished run as ``featcache runs`` lists it, read from its config and summary, so the
+    table and ``runs --json`` show the same facts and the id is the folder's name, whole."""
+
+    run_id: str
+    path: str
+    dataset: str
+    layers: str  # as asked: auto, last, IMG,TXT
+    image_layer: str
+    text_layer: str
+    method: str
+    loss: str
+    head: str
+    train_pairs: int
+    seed: int
+    best_val: float
+    best_epoch: int
+    evals: list[str]  # the stems of its eval/ results
+
+    @classmethod
+    def of(cls, run: Path) -> "RunEntry":
+        c, s = read_json(run / "config.json"), read_json(run / "summary.json")
+        evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
+        return cls(run.name, str(run), c["dataset"], str(c["layers"]), s["image_layer"], s["text_layer"],
+                   c.get("method", "heads"), c["loss"], c["head"], s["train_pairs"], c["seed"], s["best_val"],
+                   s["best_epoch"], evals)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def read_eval_results(run: Path) -> list[dict]:

@@ -137,3 +137,92 @@ def test_a_coco_file_with_list_ids_is_one_line(tmp_path):
         path.write_text(json.dumps({"images": images, "annotations": annotations}))
         with pytest.raises(FeatcacheError, match="captions_train.json"):
             load_dataset(str(path))
+
+
+def within(seconds: float, fn):
+    """fn() in a daemon thread, failing the test if it is not back in ``seconds``: a hang in C
+    (cairo) cannot be interrupted, but it no longer blocks the test run."""
+    import threading
+
+    box = {}
+
+    def body():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+HUGE_SVGS = {
+    "canvas": '<svg xmlns="http://www.w3.org/2000/svg" width="1000000" height="1000000">'
+              '<rect width="1000000" height="1000000" fill="red"/></svg>',
+    "viewbox": '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 1000000 1000000"><rect width="9" height="9"/></svg>',
+    "inches": '<svg xmlns="http://www.w3.org/2000/svg" width="20000in" height="20000in"><rect width="9" height="9"/></svg>',
+    # a small canvas whose mask cairosvg would rasterise at 40,000 x 40,000 (6 GB) before scaling it
+    "mask": '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><mask id="m" maskUnits="userSpaceOnUse" '
+            'width="40000" height="40000"><rect width="10" height="10" fill="white"/></mask>'
+            '<rect width="10" height="10" fill="red" mask="url(#m)"/></svg>',
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_SVGS))
+def test_an_svg_canvas_beyond_pils_pixel_limit_is_refused_before_rendering(case, monkeypatch):
+    pytest.importorskip("cairosvg")
+    import cairosvg
+
+    from featcache.pipeline.data.decode import BadImage, decode_image, max_image_pixels
+
+    rendered = []
+    monkeypatch.setattr(cairosvg, "svg2png", lambda *a, **k: rendered.append(1))
+    with pytest.raises(BadImage, match="more than the 178,956,970") as err:
+        within(10, lambda: decode_image(HUGE_SVGS[case].encode(), f"{case}.svg"))
+    assert f"{case}.svg" in err.value.message and "\n" not in err.value.message
+    assert not rendered and max_image_pixels() == 178_956_970
+    # the limit is PIL's, read at each call: a user who turns PIL's check off turns this one off
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert max_image_pixels() is None
+
+
+def test_an_svg_within_the_limit_still_renders():
+    pytest.importorskip("cairosvg")
+    from featcache.pipeline.data.decode import decode_image
+
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="4000" height="3000"><rect width="9" height="9"/></svg>'
+    assert within(10, lambda: decode_image(svg, "ok.svg")).size == (512, 384)
+
+
+def test_a_huge_svg_canvas_fails_extract_fast_in_one_line(tiny_vit, tmp_path):
+    pytest.importorskip("cairosvg")
+    import time
+
+    from featcache.cache.store import FeatureStore, find_stores
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (20, 20), "red").save(data / "ok.png")
+    (data / "huge.svg").write_text(HUGE_SVGS["canvas"])
+    pairs = data / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": image, "caption": "a", "split": "train"}) + "\n"
+                             for image in ("ok.png", "huge.svg")))
+    for extra in ([], ["--skip-bad"]):
+        start = time.monotonic()
+        out = within(60, lambda: CliRunner().invoke(app, ["extract", "--model", f"hf:{tiny_vit}", "--dataset",
+                                                          str(pairs), "--cache-dir", str(tmp_path / "cache"),
+                                                          *extra]))
+        assert time.monotonic() - start < 10 and "Traceback" not in out.output, out.output
+        if extra:  # the row is recorded missing, the good one extracted
+            assert out.exit_code == 0, out.output
+            store = FeatureStore.open(next(find_stores(tmp_path / "cache")))
+            assert dict(zip(store.ids, store.missing.tolist())) == {"ok.png": False, "huge.svg": True}
+        else:
+            assert out.exit_code == 2, out.output
+            line = " ".join(out.output.split())
+            assert "huge.svg" in line and "canvas is 1,000,000 x 1,000,000 pixels" in line, line

@@ -69,3 +69,39 @@ def test_constant_layers_score_nan_per_modality():
     table = score_table(img, txt, k=5)
     assert np.isnan(table.scores[0][0]) and np.isfinite(table.scores[1][0])
     assert table.best() == ("block.00", "embed")
+
+
+def test_the_table_estimate_grows_as_the_metrics_do():
+    from featcache.pipeline.select.table import table_bytes
+
+    widths = [384] * 3
+    hcs = [table_bytes("hcs", n, None, widths, widths) for n in (1000, 2000)]
+    assert 3.5 < hcs[1] / hcs[0] < 4.1  # n x n walk matrices dominate
+    knn_ = [table_bytes("mutual_knn", n, 20, widths, widths) for n in (10_000, 20_000)]
+    assert 1.9 < knn_[1] / knn_[0] < 2.1  # linear in n at a fixed k
+    assert table_bytes("mutual_knn", 50_000, 74, widths, widths, queries=5000) < knn_[1] * 3  # queries cut it
+    assert table_bytes("lcs_knn", 5000, 1000, widths, widths) > 19 * 2**30  # (k+1)^2 int32 per row: 20.8 GB
+    assert table_bytes("mutual_knn", 5000, 20, widths, widths, calibrate=10) > table_bytes(
+        "mutual_knn", 5000, 20, widths, widths)
+
+
+def test_a_table_that_cannot_fit_is_refused_before_any_layer_is_read(monkeypatch):
+    from featcache.cache.errors import FeatcacheError
+    from featcache.pipeline.common import device
+
+    monkeypatch.setattr(device, "available_bytes", lambda dev: 64 * 2**20)  # 64 MiB left
+    read = []
+
+    class Feats(dict):
+        def __getitem__(self, name):
+            read.append(name)
+            return super().__getitem__(name)
+
+    rng = np.random.default_rng(0)
+    img = Feats({"a": rng.standard_normal((3000, 64)).astype(np.float32)})
+    txt = Feats({"b": rng.standard_normal((3000, 64)).astype(np.float32)})
+    with pytest.raises(FeatcacheError, match=r"hcs layer table on 3,000 pairs \(--n\).*needs about") as err:
+        score_table(img, txt, "hcs")
+    assert "lower --n" in err.value.hint and "\n" not in err.value.message
+    assert read == ["a", "b"]  # widths from shapes only: nothing scored
+    assert score_table(img, txt, "mutual_knn").n == 3000  # a small table still fits 64 MiB
