@@ -52,8 +52,10 @@ def set_threads(n: int | None = None) -> int:
     """torch's intra-op CPU threads: ``n``, or ``usable_cores()``. Small heads gain little from
     many threads and lose a lot when threads outnumber free cores (docs/benchmarks.md)."""
     n = usable_cores() if n is None else n
-    if n < 1:
-        raise FeatcacheError(f"--threads {n}: at least one thread is needed", "use --threads 1 or more")
+    most = 4 * (os.cpu_count() or 1)  # beyond that torch's thread pool only thrashes (and huge counts crash it)
+    if not 1 <= n <= most:
+        raise FeatcacheError(f"--threads {n}: this machine takes 1 to {most} threads ({os.cpu_count()} cores)",
+                             f"use --threads 1 to {usable_cores()}, the cores this process may use")
     torch.set_num_threads(n)
     return n
 

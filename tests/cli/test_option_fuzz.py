@@ -84,6 +84,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("option-fuzz")
     tiny = build_tiny_cache(root / "tiny", n=24)
     shutil.copytree(tiny["cache"], root / "cache-extract")
+    (root / "texts.txt").write_text("a red circle\na blue square\n")
     models = ["--image-model", tiny["vit"], "--text-model", tiny["bert"], "--dataset", str(tiny["pairs"]),
               "--cache-dir", str(tiny["cache"])]
     out = runner.invoke(app, ["align", *models, "--runs-dir", str(root / "runs"), "--epochs", "2", "--d-out", "8"])
@@ -109,6 +110,17 @@ def base_args(command: tuple[str, ...], t: dict) -> list[str]:
         # value is parsed and checked before the data is looked for, or refused then in one line
         ("study",): ["--out", str(root / "study"), "--dataset", str(root / "nosuch.jsonl"), "--epochs", "1",
                      "--cache-dir", str(root / "study-cache")],
+        ("demo",): ["--out", str(root / "demo"), "--dataset", str(root / "nosuch.jsonl"), "--quick",
+                    "--cache-dir", str(root / "demo-cache")],
+        ("eval", "retrieval"): ["--runs-dir", str(root / "runs"), "--cache-dir", str(t["cache"]), "--no-baseline"],
+        ("eval", "suite"): ["--runs-dir", str(root / "runs"), "--cache-dir", str(t["cache"]), "--suite", "paper",
+                            "--out", str(root / "suite")],
+        ("embed",): ["--runs-dir", str(root / "runs"), "--cache-dir", str(t["cache"]), "--device", "cpu",
+                     "--texts", str(root / "texts.txt"), "--out", str(root / "embedded.npy")],
+        ("predict",): ["--runs-dir", str(root / "runs"), "--cache-dir", str(t["cache"]), "--device", "cpu",
+                       str(Path(t["pairs"]).parent / "img000.png"), "--labels", "red,blue"],
+        ("search",): ["--runs-dir", str(root / "runs"), "--cache-dir", str(t["cache"]), "--device", "cpu",
+                      "--dataset", str(t["pairs"]), "--split", "train", "a red circle"],
     }[command]
 
 
