@@ -356,10 +356,13 @@ def _print_runs(runs):
     entries = [RunEntry.of(run) for run in runs]
     table = Table()
     table.add_column("run", no_wrap=True, min_width=max((len(e.run_id) for e in entries), default=3))
-    for col in ("data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
-        table.add_column(col, overflow="fold")
+    labelled = any(e.label() for e in entries)  # a name/tags column only where some run has one
+    for col in ("name", "data", "layers", "method", "loss", "head", "pairs", "seed", "best val", "epoch", "evals"):
+        if col != "name" or labelled:
+            table.add_column(col, overflow="fold")
     for e in entries:
-        table.add_row(e.run_id, e.dataset, f"{e.layers}: {e.image_layer} x {e.text_layer}", e.method, e.loss, e.head,
+        table.add_row(e.run_id, *([e.label()] if labelled else []), e.dataset,
+                      f"{e.layers}: {e.image_layer} x {e.text_layer}", e.method, e.loss, e.head,
                       str(e.train_pairs), str(e.seed), f"{e.best_val:.4f}", str(e.best_epoch), ", ".join(e.evals))
     console.print(table, width=max(console.width, 100), crop=False)
 

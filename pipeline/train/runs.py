@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
@@ -135,6 +135,8 @@ class RunEntry:
     best_val: float
     best_epoch: int
     evals: list[str]  # the stems of its eval/ results
+    name: str | None = None  # --name
+    tags: dict = field(default_factory=dict)  # --tag KEY=VALUE
 
     @classmethod
     def of(cls, run: Path) -> "RunEntry":
@@ -142,7 +144,12 @@ class RunEntry:
         evals = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
         return cls(run.name, str(run), c["dataset"], str(c["layers"]), s["image_layer"], s["text_layer"],
                    c.get("method", "heads"), c["loss"], c["head"], s["train_pairs"], c["seed"], s["best_val"],
-                   s["best_epoch"], evals)
+                   s["best_epoch"], evals, c.get("name"), c.get("tags") or {})
+
+    def label(self) -> str:
+        """The name and tags as one cell: ``first try (ablation=lambda)``."""
+        tags = ", ".join(f"{k}={v}" for k, v in self.tags.items())
+        return " ".join(x for x in (self.name or "", f"({tags})" if tags else "") if x)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -45,6 +45,10 @@ def test_project_file_gives_defaults_and_each_run_records_where_settings_came_fr
     assert src["image_model"] == "featcache.toml" and src["batch_size"] == "featcache.toml [align]"
     assert src["epochs"] == "command line" and src["lr"] == "default"
     assert (cfg["name"], cfg["tags"]) == ("first try", {"ablation": "none", "who": "me"})
+    shown = runner.invoke(app, ["runs"])
+    assert shown.exit_code == 0 and "name" in shown.output and "first" in shown.output  # a folded column
+    listed = json.loads(runner.invoke(app, ["runs", "--json"]).output)["runs"][0]
+    assert (listed["name"], listed["tags"]) == ("first try", {"ablation": "none", "who": "me"})
     monkeypatch.setenv("FEATCACHE_TEXT_MODEL", "minilm")  # the environment over the project file
     out = runner.invoke(app, ["align", "--epochs", "1", "--layers", "last"])
     assert out.exit_code != 0 and "minilm" in out.output  # it looked for minilm's stores
