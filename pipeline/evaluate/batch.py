@@ -10,7 +10,7 @@ from typing import Callable
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.evaluate.reads import Reads
-from featcache.pipeline.train.runs import find_run, list_runs
+from featcache.pipeline.train.runs import find_run, list_runs, matching_runs
 
 
 def select_runs(runs_dir: Path, spec: str) -> list[Path]:
@@ -28,7 +28,7 @@ def select_runs(runs_dir: Path, spec: str) -> list[Path]:
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             raise FeatcacheError(f"bad --run {spec!r}: an empty run id", "write run ids or prefixes separated by ','")
-        matches = [r for r in runs if r.name == part] or [r for r in runs if r.name.startswith(part)]
+        matches = matching_runs(runs, part)
         if not matches:
             raise FeatcacheError(f"no run under {runs_dir} matches {part!r}", "list them with featcache runs")
         chosen += [r for r in matches if r not in chosen]

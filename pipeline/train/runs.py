@@ -177,6 +177,11 @@ def partial_runs(runs_dir: Path) -> list[Path]:
     return sorted(runs_dir.glob(".partial-*")) if runs_dir.is_dir() else []
 
 
+def matching_runs(runs: list[Path], name: str) -> list[Path]:
+    """The runs a run id names: the run of that exact id, else every run whose id starts with it."""
+    return [p for p in runs if p.name == name] or [p for p in runs if p.name.startswith(name)]
+
+
 def find_run(runs_dir: Path, run: str = "latest") -> Path:
     runs = list_runs(runs_dir)
     if not runs:
@@ -186,7 +191,7 @@ def find_run(runs_dir: Path, run: str = "latest") -> Path:
     path = Path(run)
     if path.is_dir() and (path / "summary.json").exists():
         return path
-    matches = [p for p in runs if p.name == run] or [p for p in runs if p.name.startswith(run)]
+    matches = matching_runs(runs, run)
     if len(matches) != 1:
         raise FeatcacheError(f"run {run!r} {'is ambiguous' if matches else 'was not found'} under {runs_dir}",
                              "see featcache runs")
