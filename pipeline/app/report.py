@@ -18,7 +18,8 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.evaluate.results import Column, rows_of
-from featcache.pipeline.train.runs import RepeatedCellWarning, list_runs, read_eval_results, read_json
+from featcache.pipeline.train.cells import runs_by_cell
+from featcache.pipeline.train.runs import RepeatedCellWarning, read_eval_results, read_json
 
 DEFAULT_GROUP = ("dataset", "layers", "method", "loss", "head", "pairs")
 STD = "sample std over seeds (ddof=1)"
@@ -33,17 +34,12 @@ def distinct_runs(runs_dir: Path) -> list[Path]:
     """The finished runs, one per cell: of two runs of one cell (a sweep run again with
     ``--rerun``, or copied runs), the latest is kept and the others named in a warning, so a
     repeat never counts as another seed. Runs from before cells had ids are all kept."""
-    latest: dict[str, Path] = {}
-    runs = list_runs(runs_dir)  # in run-id order: start time first
-    for run in runs:
-        cell = read_json(run / "config.json").get("cell")
-        if isinstance(cell, str):
-            if cell in latest:
-                warnings.warn(f"{latest[cell].name} and {run.name} are runs of one cell ({cell}); only "
-                              f"{run.name}, the later, is counted", RepeatedCellWarning, stacklevel=2)
-            latest[cell] = run
-    kept = set(latest.values())
-    return [r for r in runs if r in kept or not isinstance(read_json(r / "config.json").get("cell"), str)]
+    cells, uncelled = runs_by_cell(runs_dir)
+    for cell, runs in cells.items():
+        for earlier in runs[:-1]:
+            warnings.warn(f"{earlier.name} and {runs[-1].name} are runs of one cell ({cell}); only "
+                          f"{runs[-1].name}, the later, is counted", RepeatedCellWarning, stacklevel=2)
+    return sorted(uncelled + [runs[-1] for runs in cells.values()])
 
 
 def run_rows(runs_dir: Path, include_baseline: bool = False) -> list[dict]:

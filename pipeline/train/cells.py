@@ -28,12 +28,20 @@ def cell_id(cfg: AlignConfig, stores: dict) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def finished_cells(runs_dir: Path) -> dict[str, Path]:
-    """Cell id -> the latest finished run of that cell under ``runs_dir`` (runs recorded before
-    cells had ids are not matched: they are never skipped, only listed)."""
-    found: dict[str, Path] = {}
+def runs_by_cell(runs_dir: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """The finished runs under ``runs_dir`` grouped by cell, each group in run-id order (start
+    time first), and the runs recorded before cells had ids (never matched to a cell)."""
+    cells: dict[str, list[Path]] = {}
+    uncelled: list[Path] = []
     for run in list_runs(runs_dir):  # sorted by run id, which starts with the start time
         cell = read_json(run / "config.json").get("cell")
         if isinstance(cell, str):
-            found[cell] = run
-    return found
+            cells.setdefault(cell, []).append(run)
+        else:
+            uncelled.append(run)
+    return cells, uncelled
+
+
+def finished_cells(runs_dir: Path) -> dict[str, Path]:
+    """Cell id -> the latest finished run of that cell under ``runs_dir``."""
+    return {cell: runs[-1] for cell, runs in runs_by_cell(runs_dir)[0].items()}
