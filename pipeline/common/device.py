@@ -35,23 +35,30 @@ DEVICES = ("auto", "cpu", "gpu", "torch")
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may use: ``OMP_NUM_THREADS`` or Slurm's ``SLURM_CPUS_PER_TASK``
-    when set (a job's share of a node), else the process's CPU affinity (a container's or
-    ``taskset``'s cores, not the machine's)."""
-    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
-        value = os.environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
+    """The CPU cores this process may use: Slurm's ``SLURM_CPUS_PER_TASK`` when set (a job's share
+    of a node), else the process's CPU affinity (a container's or ``taskset``'s cores, not the
+    machine's). Decoding workers are counted from it; ``OMP_NUM_THREADS`` is a thread setting, not
+    a core count, so it bounds torch's threads (``default_threads``) but never the workers."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS has no affinity call
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """torch's CPU threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` when set, else
+    ``usable_cores()``."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
+
+
 def set_threads(n: int | None = None) -> int:
-    """torch's intra-op CPU threads: ``n``, or ``usable_cores()``. Small heads gain little from
+    """torch's intra-op CPU threads: ``n``, or ``default_threads()``. Small heads gain little from
     many threads and lose a lot when threads outnumber free cores (docs/benchmarks.md)."""
-    n = usable_cores() if n is None else n
+    n = default_threads() if n is None else n
     most = 4 * (os.cpu_count() or 1)  # beyond that torch's thread pool only thrashes (and huge counts crash it)
     if not 1 <= n <= most:
         raise FeatcacheError(f"--threads {n}: this machine takes 1 to {most} threads ({os.cpu_count()} cores)",

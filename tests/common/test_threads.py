@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from featcache.cache.errors import FeatcacheError
 from featcache.cli.main import app
-from featcache.pipeline.common.device import set_threads, usable_cores
+from featcache.pipeline.common.device import default_threads, set_threads, usable_cores
 
 
 @pytest.fixture(autouse=True)
@@ -18,16 +18,17 @@ def keep_threads():
     torch.set_num_threads(before)
 
 
-def test_usable_cores_honours_the_job_share_then_the_affinity(monkeypatch):
+def test_the_thread_default_honours_the_job_share_then_the_affinity(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert usable_cores() == len(os.sched_getaffinity(0))
+    assert default_threads() == usable_cores() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
-    assert usable_cores() == 3
+    assert default_threads() == usable_cores() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert usable_cores() == 1
+    assert default_threads() == 1
+    assert usable_cores() == 3  # a thread setting is not a core count: decoding workers ignore it
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a count: the next rule decides
-    assert usable_cores() == 3
+    assert default_threads() == 3
 
 
 def test_set_threads_sets_torch_and_refuses_zero():
