@@ -1278,7 +1278,7 @@ def sec_extract(run: Run, res: dict) -> None:
         if not n:
             res[key] = {"skipped": f"deadline ({run.left():.0f} s left)"}
             continue
-        try:
+        def measure():
             entry, _ = extract_once(run, spec, data["synth"], n if n < run.sizes.n_links else None, batch, workers,
                                     extra)
             entry["spec"] = spec
@@ -1286,15 +1286,24 @@ def sec_extract(run: Run, res: dict) -> None:
                 run.rates[size] = entry["overall_per_s"]
             res[key] = entry
             _finish_extract(run, entry, spec, batch, "extract", key)
-        except Exception as err:  # noqa: BLE001 - one configuration failing does not stop the others
-            res[key] = {"error": f"{type(err).__name__}: {str(err)[:400]}",
-                        "traceback": traceback.format_exc(limit=8)[-2000:]}
-        run.save()
-        shutil.rmtree(run.work / "cache", ignore_errors=True)
+
+        one_configuration(run, res, key, measure)
         run.free()
 
 
 CPU_NVJPEG_HOOK = "FEATCACHE_ALLOW_CPU_NVJPEG"  # featcache's test hook: --decode gpu's code on the CPU
+
+
+def one_configuration(run: Run, res: dict, key: str, measure) -> None:
+    """Run one measured extraction configuration: its failure is recorded under ``key`` and does
+    not stop the others; the results are saved and the configuration's cache removed after it."""
+    try:
+        measure()
+    except Exception as err:  # noqa: BLE001 - one configuration failing does not stop the others
+        res[key] = {"error": f"{type(err).__name__}: {str(err)[:400]}",
+                    "traceback": traceback.format_exc(limit=8)[-2000:]}
+    run.save()
+    shutil.rmtree(run.work / "cache", ignore_errors=True)
 
 
 def _store_sample(path: str, rows: int) -> dict:
@@ -1346,7 +1355,7 @@ def sec_extract_gpu_decode(run: Run, res: dict) -> None:
             if not n:
                 res[name] = {"skipped": f"deadline ({run.left():.0f} s left)"}
                 continue
-            try:
+            def measure(decode=decode, name=name, n=n):
                 entry, results = extract_once(run, spec, data["synth"], n if n < run.sizes.n_links else None, batch,
                                               workers, {"decode": decode})
                 entry["spec"] = spec
@@ -1356,11 +1365,8 @@ def sec_extract_gpu_decode(run: Run, res: dict) -> None:
                     run.rates[size] = max(run.rates.get(size, 0.0), entry["overall_per_s"])
                 res[name] = entry
                 _finish_extract(run, entry, spec, batch, "extract_gpu_decode", name)
-            except Exception as err:  # noqa: BLE001 - one configuration failing does not stop the others
-                res[name] = {"error": f"{type(err).__name__}: {str(err)[:400]}",
-                             "traceback": traceback.format_exc(limit=8)[-2000:]}
-            run.save()
-            shutil.rmtree(run.work / "cache", ignore_errors=True)
+
+            one_configuration(run, res, name, measure)
             run.free()
         if len(samples) == 2:
             res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples["gpu"])
@@ -1420,7 +1426,7 @@ def sec_decompose(run: Run, res: dict) -> None:
         if not n:
             res[key] = {"skipped": "deadline"}
             continue
-        try:
+        def measure(key=key, patches=patches, n=n):
             with contextlib.ExitStack() as stack:
                 for obj, name, value in patches:
                     stack.enter_context(patched(obj, name, value))
@@ -1428,11 +1434,8 @@ def sec_decompose(run: Run, res: dict) -> None:
                                         workers)
             res[key] = entry
             _finish_extract(run, entry, spec, batch, "decompose", key)
-        except Exception as err:  # noqa: BLE001
-            res[key] = {"error": f"{type(err).__name__}: {str(err)[:400]}",
-                        "traceback": traceback.format_exc(limit=8)[-2000:]}
-        run.save()
-        shutil.rmtree(run.work / "cache", ignore_errors=True)
+
+        one_configuration(run, res, key, measure)
 
 
 def _as_index(idx, dev) -> torch.Tensor:
