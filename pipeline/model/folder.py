@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import refuse_link
 from featcache.pipeline.model.heads import file_sha256, input_width, read_heads
 from featcache.pipeline.model.readme import readme
 from featcache.pipeline.model.spec import ModelSpec, run_folder, spec_from_run
@@ -25,7 +26,7 @@ def export_model(run: str | Path, folder: Path, runs_dir: Path | None = None, ov
     """Write the model folder of ``run`` at ``folder`` (written beside it, then renamed into place:
     a killed export leaves no half folder)."""
     run_dir = run_folder(run, runs_dir)
-    folder = Path(folder)
+    folder = refuse_link(Path(folder))  # --overwrite removes it: never what a link points to
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         if not overwrite:
             raise FeatcacheError(f"{folder} already exists and is not an empty folder",
@@ -36,7 +37,7 @@ def export_model(run: str | Path, folder: Path, runs_dir: Path | None = None, ov
     spec = spec_from_run(run_dir, read_json(run_dir / "config.json"), read_json(run_dir / "summary.json"))
     heads = read_heads(run_dir / HEADS, spec.head)
     spec.head["widths"] = {s: input_width(heads, s) for s in ("image", "text")}
-    tmp = folder.with_name(f".partial-{folder.name}")
+    tmp = refuse_link(folder.with_name(f".partial-{folder.name}"))  # a planted link is refused and left alone
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

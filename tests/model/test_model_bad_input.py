@@ -122,3 +122,19 @@ def test_embed_needs_exactly_one_input_and_a_known_format(tiny_run, tmp_path):
     assert ".npy or .parquet" in _fails("embed", "--run", run, "--texts", tmp_path / "t.txt", "--out",
                                         tmp_path / "e.csv")
     assert "already exists" in _fails("export-model", run, tiny_run[0]["pairs"].parent)
+
+
+def test_export_model_never_writes_through_a_planted_link(tiny_run, tmp_path):
+    run = str(tiny_run[1])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep me")
+    (tmp_path / ".partial-model").symlink_to(victim)  # at the temporary folder
+    out = runner.invoke(app, ["export-model", run, str(tmp_path / "model")])
+    assert out.exit_code == 2 and "symbolic link" in out.output and "Traceback" not in out.output
+    (tmp_path / "other").symlink_to(victim)  # at the target, with --overwrite
+    (victim / "config.json").write_text("{}")
+    out = runner.invoke(app, ["export-model", run, str(tmp_path / "other"), "--overwrite"])
+    assert out.exit_code == 2 and "symbolic link" in out.output
+    assert sorted(p.name for p in victim.iterdir()) == ["config.json", "keep.txt"]
+    assert (victim / "keep.txt").read_text() == "keep me" and (victim / "config.json").read_text() == "{}"
