@@ -29,6 +29,13 @@ def open_new(path: Path, mode: str = "w"):
     return os.fdopen(fd, mode)
 
 
+def write_text(path: Path, text: str) -> Path:
+    """``text`` as the file ``path`` (``open_new``: a link there is refused, never written through)."""
+    with open_new(path) as f:
+        f.write(text)
+    return Path(path)
+
+
 def real_folder(path: Path) -> Path:
     """``path`` as a folder to write into (made if absent), refused if it is a symbolic link."""
     path = Path(path)

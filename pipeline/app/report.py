@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import write_text
 from featcache.pipeline.evaluate.results import Column, rows_of
 from featcache.pipeline.train.cells import runs_by_cell
 from featcache.pipeline.train.runs import RepeatedCellWarning, read_eval_results, read_json
@@ -184,10 +185,8 @@ def write_outputs(report: Report, out_dir: Path, plot_metric: Column | None = No
     """CSV, Markdown and plots of a report into ``out_dir``."""
     from featcache.pipeline.app.plots import metric_bars, metric_lines
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "report.csv", out_dir / "report.md"]
-    written[0].write_text(report.to_csv())
-    written[1].write_text(report.to_markdown())
+    out_dir.mkdir(parents=True, exist_ok=True)  # the folder the user chose; the files in it are checked
+    written = [write_text(out_dir / "report.csv", report.to_csv()), write_text(out_dir / "report.md", report.to_markdown())]
     metric = plot_metric or report.headline()
     if metric is None:
         return written

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.files import real_folder
+from featcache.cache.files import real_folder, write_text
 from featcache.cache.lookup import StoreNotFound
 from featcache.cache.naming import safe_component, split_label
 from featcache.cache.paths import default_cache_dir, default_runs_dir
@@ -160,8 +160,7 @@ def run_suite(cfg: SuiteConfig, progress_factory: Callable | None = None,
     title = f"Suite {suite.name}: run {run_dir.name}" + (f" vs {base_dir.name}" if base_dir is not None else "")
     markdown = to_markdown(title, run_dir.name, base_dir.name if base_dir is not None else None, outcomes, avg)
     for name, text in (("suite.md", markdown), ("suite.csv", to_csv(outcomes))):
-        (out / name).write_text(text)
-        written.append(out / name)
+        written.append(write_text(out / name, text))
     summary = {"suite": suite.name, "run": run_dir.name, "baseline": base_dir.name if base_dir is not None else None,
                "limit": cfg.limit, "templates": str(cfg.templates) if cfg.templates else None,
                "benchmarks": [{"name": o.name, "task": o.task, "metrics": o.metrics, "baseline": o.baseline,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import open_new, write_text
 
 
 def write_embeddings(path: Path, ids: list[str], embeddings: np.ndarray, texts: list[str] | None = None) -> list[Path]:
@@ -17,11 +18,10 @@ def write_embeddings(path: Path, ids: list[str], embeddings: np.ndarray, texts: 
     path = Path(path)
     if path.suffix not in (".npy", ".parquet"):
         raise FeatcacheError(f"cannot write embeddings to {path.name}", "name the output .npy or .parquet")
-    if path.suffix == ".npy":
-        np.save(path, np.ascontiguousarray(embeddings, dtype=np.float32))
-        side = path.with_suffix(".ids.json")
-        side.write_text(json.dumps(ids) + "\n")
-        return [path, side]
+    if path.suffix == ".npy":  # every file through open_new: a link planted there is refused, not followed
+        with open_new(path, "wb") as f:
+            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+        return [path, write_text(path.with_suffix(".ids.json"), json.dumps(ids) + "\n")]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -30,5 +30,6 @@ def write_embeddings(path: Path, ids: list[str], embeddings: np.ndarray, texts: 
     if texts is not None:
         columns["text"] = pa.array(texts, pa.string())
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-    pq.write_table(pa.table(columns), path)
+    with open_new(path, "wb") as f:
+        pq.write_table(pa.table(columns), f)
     return [path]

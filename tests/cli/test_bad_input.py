@@ -348,3 +348,15 @@ def test_an_svg_whose_entities_would_expand_to_gigabytes_is_one_line():
     with pytest.raises(BadImage, match="would expand"):
         decode_image(svg, "bomb.svg")
     assert time.monotonic() - start < 10
+
+
+def test_report_files_are_never_written_through_a_planted_link(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, [str(a) for a in ["align", *common(tiny, runs), "--epochs", 1]]).exit_code == 0
+    out_dir = tmp_path / "report"
+    out_dir.mkdir()
+    victim = tmp_path / "victim.md"
+    victim.write_text("keep me")
+    (out_dir / "report.md").symlink_to(victim)
+    out = runner.invoke(app, ["report", "--runs-dir", str(runs), "--out", str(out_dir)])
+    assert out.exit_code == 2 and "symbolic link" in out.output and victim.read_text() == "keep me"

@@ -138,3 +138,20 @@ def test_export_model_never_writes_through_a_planted_link(tiny_run, tmp_path):
     assert out.exit_code == 2 and "symbolic link" in out.output
     assert sorted(p.name for p in victim.iterdir()) == ["config.json", "keep.txt"]
     assert (victim / "keep.txt").read_text() == "keep me" and (victim / "config.json").read_text() == "{}"
+
+
+def test_embed_never_writes_through_a_planted_link(tiny_run, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\n")
+    for name in ("out.npy", "out.ids.json", "out.parquet"):
+        link = tmp_path / name
+        link.symlink_to(victim)
+        target = tmp_path / ("out.parquet" if name.endswith("parquet") else "out.npy")
+        out = runner.invoke(app, ["embed", "--run", str(tiny_run[1]), "--texts", str(texts), "--out", str(target),
+                                  "--device", "cpu"])
+        assert out.exit_code == 2 and "symbolic link" in out.output, out.output
+        assert victim.read_text() == "keep me"
+        link.unlink()
+        (tmp_path / "out.npy").unlink(missing_ok=True)
