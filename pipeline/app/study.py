@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.files import write_text
 from featcache.cache.naming import safe_component
 from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.app.study_splits import SplitPlan, parts_of, plan_splits, salted_spec, split_note
@@ -478,10 +479,10 @@ def run_study(cfg: StudyConfig, progress_factory=None, merge: list[Path] | None 
     if cfg.pairs:
         summary = summarise_scaling(ranks, cfg)
         write_json(cfg.out / "scaling.json", summary)
-        (cfg.out / "scaling.md").write_text(scaling_markdown(summary))
+        write_text(cfg.out / "scaling.md", scaling_markdown(summary))
         scaling_plot(summary, cfg.out / "scaling.png")
         return summary
     summary = summarise({key[1]: v for key, v in ranks.items()}, cfg)
     write_json(cfg.out / "study.json", summary)
-    (cfg.out / "study.md").write_text(to_markdown(summary))
+    write_text(cfg.out / "study.md", to_markdown(summary))
     return summary
