@@ -62,7 +62,8 @@ class ChunkWriter:
                  stamps: np.ndarray | None, depth: int):
         self.store, self.layers, self.dtype, self.encoder = store, layers, dtype, encoder
         self.ids, self.stamps = ids, stamps
-        self._failure: BaseException | None = None
+        self._failure: BaseException | None = None  # stays set: the writer writes nothing after it
+        self._raised = False  # the failure was handed to the forward thread once
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if depth > 0:
@@ -100,9 +101,11 @@ class ChunkWriter:
             self._thread = None
 
     def _raise_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+        # Raised once, but never cleared: the writer thread reads ``_failure`` to skip every chunk
+        # still queued, and clearing it here once let a chunk queued after the failure be written.
+        if self._failure is not None and not self._raised:
+            self._raised = True
+            raise self._failure
 
     # -- the writer's side -----------------------------------------------------------------
     def _drain(self) -> None:

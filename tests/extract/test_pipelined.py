@@ -4,6 +4,7 @@ hooks registered once) against the serial, per-layer numpy path it replaced, on 
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from featcache.pipeline.data.catalog import load_dataset
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.extract.run import ExtractConfig, chunk_batches, default_batch_size, default_workers, extract
 from featcache.pipeline.extract.transfer import FP16_MAX, first_problem, to_host
+from featcache.pipeline.extract.writer import ChunkBatch, ChunkWriter
 
 runner = CliRunner()
 
@@ -208,3 +210,48 @@ def test_cuda_defaults_for_batch_and_workers():
     assert default_batch_size(SimpleNamespace(device=cuda, width=384), 4) == 4
     assert default_workers(cpu) == 0
     assert 1 <= default_workers(cuda) <= 14
+
+
+def test_no_chunk_queued_after_a_writer_failure_is_written_once_the_failure_was_raised(tmp_path, monkeypatch):
+    """The race CI hit: the forward thread raised the writer's failure (and, before the fix,
+    cleared it), then the writer thread took a chunk queued after the failure and wrote it."""
+    rows = 16
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", identity={}, versions={}, ids=[str(i) for i in range(rows)],
+                                        groups=["g"] * rows, texts=None, width=3, chunk_rows=4)
+    store.ensure_layers(["a"])
+    real = FeatureStore.write_chunk
+
+    def write_chunk(self, chunk, *args, **kwargs):
+        if chunk == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_chunk", write_chunk)
+    writer = ChunkWriter(store, ["a"], "float16", "enc", [str(i) for i in range(rows)], None, depth=2)
+    raised = threading.Event()
+    get = writer._queue.get
+
+    def held_get(*args, **kwargs):  # chunk 2 reaches the writer only after the forward thread raised
+        item = get(*args, **kwargs)
+        if item is not None and item[0] == 2:
+            raised.wait(10)
+        return item
+
+    writer._queue.get = held_get
+
+    def chunk(c):
+        r = list(range(4 * c, 4 * c + 4))
+        return [ChunkBatch(rows=r, good=r, errors={}, hashes=None, out=to_host(torch.ones(1, 4, 3), "float16"))]
+
+    writer.put(0, chunk(0))
+    writer.put(1, chunk(1))
+    writer.put(2, chunk(2))
+    for _ in range(1000):  # until the writer has failed on chunk 1
+        if writer._failure is not None:
+            break
+        threading.Event().wait(0.01)
+    with pytest.raises(FeatcacheError, match="no space left .* chunk 1"):
+        writer.put(3, chunk(3))
+    raised.set()
+    writer._stop()
+    assert store.done_chunks("a").tolist() == [True, False, False, False]
