@@ -121,3 +121,27 @@ def test_demo_takes_the_encoders_and_names_them(monkeypatch, tmp_path):
     assert (cfg.image_model, cfg.text_model, cfg.image_pooling, cfg.text_pooling, cfg.image_size) == \
         ("hf:A", "hf:B", "cls+mean", None, -1)
     assert demo.encoders_line(cfg) == "Image encoder hf:A (pooling cls+mean, size -1), text encoder hf:B, trained on tuxpaint"
+
+
+def test_own_splits_are_told_apart_with_as_few_loads_as_the_row_count_allows(tmp_path, monkeypatch):
+    """A large corpus with its own splits is loaded twice (plain and one salt), not nine times; a
+    tiny one is probed with more salts so that a hash split whose few rows all stayed put under
+    one salt is not taken for a fixed one."""
+    from conftest import make_pairs
+
+    from featcache.pipeline.data import catalog
+
+    loads = []
+    real = catalog.load_dataset
+    monkeypatch.setattr(catalog, "load_dataset", lambda spec: loads.append(spec) or real(spec))
+    assert not catalog.salt_redraws(str(make_pairs(tmp_path / "big", n=40)))
+    assert len(loads) == 2
+    loads.clear()
+    assert not catalog.salt_redraws(str(make_pairs(tmp_path / "small", n=6)))
+    assert len(loads) == 1 + 6  # ceil(34 / 6) salts
+    loads.clear()
+    tiny = tmp_path / "tiny" / "pairs.jsonl"
+    make_pairs(tiny.parent, n=2)
+    tiny.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "split"}) + "\n"
+                            for line in tiny.read_text().splitlines()))
+    assert catalog.salt_redraws(str(tiny))  # two hash-split rows: redrawn within the eight probes
