@@ -369,6 +369,18 @@ class FeatureStore:
     def missing(self) -> np.ndarray:
         return self.whole("missing").astype(bool)
 
+    @property
+    def split_names(self) -> list[str]:
+        """The splits of the data set this store's split came from (its ``val``, if any, is known
+        before that store is opened)."""
+        return list(self.attrs.get("dataset_splits", []))
+
+    @property
+    def parts(self) -> list["FeatureStore"]:
+        """The stores a reader of this one reads: itself. A combined ``a+b`` source
+        (``pipeline.features.ConcatStore``) has several, so hints and dtypes ask every part."""
+        return [self]
+
     # -- writing ---------------------------------------------------------------------------
     def ensure_layers(self, names: list[str]) -> None:
         """Create arrays for layers not yet in the store (one writer does this before work)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -27,14 +28,52 @@ class Side:
                                  self.image_size, source=dataset)
 
 
+class FeatureSource(Protocol):
+    """What stage two reads of one side of a split: a :class:`FeatureStore`, or a
+    :class:`ConcatStore` of the stores of ``a+b``. Stage two asks only for these, so it never
+    needs to know which of the two it holds."""
+
+    path: object
+    attrs: dict
+
+    @property
+    def rows(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def ids(self) -> list[str]: ...
+    @property
+    def groups(self) -> list[str]: ...
+    @property
+    def texts(self) -> list[str] | None: ...
+    @property
+    def missing(self) -> np.ndarray: ...
+    @property
+    def layers(self) -> list[str]: ...
+    @property
+    def identity(self) -> dict: ...
+    @property
+    def encoder_identity(self) -> dict: ...
+    @property
+    def split_names(self) -> list[str]: ...
+    @property
+    def parts(self) -> list[FeatureStore]: ...
+    def is_complete(self, layer: str | None = None) -> bool: ...
+    def read(self, layer: str, dtype=np.float32) -> np.ndarray: ...
+    def read_rows(self, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray: ...
+    def content_sha256(self) -> str | None: ...
+
+
 class ConcatStore:
-    """Several stores of one encoder read as one: the cache of a combined data set ``a+b``.
+    """Several stores of one encoder read as one: the cache of a combined data set ``a+b``
+    (a :class:`FeatureSource`).
 
     Row ids and groups are prefixed with each part's name, so equal ids never collide.
     """
 
     def __init__(self, parts: list[FeatureStore], names: list[str]):
         self.parts, self.names = parts, names
+        self.offsets = np.cumsum([0] + [p.rows for p in parts])  # part k holds rows offsets[k]:offsets[k+1]
         self.path = "+".join(str(p.path) for p in parts)
         self.attrs = {"parts": [str(p.path) for p in parts]}
         self.rows = sum(p.rows for p in parts)
@@ -72,6 +111,24 @@ class ConcatStore:
     def read(self, layer: str, dtype=np.float32) -> np.ndarray:
         return np.concatenate([p.read(layer, dtype) for p in self.parts])
 
+    def read_rows(self, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """``read(layer)[rows]``, each part read chunk by chunk (``FeatureStore.read_rows``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"row {rows[(rows < 0) | (rows >= self.rows)][0]} of {self.rows}")
+        out = np.empty((len(rows), self.width), dtype=dtype)
+        for k, store in enumerate(self.parts):
+            sel = np.flatnonzero(part == k)
+            if len(sel):
+                out[sel] = store.read_rows(layer, rows[sel] - self.offsets[k], dtype)
+        return out
+
+    def content_sha256(self) -> None:
+        """Not recorded for ``a+b``: its identity names each part's data set digest, and a run's
+        recorded stores (hence its sweep cell id) stay what they were before this protocol."""
+        return None
+
     @property
     def identity(self) -> dict:
         first = self.parts[0].identity
@@ -85,10 +142,10 @@ class ConcatStore:
 
     @property
     def split_names(self) -> list[str]:
-        return sorted(set.intersection(*(set(p.attrs.get("dataset_splits", [])) for p in self.parts)))
+        return sorted(set.intersection(*(set(p.split_names) for p in self.parts)))
 
 
-def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
+def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureSource:
     """The checked store of one side of a split (a ConcatStore for ``a+b``), via the cache's read API."""
     if is_combined(dataset):
         parts = combined_parts(dataset)
@@ -99,25 +156,17 @@ def open_store(cache_dir: Path, dataset: str, split: str, side: Side) -> Feature
     return lookup.open_store(cache_dir, side.query(dataset, split))
 
 
-def extract_hint(store, layers: str = "all") -> str:
+def extract_hint(store: FeatureSource, layers: str = "all") -> str:
     """The extract command(s) that built ``store``, asking for ``layers``."""
-    parts = store.parts if isinstance(store, ConcatStore) else [store]
-    return "run: " + " && ".join(extract_command(p.attrs, layers, cache_dir=cache_root(p.path)) for p in parts)
-
-
-def dataset_splits(store) -> list[str]:
-    """The split names of the data set a store was extracted from."""
-    if isinstance(store, ConcatStore):
-        return store.split_names
-    return list(store.attrs.get("dataset_splits", []))
+    return "run: " + " && ".join(extract_command(p.attrs, layers, cache_dir=cache_root(p.path)) for p in store.parts)
 
 
 @dataclass
 class PairedFeatures:
     """Pairs (image row, text row) of one split, excluding images recorded as missing."""
 
-    images: FeatureStore
-    texts: FeatureStore
+    images: FeatureSource
+    texts: FeatureSource
     image_rows: np.ndarray
     text_rows: np.ndarray
 
@@ -125,15 +174,15 @@ class PairedFeatures:
         return len(self.image_rows)
 
     def image(self, layer: str, dtype=np.float32) -> np.ndarray:
-        return read_rows(self.images, layer, self.image_rows, dtype)
+        return self.images.read_rows(layer, self.image_rows, dtype)
 
     def text(self, layer: str, dtype=np.float32) -> np.ndarray:
-        return read_rows(self.texts, layer, self.text_rows, dtype)
+        return self.texts.read_rows(layer, self.text_rows, dtype)
 
     def identities(self) -> dict:
         """What a run records of its stores; for image files also the digest of every input's
         bytes, since the identity names them by their listing."""
-        content = getattr(self.images, "content_sha256", lambda: None)()
+        content = self.images.content_sha256()
         return {"image": {"path": str(self.images.path), **self.images.identity,
                           **({"content_sha256": content} if content else {})},
                 "text": {"path": str(self.texts.path), **self.texts.identity}}
@@ -170,15 +219,6 @@ def open_pairs(cache_dir: Path, dataset: str, split: str, image: Side, text: Sid
     return PairedFeatures(images, texts, img_rows, txt_rows)
 
 
-def stored_dtype(store) -> np.dtype:
+def stored_dtype(store: FeatureSource) -> np.dtype:
     """The dtype a store (or every part of a combined one) holds its features in."""
-    parts = store.parts if isinstance(store, ConcatStore) else [store]
-    return np.result_type(*[np.dtype(p.attrs["dtype"]) for p in parts])
-
-
-def read_rows(store, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """``store.read(layer)[rows]``, chunk by chunk for a single store (``FeatureStore.read_rows``);
-    a combined ``a+b`` store is read whole."""
-    if isinstance(store, FeatureStore):
-        return store.read_rows(layer, rows, dtype)
-    return store.read(layer, dtype)[np.asarray(rows, dtype=np.int64)]
+    return np.result_type(*[np.dtype(p.attrs["dtype"]) for p in store.parts])

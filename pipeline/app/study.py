@@ -32,7 +32,7 @@ from featcache.cache.paths import default_cache_dir
 from featcache.pipeline.app.study_splits import SplitPlan, parts_of, plan_splits, salted_spec, split_note
 from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieval
 from featcache.pipeline.extract.run import ExtractConfig, extract
-from featcache.pipeline.features import Side, dataset_splits, open_store
+from featcache.pipeline.features import Side, open_store
 from featcache.pipeline.train.config import AlignConfig
 from featcache.pipeline.train.runs import read_json, write_json
 from featcache.pipeline.train.sweep import sweep
@@ -169,7 +169,7 @@ def _cached(cfg: StudyConfig, spec: str, side: Side) -> bool:
     neither the encoder's weights nor the data set's files are needed to find out."""
     try:
         train = open_store(cfg.cache_dir, spec, "train", side)
-        splits = ["train", "test"] + (["val"] if "val" in dataset_splits(train) else [])
+        splits = ["train", "test"] + (["val"] if "val" in train.split_names else [])
         for split in splits:
             store = open_store(cfg.cache_dir, spec, split, side)
             parts = getattr(store, "parts", [store])  # a+b: each part's own store

@@ -15,7 +15,7 @@ import numpy as np
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.common.device import check_fits
-from featcache.pipeline.features import read_rows
+from featcache.pipeline.features import FeatureSource
 from featcache.pipeline.select.metrics import (
     METRICS,
     NEIGHBOURS_ONLY,
@@ -83,7 +83,7 @@ class LayerRows(Mapping):
     not kept: score_table then holds one layer's features at a time. Holding them all, a
     50k-row table over 25 + 25 layers of width 1,024 peaked at 20.7 GB (docs/benchmarks.md)."""
 
-    def __init__(self, store, names: list[str], rows: np.ndarray, dtype=np.float32):
+    def __init__(self, store: FeatureSource, names: list[str], rows: np.ndarray, dtype=np.float32):
         self.store, self.names, self.rows, self.dtype = store, list(names), np.asarray(rows), dtype
 
     @property
@@ -93,7 +93,7 @@ class LayerRows(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.names:
             raise KeyError(name)
-        return read_rows(self.store, name, self.rows, self.dtype)
+        return self.store.read_rows(name, self.rows, self.dtype)
 
     def __iter__(self):
         return iter(self.names)

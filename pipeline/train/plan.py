@@ -14,7 +14,7 @@ from featcache.cache.lookup import check_same_encoder
 from featcache.pipeline.common.arrays import require_finite, subsample
 from featcache.pipeline.common.device import check_fits, pick_device
 from featcache.pipeline.common.layerspec import one_choice, pair_parts, resolve_layers
-from featcache.pipeline.features import PairedFeatures, Side, dataset_splits, extract_hint, open_pairs, stored_dtype
+from featcache.pipeline.features import PairedFeatures, Side, extract_hint, open_pairs, stored_dtype
 from featcache.pipeline.select.table import LayerRows, ScoreTable, score_table
 from featcache.pipeline.train.cells import cell_id
 from featcache.pipeline.train.config import AlignConfig, SelectConfig
@@ -60,7 +60,7 @@ def load_cached(cfg: AlignConfig) -> CachedData:
     image = Side(cfg.image_model, cfg.image_pooling, cfg.image_size)
     text = Side(cfg.text_model, cfg.text_pooling)
     train = open_pairs(cfg.cache_dir, cfg.dataset, cfg.train_split, image, text)
-    splits = dataset_splits(train.images)
+    splits = train.images.split_names
     if cfg.val_split == "val" and splits and "val" not in splits:
         train, val = train.carve(VAL_FRACTION)
         validation = {"split": cfg.train_split, "carved": True, "fraction": VAL_FRACTION, "salt": "val",

@@ -9,7 +9,7 @@ import pytest
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import CorruptChunk, FeatureStore
 from featcache.pipeline.common import device as faiss_device
-from featcache.pipeline.features import read_rows
+from featcache.pipeline.features import ConcatStore
 from featcache.pipeline.select.metrics import Layer, edge_keys, knn, mutual_knn_score, prepare
 from featcache.pipeline.select.table import score_table
 
@@ -63,8 +63,8 @@ def test_query_row_table_is_the_mean_over_those_rows():
         mutual_knn_score(prepare(img["i1"], "mutual_knn", 8, rows), prepare(txt["t"], "mutual_knn", 8))
 
 
-def _store(path: Path, rows=100, width=6, chunk_rows=16) -> tuple[FeatureStore, np.ndarray]:
-    data = np.random.default_rng(3).normal(size=(rows, width)).astype(np.float16)
+def _store(path: Path, rows=100, width=6, chunk_rows=16, seed=3) -> tuple[FeatureStore, np.ndarray]:
+    data = np.random.default_rng(seed).normal(size=(rows, width)).astype(np.float16)
     store = FeatureStore.create_or_open(path, identity={}, versions={}, ids=[str(i) for i in range(rows)],
                                         groups=["g"] * rows, texts=None, width=width, chunk_rows=chunk_rows)
     store.ensure_layers(["a"])
@@ -77,7 +77,7 @@ def _store(path: Path, rows=100, width=6, chunk_rows=16) -> tuple[FeatureStore, 
 def test_read_rows_equals_a_whole_read_and_keeps_its_checks(tmp_path):
     store, data = _store(tmp_path / "s.zarr")
     rows = np.array([99, 0, 17, 17, 5, 64, 63])  # unsorted, repeated, across chunk edges
-    got = read_rows(store, "a", rows)
+    got = store.read_rows("a", rows)
     assert got.dtype == np.float32 and np.array_equal(got, store.read("a")[rows])
     assert np.array_equal(got, data[rows].astype(np.float32))
     chunk = tmp_path / "s.zarr" / "layers" / "a" / "c" / "1" / "0"
@@ -85,11 +85,28 @@ def test_read_rows_equals_a_whole_read_and_keeps_its_checks(tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     with pytest.raises(CorruptChunk, match="chunk 1 of a fails its checksum"):
-        read_rows(store, "a", np.array([20]))
-    assert np.array_equal(read_rows(store, "a", np.array([0, 40])), data[[0, 40]].astype(np.float32))
+        store.read_rows("a", np.array([20]))
+    assert np.array_equal(store.read_rows("a", np.array([0, 40])), data[[0, 40]].astype(np.float32))
     (tmp_path / "s.zarr" / "layers" / "a" / "c" / "2" / "0").unlink()
     with pytest.raises(CorruptChunk, match="chunk 2 of a is marked done but its data is missing"):
-        read_rows(store, "a", np.array([0]))
+        store.read_rows("a", np.array([0]))
+
+
+
+def test_a_combined_source_reads_rows_part_by_part_as_its_whole_read_would(tmp_path):
+    """ConcatStore.read_rows (a+b) maps each row to its part and reads that part chunk by chunk:
+    equal to the whole read, in the order asked, across the boundary between parts."""
+    a, data_a = _store(tmp_path / "a.zarr", rows=40)
+    b, data_b = _store(tmp_path / "b.zarr", rows=25, seed=4)  # other values: a row read from the wrong part shows
+    both = ConcatStore([a, b], ["a", "b"])
+    rows = np.array([64, 0, 39, 40, 41, 39, 5, 40])  # both ends, the boundary, repeats, unsorted
+    got = both.read_rows("a", rows)
+    assert np.array_equal(got, both.read("a")[rows])
+    assert np.array_equal(got, np.concatenate([data_a, data_b])[rows].astype(np.float32))
+    assert both.read_rows("a", np.array([], dtype=np.int64)).shape == (0, 6)
+    with pytest.raises(IndexError):
+        both.read_rows("a", np.array([65]))
+    assert both.parts == [a, b] and a.parts == [a] and both.content_sha256() is None
 
 
 # -- faiss device choice: GPU logic tested on CPU with a stand-in faiss GPU API ----------------
