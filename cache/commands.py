@@ -14,15 +14,16 @@ import shlex
 def extract_command(model: str, dataset: str, split: str | None = None, *, layers: str = "all",
                     limit: int | None = None, pooling: str | None = None, image_size: int | None = None,
                     cache_dir=None, dtype: str | None = None, overwrite: bool = False, decode: str | None = None) -> str:
-    """The extract command for one split (every split when ``split`` is None); ``decode="gpu"``
-    for a store of GPU-decoded JPEGs, whose identity a CPU-decoded rebuild would not match."""
+    """The extract command for one split (every split when ``split`` is None); ``decode`` "gpu" or
+    "draft" for a store of JPEGs decoded that way, whose identity a whole-decoded rebuild would
+    not match."""
     q = lambda value: shlex.quote(str(value))  # noqa: E731
     cmd = f"featcache extract --model {q(model)} --layers {q(layers)} --dataset {q(dataset)}"
     for flag, value in (("--split", split), ("--limit", limit), ("--pooling", pooling),
                         ("--image-size", image_size), ("--cache-dir", cache_dir)):
         cmd += f" {flag} {q(value)}" if value is not None else ""
     cmd += " --dtype float32" if dtype == "float32" else ""
-    cmd += " --decode gpu" if decode == "gpu" else ""
+    cmd += f" --decode {q(decode)}" if decode not in (None, "cpu") else ""
     return cmd + (" --overwrite" if overwrite else "")
 
 

@@ -48,8 +48,10 @@ def extract(
     steal: bool = typer.Option(True, help="After its own chunks, take unfinished chunks of other shards."),
     write_queue: int = typer.Option(2, min=0, help="Whole chunks queued for the writer thread; 0 writes on the "
                                                    "forward thread (the serial path)."),
-    decode: str = typer.Option("cpu", help="cpu | gpu: decode and resize JPEGs on the CUDA device (nvJPEG); "
-                                           "a new preprocessing identity, other files still decoded on the CPU."),
+    decode: str = typer.Option("cpu", help="cpu | draft | gpu. draft: JPEGs decoded at 1/2, 1/4 or 1/8 scale "
+                                           "(the smallest still at least the input size), faster on large photos; "
+                                           "gpu: JPEGs decoded and resized on the CUDA device (nvJPEG). Each is a "
+                                           "new preprocessing identity; other files are decoded whole on the CPU."),
 ):
     """Run a frozen encoder once and store every requested layer's pooled features."""
     from featcache.pipeline.extract.run import ExtractConfig

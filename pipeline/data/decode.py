@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,32 @@ def render_svg(data: bytes, width: int = 512) -> bytes:
     return cairosvg.svg2png(bytestring=data, output_width=width)
 
 
+# The shorter side JPEGs are drafted to (``extract --decode draft``), or None: decoded whole. A
+# setting of the run, not of the data set: every adapter's decoding closure calls decode_image,
+# so the one place that knows the run (the decoding worker) sets it around its rows.
+_DRAFT_SIZE: ContextVar[int | None] = ContextVar("featcache_jpeg_draft", default=None)
+
+
+@contextmanager
+def jpeg_draft(size: int | None):
+    """Within this block, :func:`decode_image` decodes a JPEG with libjpeg's DCT scaling at the
+    smallest of 1/8, 1/4, 1/2 or 1 that keeps its shorter side at least ``size`` (None: whole)."""
+    token = _DRAFT_SIZE.set(size)
+    try:
+        yield
+    finally:
+        _DRAFT_SIZE.reset(token)
+
+
+def draft_request(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (width, height) to ask PIL's ``draft`` for: it picks the largest scale that leaves the
+    image at least this big on both sides, so the shorter side stays at least ``size``."""
+    short = min(width, height)
+    if short <= size:
+        return width, height
+    return math.ceil(width * size / short), math.ceil(height * size / short)
+
+
 def decode_image(data: bytes, source: str):
     """Decode PNG/JPEG/SVG bytes to RGB as a viewer shows them: EXIF orientation applied,
     16-bit channels scaled (not clipped) to 8 bits, transparency composited on white."""
@@ -116,6 +145,9 @@ def decode_image(data: bytes, source: str):
         if source.lower().endswith(".svg"):
             data = render_svg(data)
         img = Image.open(io.BytesIO(data))
+        draft = _DRAFT_SIZE.get()
+        if draft is not None and img.format == "JPEG":
+            img.draft(None, draft_request(*img.size, draft))  # only JPEGs scale while decoding
         img.load()
         img = ImageOps.exif_transpose(img)
     except Exception as err:  # PIL and cairosvg raise many types for bad files

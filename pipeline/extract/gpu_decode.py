@@ -41,10 +41,7 @@ import torch
 
 from featcache.cache.errors import FeatcacheError
 from featcache.pipeline.data.rows import BadImage, ImageSide
-from featcache.pipeline.extract.encoders import Encoder, square_geometry
-
-DECODES = ("cpu", "gpu")
-
+from featcache.pipeline.extract.encoders import square_geometry
 
 CPU_HOOK_ENV = "FEATCACHE_ALLOW_CPU_NVJPEG"  # tests only: run the --decode gpu path on the CPU
 
@@ -60,11 +57,9 @@ def decoder_label(device: torch.device) -> str:
     return "nvjpeg" if device.type == "cuda" else "torchvision-cpu"
 
 
-def check_config(decode: str, device: str) -> None:
-    """Refuse an unknown ``--decode`` and ``--decode gpu`` without CUDA, before a model is loaded."""
-    if decode not in DECODES:
-        raise FeatcacheError(f"--decode {decode!r} is not one of: {', '.join(DECODES)}", "use --decode cpu or gpu")
-    if decode == "gpu" and not _cuda_asked(device) and os.environ.get(CPU_HOOK_ENV) != "1":
+def check_device(device: str) -> None:
+    """Refuse ``--decode gpu`` without CUDA, before a model is loaded (``decoding.check_config``)."""
+    if not _cuda_asked(device) and os.environ.get(CPU_HOOK_ENV) != "1":
         raise FeatcacheError(f"--decode gpu needs a CUDA device, but --device {device} runs on the CPU "
                              f"({'CUDA is not available' if not torch.cuda.is_available() else 'cuda not chosen'})",
                              "use --device cuda with --decode gpu, or --decode cpu")
@@ -74,17 +69,6 @@ def _cuda_asked(device: str) -> bool:
     if device == "auto":
         return torch.cuda.is_available()
     return device.startswith("cuda")
-
-
-def apply(encoder: Encoder) -> None:
-    """Give ``encoder`` the identity of GPU-decoded features; refuse encoders it cannot serve."""
-    if encoder.modality != "image":
-        return  # captions are not decoded: their identity stays as it is
-    if encoder.processor is not None or "processor" in encoder.preprocessing:
-        raise FeatcacheError(f"--decode gpu follows featcache's own resize and crop, but {encoder.name} prepares "
-                             f"images with its own {encoder.preprocessing.get('processor', 'image processor')}",
-                             "drop --decode gpu for this model")
-    encoder.preprocessing = {**encoder.preprocessing, "decode": decoder_label(encoder.device)}
 
 
 # -- in the workers ----------------------------------------------------------------------------

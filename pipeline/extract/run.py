@@ -24,8 +24,9 @@ from featcache.pipeline.common.layerspec import resolve_layers
 from featcache.pipeline.common.names import combined_parts, is_combined
 from featcache.pipeline.common.workers import Worker, barrier, from_environment, init_distributed, parse_shard
 from featcache.pipeline.data.catalog import load_dataset
+from featcache.pipeline.data.decode import jpeg_draft
 from featcache.pipeline.data.rows import BadImage, ImageSide, Split
-from featcache.pipeline.extract import gpu_decode, provenance
+from featcache.pipeline.extract import decoding, gpu_decode, provenance
 from featcache.pipeline.extract.encoders import Encoder
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.extract.registry import ALIASES
@@ -58,7 +59,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": this process does chunks b with b mod N == I (then steals)
     steal: bool = True  # after its own chunks, take unfinished chunks of other shards/ranks
     write_queue: int = 2  # whole chunks queued for the writer thread; 0: write inline (the serial path)
-    decode: str = "cpu"  # "gpu": JPEGs decoded and resized on the device (gpu_decode), a new preprocessing identity
+    decode: str = "cpu"  # "gpu" (nvJPEG) or "draft" (JPEGs at reduced scale): a new preprocessing identity (decoding)
 
 
 @dataclass
@@ -182,8 +183,8 @@ class _ImageRows(torch.utils.data.Dataset):
     """Decodes and preprocesses rows, in DataLoader workers on a GPU machine. It holds only the
     preprocessing (``pixels``, a picklable function), never the encoder and its weights."""
 
-    def __init__(self, side: ImageSide, pixels):
-        self.side, self.pixels = side, pixels
+    def __init__(self, side: ImageSide, pixels, draft: int | None = None):
+        self.side, self.pixels, self.draft = side, pixels, draft  # draft: --decode draft's JPEG size
 
     def __len__(self) -> int:
         return len(self.side)
@@ -191,7 +192,8 @@ class _ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, row: int):
         """(row, pixels, error, sha256 of the bytes decoded): hashed here, on the one read."""
         try:
-            image, digest = self.side.load_hashed(row)
+            with jpeg_draft(self.draft):
+                image, digest = self.side.load_hashed(row)
             return row, self.pixels([image])[0], None, digest
         except BadImage as err:
             return row, None, err.message, bytes(32)
@@ -262,7 +264,8 @@ def _compute_chunks(cfg: ExtractConfig, encoder: Encoder, side, store: FeatureSt
         workers = cfg.num_workers if cfg.num_workers is not None else default_workers(encoder.device)
         size = encoder.preprocessing.get("image_size")
         on_device = cfg.decode == "gpu"
-        dataset = gpu_decode.JpegRows(side, encoder.pixels, size) if on_device else _ImageRows(side, encoder.pixels)
+        dataset = (gpu_decode.JpegRows(side, encoder.pixels, size) if on_device
+                   else _ImageRows(side, encoder.pixels, decoding.draft_size(encoder)))
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, collate_fn=gpu_decode.collate if on_device else _collate,
             num_workers=workers, pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
@@ -349,7 +352,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
                              "e.g. 224, or -1 for the model's pretrained size")
     if cfg.dtype not in ("float16", "float32"):
         raise FeatcacheError(f"unsupported dtype {cfg.dtype!r}", "use float16 or float32")
-    gpu_decode.check_config(cfg.decode, cfg.device)
+    decoding.check_config(cfg.decode, cfg.device)
     if is_combined(cfg.dataset):
         # a+b is read as the union of a's and b's stores: each part is cached once, on its own
         return [r for part in combined_parts(cfg.dataset) for r in extract(replace(cfg, dataset=part), progress)]
@@ -364,8 +367,7 @@ def extract(cfg: ExtractConfig, progress=None) -> list[ExtractResult]:
     if worker.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{worker.local_rank}"
     encoder = load_encoder(cfg.model, device, cfg.image_size)
-    if cfg.decode == "gpu":
-        gpu_decode.apply(encoder)  # a new preprocessing identity; the CPU path's stays as it was
+    decoding.apply(encoder, cfg.decode)  # gpu, draft: a new preprocessing identity; the CPU path's stays as it was
     pooling = cfg.pooling or encoder.entry.default_pooling
     encoder.check_pooling(pooling)
     layers = resolve_layers(cfg.layers, encoder.n_blocks, encoder.has_final)

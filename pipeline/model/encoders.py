@@ -9,6 +9,7 @@ is named in one line. An encoder that cannot be loaded at all says which it is a
 from __future__ import annotations
 
 from featcache.cache.errors import FeatcacheError
+from featcache.pipeline.extract import decoding
 from featcache.pipeline.extract.encoders import Encoder
 from featcache.pipeline.extract.loading import load_encoder
 from featcache.pipeline.model.spec import SideSpec
@@ -30,6 +31,8 @@ def load_side(side: SideSpec, device: str = "auto", model: str | None = None) ->
             (err.hint + "; or " if err.hint else "") + f"point at a copy of the same weights with "
             f"{side.modality}_model=... (--{side.modality}-model); its sha256 "
             f"{side.identity.get('weights_sha256', '?')[:12]} is checked") from None
+    if side.identity.get("preprocessing", {}).get("decode") == decoding.DRAFT_LABEL:
+        decoding.apply(encoder, "draft")  # decoded as its stores were: JPEG files drafted, then checked
     check_identity(side, encoder, spec)
     return encoder
 

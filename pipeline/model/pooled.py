@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 
 from featcache.cache.errors import FeatcacheError
-from featcache.pipeline.data.decode import BadImage
+from featcache.pipeline.data.decode import BadImage, jpeg_draft
+from featcache.pipeline.extract.decoding import draft_size
 from featcache.pipeline.extract.encoders import Encoder
 from featcache.pipeline.model.inputs import image_name, load_image
 from featcache.pipeline.model.spec import SideSpec
@@ -29,7 +30,8 @@ def image_features(encoder: Encoder, side: SideSpec, items: list, batch_size: in
         rows, images = [], []
         for i in range(start, min(len(items), start + batch_size)):
             try:
-                images.append(load_image(items[i]))
+                with jpeg_draft(draft_size(encoder)):  # a model trained on --decode draft stores drafts too
+                    images.append(load_image(items[i]))
                 rows.append(i)
             except BadImage as err:
                 if not skip_bad:
