@@ -33,6 +33,7 @@ maths live in ``featcache.cache.seals``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Iterator
 
@@ -251,7 +252,10 @@ class FeatureStore:
 
     @property
     def identity(self) -> dict:
-        return self.attrs["identity"]
+        """A copy: the row seals are checked against the identity, so a caller that edited the
+        store's own dict (``prep = store.identity[...]; prep.pop(...)``) would make every later
+        read of ids or groups in this process fail as "written for another store"."""
+        return copy.deepcopy(self.attrs["identity"])
 
     @property
     def encoder_identity(self) -> dict:

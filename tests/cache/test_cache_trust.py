@@ -757,3 +757,13 @@ def test_a_copied_cache_is_rebuilt_where_it_lies_not_where_it_came_from(tiny_vit
     out = runner.invoke(app, ["export", str(store), str(tmp_path / "x.h5")])
     text = " ".join(out.output.split())
     assert out.exit_code == 2 and f"--cache-dir {tmp_path / 'copy'}" in text and "original" not in text, text
+
+
+def test_editing_a_stores_identity_in_python_does_not_break_its_reads(tmp_path):
+    """The identity is handed out as a copy: the row seals are checked against the store's own,
+    so an edited dict used to make every later read fail as 'written for another store'."""
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", identity={"encoder": {"preprocessing": {"decode": "x"}}},
+                                        versions={}, ids=["a", "b"], groups=["g", "h"], texts=None, width=2)
+    store.identity["encoder"]["preprocessing"].pop("decode")
+    store.identity.clear()
+    assert store.ids == ["a", "b"] and store.identity["encoder"]["preprocessing"] == {"decode": "x"}
