@@ -88,14 +88,39 @@ def pixels_of(images: list, size: int, processor=None) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def dummy_inputs(model: nn.Module) -> dict:
-    """A one-row blank input (zero pixels, or four tokens) that runs any encoder once."""
+def dummy_inputs(model: nn.Module, small: bool = False) -> dict:
+    """A one-row blank input (zero pixels, or four tokens) that runs any encoder once; ``small``:
+    an image of 2 x 2 patches instead of the model's own size, for models that take other sizes."""
     config = model.config
     if "pixel_values" in inspect.signature(model.forward).parameters and hasattr(config, "image_size"):
-        size = config.image_size
+        patch = getattr(config, "patch_size", 16)
+        size = 2 * int(patch[0] if isinstance(patch, (list, tuple)) else patch) if small else config.image_size
         return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size)}
     ids = torch.ones(1, 4, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def probe_forward(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """One blank forward pass, for probes that ask which modules run, not what they compute.
+
+    An image model gets 2 x 2 patches first: at its own size (518 px for DINOv2, 1,370 tokens)
+    the two probes of loading cost as much as a dozen 224 px images on a CPU, about 6% of a
+    256-image extraction. A model that refuses another size (a ViT or CLIP tower without
+    position interpolation) raises, and gets its own size. ``pooling.Stop`` from a probe's hook
+    passes through: it ends the pass on purpose."""
+    small, own = dummy_inputs(model, small=True), dummy_inputs(model)
+    same = all(small[k].shape == own[k].shape for k in own)  # text, or an image model 2 x 2 patches big
+    attempts = [own] if same else [small, own]
+    for i, inputs in enumerate(attempts):
+        try:
+            with torch.inference_mode():
+                model(**{k: v.to(device) for k, v in inputs.items()})
+            return
+        except Stop:
+            raise
+        except Exception:  # noqa: BLE001 - the small input refused: the model's own size answers
+            if i == len(attempts) - 1:
+                raise
 
 
 class Tap(NamedTuple):
@@ -258,9 +283,7 @@ class Encoder:
         stop_at = []
         try:
             stop_at = [self._hook(max(layers, key=self.layer_names.index), stop)]
-            inputs = {k: v.to(self.device) for k, v in dummy_inputs(self.model).items()}
-            with torch.inference_mode():
-                self.model(**inputs)
+            probe_forward(self.model, self.device)
         except Stop:
             pass
         finally:

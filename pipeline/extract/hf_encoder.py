@@ -31,7 +31,7 @@ from featcache.pipeline.extract.encoders import (
     Encoder,
     Tap,
     check_image_size,
-    dummy_inputs,
+    probe_forward,
 )
 from featcache.pipeline.extract.registry import EncoderEntry, network_error
 
@@ -153,8 +153,7 @@ def _sequence_norm(model: nn.Module, norm: nn.Module) -> bool:
     seen = []
     handle = norm.register_forward_hook(lambda _m, _a, out: seen.append(out.dim()))
     try:
-        with torch.inference_mode():
-            model.eval()(**dummy_inputs(model))
+        probe_forward(model.eval())
     except Exception:  # noqa: BLE001 - a model that cannot take the probe keeps no final layer
         return False
     finally:

@@ -371,3 +371,27 @@ def test_a_timm_cnn_is_refused_in_one_line(tmp_path):
     out = runner.invoke(app, ["extract", "--model", "timm:resnet18:pretrained=False", "--dataset",
                               str(make_pairs(tmp_path / "data", n=4)), "--cache-dir", str(tmp_path / "cache")])
     assert out.exit_code == 2 and "not a vision transformer" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize("family, sizes", [("dinov2", [28]), ("vit", [16, 32]), ("clip-vision", [16, 32]),
+                                           ("siglip-vision", [16, 32])])
+def test_the_loading_probe_runs_two_by_two_patches_where_the_model_takes_them(tmp_path, family, sizes):
+    """DINOv2 interpolates its positions: its probe is 2 x 2 patches, not its 518 px (about 6%
+    of a 256-image CPU extraction went to two such probes). Towers that refuse another size are
+    probed at their own, and their final norm is still found."""
+    import transformers as tf
+
+    from featcache.pipeline.extract.encoders import probe_forward
+
+    if family == "dinov2":
+        tf.Dinov2Model(tf.Dinov2Config(image_size=56, patch_size=14, **SMALL)).save_pretrained(tmp_path / "m")
+        path = tmp_path / "m"
+    else:
+        path = save_vision_model(tmp_path / "m", family)
+    model = tf.AutoModel.from_pretrained(path)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["pixel_values"].shape[-1]), with_kwargs=True)
+    probe_forward(model)
+    assert seen == sizes
+    enc = load_encoder(f"hf:{path}", "cpu")
+    assert enc.has_final == (family != "clip-vision")  # CLIP's post_layernorm norms the pooled token only
