@@ -41,6 +41,20 @@ def s3_endpoint():
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    # moto checks If-None-Match / If-Match and then stores, with no lock between: two racing
+    # conditional puts can both pass (1 round in 150 of 8 racing writers here; 45 in 60 with a
+    # 2 ms pause before the store). S3 itself makes them atomic, and the lease tests rely on it,
+    # so this server does too: one PutObject at a time.
+    from moto.s3.responses import S3Response
+
+    put_lock, real_put = threading.Lock(), S3Response.put_object
+
+    def atomic_put(self):
+        with put_lock:
+            return real_put(self)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(S3Response, "put_object", atomic_put)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -51,6 +65,7 @@ def s3_endpoint():
         yield endpoint
     finally:
         server.stop()
+        patch.undo()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -251,10 +266,15 @@ def test_a_foreign_writer_is_waited_out_for_its_time_to_live(tiny_vit, s3_cache,
     pairs = make_pairs(tmp_path / "data", n=12)
     assert runner.invoke(app, _tiny_argv(tiny_vit, pairs, s3_cache)).exit_code == 0
     store = str(next(find_stores(s3_cache)))
-    _foreign_lease(leases.lease_url(store, "shard-0-of-1"), ttl_s=2)
+    url = leases.lease_url(store, "shard-0-of-1")
+    # A time to live no stall can outlast: a lease's age is read from S3's Last-Modified, in whole
+    # seconds, so it reads up to 1 s older than it is. With ttl_s=2 an overwrite that took over
+    # 1 s to reach the check (a loaded machine) found the lease stale and went ahead.
+    _foreign_lease(url, ttl_s=600)
     out = runner.invoke(app, _tiny_argv(tiny_vit, pairs, s3_cache, "--overwrite"))
     assert out.exit_code == 2 and "pid 4242 on other-machine" in out.output, out.output
-    time.sleep(2.2)  # its heartbeat is now older than its time to live: a dead writer
+    _foreign_lease(url, ttl_s=1)  # its last heartbeat, with a short time to live
+    time.sleep(1.2)  # now older than its time to live (a read age is never less): a dead writer
     out = runner.invoke(app, _tiny_argv(tiny_vit, pairs, s3_cache, "--overwrite"))
     assert out.exit_code == 0, out.output
     assert not leases.shard_lease_urls(store)
@@ -274,7 +294,11 @@ def test_a_writer_whose_lease_was_taken_over_writes_nothing_more(tiny_vit, s3_ca
 
 def test_a_stalled_heartbeat_stops_the_writer_before_its_next_chunk(tiny_vit, s3_cache, tmp_path, monkeypatch):
     """A writer cut off from the store for over half the time to live marks nothing more done."""
-    monkeypatch.setenv(leases.TTL_ENV, "1")
+    # 4 s: a heartbeat every 1 s, and a check that allows 2 s since the last one. With 1 s, a renewal
+    # (to moto, in this process) that took over 0.25 s on a loaded machine stopped the writer before
+    # its first chunk. The cut-off is then held open by a pause, not by slow batches.
+    ttl = 4.0
+    monkeypatch.setenv(leases.TTL_ENV, str(ttl))
     pairs = make_pairs(tmp_path / "data", n=24)
     real_put, real_write = leases._S3.put, FeatureStore.write_chunk
     cut_off = threading.Event()  # set once the first chunk is written
@@ -286,11 +310,14 @@ def test_a_stalled_heartbeat_stops_the_writer_before_its_next_chunk(tiny_vit, s3
 
     def write_chunk(self, *args, **kwargs):
         real_write(self, *args, **kwargs)
-        cut_off.set()
+        if not cut_off.is_set():
+            cut_off.set()
+            # no renewal succeeds from now on, so at the next chunk's check the last one is older
+            # than this pause, which is over half the time to live
+            time.sleep(ttl / 2 + 0.3)
 
     monkeypatch.setattr(leases._S3, "put", put)
     monkeypatch.setattr(FeatureStore, "write_chunk", write_chunk)
-    monkeypatch.setenv("FEATCACHE_SLOW_BATCH_S", "0.5")  # 4 chunks of one batch: the rest takes 1.5 s
     out = runner.invoke(app, _tiny_argv(tiny_vit, pairs, s3_cache, "--batch-size", "4"))
     assert out.exit_code == 2 and "lost its lease" in out.output, out.output
     store = FeatureStore.open(next(find_stores(s3_cache)))

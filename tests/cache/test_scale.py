@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_pairs, store_arrays
@@ -88,6 +89,26 @@ def test_torchrun_two_ranks_gloo_bitwise_equal(tiny_vit, data, tmp_path):
     assert store_arrays(next(find_stores(cache))) == reference
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def test_sigkill_under_torchrun_then_rerun_is_bitwise_equal(tiny_vit, tmp_path):
     import signal
     import time
@@ -112,8 +133,17 @@ def test_sigkill_under_torchrun_then_rerun_is_bitwise_equal(tiny_vit, tmp_path):
             except (FeatcacheError, KeyError):  # the store or its layer arrays are still being created
                 pass
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
+    # torchrun starts each rank in a session of its own, so killing the launcher's group alone left
+    # both ranks running: they finished the store (20 of 20 chunks 3 s later) beside the rerun
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    for pid in [proc.pid, *ranks]:
+        os.killpg(pid, signal.SIGKILL)  # every rank and the launcher, mid-run
     proc.wait()
+    deadline = time.time() + 60
+    while not all(_dead(pid) for pid in ranks):  # not our children: reaped by init, not by wait()
+        assert time.time() < deadline, ranks
+        time.sleep(0.02)
     partial = FeatureStore.open(next(find_stores(cache)))
     assert 0 < int(partial.done_chunks("block.02").sum()) < partial.n_chunks
     out = runner.invoke(app, _argv(tiny_vit, pairs, cache))  # the locks died with the ranks
