@@ -102,6 +102,10 @@ def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
                          f"differ from what was asked ({'; '.join(mismatches(closest, query))})", hint)
 
 
+# preprocessing.decode as recorded -> the extract --decode that makes it (pipeline/extract/decoding.py)
+DECODE_OPTIONS = {"pil-draft": "draft", "nvjpeg": "gpu", "torchvision-cpu": "gpu"}
+
+
 def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:
     """Refuse to compare features made by other weights, preprocessing or pooling."""
     have = store.encoder_identity
@@ -109,7 +113,14 @@ def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:
     fields += ("files_sha256",) if "files_sha256" in reference and "files_sha256" in have else ()  # older stores lack it
     diffs = [f for f in fields if reference.get(f) != have.get(f)]
     if diffs:
+        field, want, got = diffs[0], reference.get(diffs[0]), have.get(diffs[0])
+        if isinstance(want, dict) and isinstance(got, dict):  # name the setting, not a cut-off dict
+            key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            field, want, got = f"{field} {key}", want.get(key, "(none)"), got.get(key, "(none)")
+        hint = "extract every split with the same encoder and options, or retrain on the current cache"
+        if field == "preprocessing decode":  # the one setting a flag of extract gives: say which
+            hint = (f"extract it again with --decode {DECODE_OPTIONS.get(want, 'cpu')} --overwrite, as the "
+                    "training stores were; or retrain on the current cache")
         raise FeatcacheError(
-            f"{what}: the store {store.path} was made with another {diffs[0].replace('_', ' ')} "
-            f"than the run's training features ({str(reference.get(diffs[0]))[:16]} vs {str(have.get(diffs[0]))[:16]})",
-            "extract every split with the same encoder and options, or retrain on the current cache")
+            f"{what}: the store {store.path} was made with another {field.replace('_', ' ')} "
+            f"than the run's training features ({str(want)[:24]} vs {str(got)[:24]})", hint)

@@ -36,7 +36,8 @@ def classification_stores(cfg: ClassifyConfig, run_cfg: dict, dataset: str, read
     reads = reads or Reads()
     image, text = run_sides(run_cfg)
     label = split_label(cfg.split, cfg.limit)
-    images, prompts = reads.store(cfg.cache_dir, dataset, label, image), reads.store(cfg.cache_dir, dataset, label, text)
+    images = reads.store(cfg.cache_dir, dataset, label, image, run_cfg)
+    prompts = reads.store(cfg.cache_dir, dataset, label, text, run_cfg)
     check_run_stores(run_cfg, images, prompts, f"{dataset}/{label}")
     return images, prompts
 

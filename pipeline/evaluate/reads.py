@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache.errors import FeatcacheError
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.evaluate.reference import fit_reference
 from featcache.pipeline.features import Side, open_store
@@ -16,6 +17,14 @@ from featcache.pipeline.features import Side, open_store
 # What the reference map depends on (evaluate/reference.py:training_pairs and fit_reference).
 REFERENCE_FIELDS = ("dataset", "train_split", "image_model", "image_pooling", "image_size", "text_model",
                     "text_pooling", "validation", "pairs", "image_layer", "text_layer", "cache")
+
+
+def _has_store(cache_dir: Path, dataset: str, split: str, side: Side) -> bool:
+    try:
+        open_store(cache_dir, dataset, split, side)
+    except (FeatcacheError, OSError):
+        return False
+    return True
 
 
 class Reads:
@@ -26,10 +35,20 @@ class Reads:
         self._layers: dict[tuple, np.ndarray] = {}
         self._references: dict[str, tuple[np.ndarray, str]] = {}
 
-    def store(self, cache_dir: Path, dataset: str, split: str, side: Side) -> FeatureStore:
+    def store(self, cache_dir: Path, dataset: str, split: str, side: Side, run_cfg: dict | None = None) -> FeatureStore:
+        """``run_cfg``: the run this store is read for; where the store is not under ``cache_dir``
+        but is under the cache the run was trained from, the error says to pass that one (a run
+        trained with --cache-dir X, evaluated without it, would otherwise be told to extract again)."""
         key = (str(cache_dir), dataset, split, side)
         if key not in self._stores:
-            self._stores[key] = open_store(cache_dir, dataset, split, side)
+            try:
+                self._stores[key] = open_store(cache_dir, dataset, split, side)
+            except FeatcacheError as err:
+                trained = Path(str((run_cfg or {}).get("cache_dir") or cache_dir))
+                if trained == Path(cache_dir) or not _has_store(trained, dataset, split, side):
+                    raise
+                raise FeatcacheError(err.message, f"the run was trained from the cache at {trained}, which "
+                                                  f"holds it: pass --cache-dir {trained}") from None
         return self._stores[key]
 
     def layer(self, store: FeatureStore, name: str) -> np.ndarray:

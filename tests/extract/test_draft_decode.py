@@ -141,3 +141,23 @@ def test_an_aligned_model_of_draft_stores_drafts_its_jpegs(tmp_path, tiny_vit, t
     encoder.preprocessing = {k: v for k, v in encoder.preprocessing.items() if k != "decode"}
     whole, _ = model.image_features([pairs.parent / i for i in store.ids])  # what it gave before drafts
     assert not np.allclose(whole.astype(np.float32), stored, rtol=2 ** -10, atol=1e-6)
+
+
+def test_a_run_of_draft_stores_names_the_decode_of_a_whole_decoded_test_store(tmp_path, tiny_vit, tiny_bert):
+    pairs = make_photo_pairs(tmp_path / "data", splits=True)
+    for model, decode in ((tiny_vit, "draft"), (tiny_bert, "cpu")):
+        extract(_cfg(model, pairs, tmp_path / "cache", splits=None, decode=decode))
+    common = ["--image-model", f"hf:{tiny_vit}", "--text-model", f"hf:{tiny_bert}", "--dataset", str(pairs),
+              "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(app, ["align", *common, "--epochs", "1", "--batch-size", "4", "--d-out", "8",
+                                   "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    extract(_cfg(tiny_vit, pairs, tmp_path / "cache", splits=["test"], overwrite=True))  # whole-decoded test split
+    evaluate = ["eval", "retrieval", "--runs-dir", str(tmp_path / "runs"), "--dataset", str(pairs)]
+    out = CliRunner().invoke(app, evaluate)  # another cache than the run's: told which one holds it
+    assert out.exit_code == 2 and f"pass --cache-dir {tmp_path / 'cache'}" in " ".join(out.output.split()), out.output
+    out = CliRunner().invoke(app, [*evaluate, "--cache-dir", str(tmp_path / "cache")])
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+    flat = " ".join(out.output.split())
+    assert "another preprocessing decode than the run's training features (pil-draft vs (none))" in flat, flat
+    assert "--decode draft --overwrite" in flat
