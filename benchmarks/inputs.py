@@ -167,8 +167,9 @@ def bench_draft(model: str, rows: int, tmp: Path) -> dict:
     from PIL import Image
 
     from featcache.pipeline.data.catalog import load_dataset
+    from featcache.pipeline.data.decode import jpeg_draft
     from featcache.pipeline.extract.encoders import pixels_of
-    from featcache.pipeline.extract.run import ExtractConfig, _ImageRows, extract
+    from featcache.pipeline.extract.run import ExtractConfig, extract
 
     split = load_dataset("tuxpaint")["train"]
     n = min(rows, len(split.images))
@@ -187,10 +188,11 @@ def bench_draft(model: str, rows: int, tmp: Path) -> dict:
         pixels = lambda images: pixels_of(images, 224)  # noqa: E731 - featcache's own preprocessing, 224 px
         rates: dict = {}
         for label, draft in (("whole", None), ("draft", 224)) * 2:  # interleaved: the page cache is warm for both
-            rows_of = _ImageRows(side, pixels, draft)
             t = time.perf_counter()
-            for r in range(n):
-                rows_of[r]
+            for r in range(n):  # a decoding worker's work on a row (extract/run.py: _ImageRows)
+                with jpeg_draft(draft):
+                    image, _ = side.load_hashed(r)
+                pixels([image])
             rates.setdefault(label, []).append(n / (time.perf_counter() - t))
         best = {k: max(v) for k, v in rates.items()}
         key = f"{w}x{h}"
