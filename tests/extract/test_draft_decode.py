@@ -161,3 +161,42 @@ def test_a_run_of_draft_stores_names_the_decode_of_a_whole_decoded_test_store(tm
     flat = " ".join(out.output.split())
     assert "another preprocessing decode than the run's training features (pil-draft vs (none))" in flat, flat
     assert "--decode draft --overwrite" in flat
+
+
+def test_extract_for_a_draft_run_drafts_too(tmp_path, tiny_vit, tiny_bert):
+    """search, eval classify and eval suite --extract make a draft run's missing stores with its
+    decode: a whole-decoded one was extracted, then refused by the same command as another
+    preprocessing."""
+    from featcache.pipeline.extract.decoding import decode_of
+
+    assert [decode_of(i) for i in (None, {}, {"preprocessing": {"decode": "pil-draft"}},
+                                   {"preprocessing": {"decode": "nvjpeg"}})] == ["cpu", "cpu", "draft", "gpu"]
+    pairs = make_photo_pairs(tmp_path / "data", splits=True)
+    for model, decode in ((tiny_vit, "draft"), (tiny_bert, "cpu")):
+        extract(_cfg(model, pairs, tmp_path / "cache", splits=None, decode=decode))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(app, ["align", "--image-model", f"hf:{tiny_vit}", "--text-model", f"hf:{tiny_bert}",
+                                   "--dataset", str(pairs), "--cache-dir", str(tmp_path / "cache"), *runs,
+                                   "--epochs", "1", "--batch-size", "4", "--d-out", "8", "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    fresh = tmp_path / "fresh"
+    out = CliRunner().invoke(app, ["search", "--run", "latest", *runs, "--dataset", str(pairs), "--cache-dir",
+                                   str(fresh), "--extract", "--device", "cpu", "picture", "-k", "2"])
+    assert out.exit_code == 0, out.output
+    folder = tmp_path / "shapes"
+    for cls, (w, h) in (("wide", (200, 120)), ("tall", (120, 200))):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            (folder / cls / f"{i}.jpg").write_bytes(jpeg_bytes(synth(i, w + i, h)))
+    out = CliRunner().invoke(app, ["eval", "classify", "--dataset", str(folder), "--cache-dir", str(fresh), *runs,
+                                   "--extract", "--no-baseline"])  # the baseline reads the training split
+    assert out.exit_code == 0, out.output
+    suite = tmp_path / "mine.toml"
+    suite.write_text('name = "mine"\n[[benchmark]]\nname = "shapes"\ntask = "classify"\nsource = "shapes"\n')
+    out = CliRunner().invoke(app, ["eval", "suite", "--suite", str(suite), "--benchmark-root", str(tmp_path),
+                                   "--cache-dir", str(tmp_path / "suite-cache"), *runs, "--extract",
+                                   "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0 and "skipped" not in out.output, out.output
+    images = [FeatureStore.open(p) for p in [*fresh.rglob("*.zarr"), *(tmp_path / "suite-cache").rglob("*.zarr")]]
+    images = [s for s in images if s.identity["dataset"]["side"] == "image"]
+    assert len(images) == 3 and all(s.identity["encoder"]["preprocessing"]["decode"] == "pil-draft" for s in images)
