@@ -200,3 +200,32 @@ def test_extract_for_a_draft_run_drafts_too(tmp_path, tiny_vit, tiny_bert):
     images = [FeatureStore.open(p) for p in [*fresh.rglob("*.zarr"), *(tmp_path / "suite-cache").rglob("*.zarr")]]
     images = [s for s in images if s.identity["dataset"]["side"] == "image"]
     assert len(images) == 3 and all(s.identity["encoder"]["preprocessing"]["decode"] == "pil-draft" for s in images)
+
+
+def test_a_draft_runs_missing_stores_are_named_with_their_decode(tmp_path, tiny_vit, tiny_bert):
+    """A missing store's hint is the extract command that makes it: for a draft run it asks for
+    --decode draft (the plain command made a store the run refuses). The untrained baseline's
+    training split missing from --cache-dir points at the run's own cache, or --no-baseline."""
+    import shutil
+
+    pairs = make_photo_pairs(tmp_path / "data", splits=True)
+    cache, fresh = tmp_path / "cache", tmp_path / "fresh"
+    for model, decode in ((tiny_vit, "draft"), (tiny_bert, "cpu")):
+        extract(_cfg(model, pairs, cache, splits=None, decode=decode))
+        extract(_cfg(model, pairs, fresh, splits=["test"], decode=decode))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(app, ["align", "--image-model", f"hf:{tiny_vit}", "--text-model", f"hf:{tiny_bert}",
+                                   "--dataset", str(pairs), "--cache-dir", str(cache), *runs,
+                                   "--epochs", "1", "--batch-size", "4", "--d-out", "8", "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    evaluate = ["eval", "retrieval", *runs, "--dataset", str(pairs)]
+    out = CliRunner().invoke(app, [*evaluate, "--cache-dir", str(fresh)])
+    flat = " ".join(out.output.split())
+    assert out.exit_code == 2 and "Traceback" not in flat, flat
+    assert f"pass --cache-dir {cache}" in flat and "--no-baseline" in flat, flat
+    assert CliRunner().invoke(app, [*evaluate, "--cache-dir", str(fresh), "--no-baseline"]).exit_code == 0
+    test_images = next(p for p in cache.rglob("*.zarr") if "vit" in str(p) and "/test/" in str(p))
+    shutil.rmtree(test_images)
+    out = CliRunner().invoke(app, [*evaluate, "--cache-dir", str(cache)])
+    flat = " ".join(out.output.split())
+    assert out.exit_code == 2 and "--split test" in flat and flat.rstrip(")").endswith("--decode draft"), flat
