@@ -64,6 +64,11 @@ def test_a_draft_keeps_the_shorter_side_at_least_the_input_size():
     with jpeg_draft(28):
         img = decode_image(jpeg_bytes(synth(2, 240, 120), exif=exif.tobytes()), "r.jpg")
     assert img.size == (30, 60)
+    mpo = io.BytesIO()  # a JPEG with a second picture after it (MPF), as cameras write: PIL calls it MPO
+    synth(3, 200, 150).save(mpo, "MPO", save_all=True, append_images=[synth(4, 200, 150)])
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    with jpeg_draft(28):
+        assert decode_image(mpo.getvalue(), "camera.jpg").size == (50, 38)
 
 
 def test_draft_stores_have_their_own_identity_and_keep_other_formats_bitwise(tiny_vit, tmp_path):
