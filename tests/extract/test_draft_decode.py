@@ -94,12 +94,17 @@ def test_draft_stores_have_their_own_identity_and_keep_other_formats_bitwise(tin
 def test_a_whole_decoded_store_is_not_reused_by_a_draft_extraction(tiny_vit, tmp_path):
     pairs = make_photo_pairs(tmp_path / "data")
     extract(_cfg(tiny_vit, pairs, tmp_path / "cache"))
-    with pytest.raises(FeatcacheError, match="preprocessing"):
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:
         extract(_cfg(tiny_vit, pairs, tmp_path / "cache", decode="draft"))
+    assert err.value.hint.startswith("pass --decode cpu to go on with it")  # a resume that forgot its --decode
     result = extract(_cfg(tiny_vit, pairs, tmp_path / "cache", decode="draft", overwrite=True))[0]
     assert FeatureStore.open(result.path).identity["encoder"]["preprocessing"]["decode"] == "pil-draft"
-    with pytest.raises(FeatcacheError, match="preprocessing"):  # and back
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:  # and back
         extract(_cfg(tiny_vit, pairs, tmp_path / "cache"))
+    assert err.value.hint.startswith("pass --decode draft to go on with it") and "--overwrite" in err.value.hint
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:  # another difference too: no --decode hint
+        extract(_cfg(tiny_vit, pairs, tmp_path / "cache", dtype="float32"))
+    assert err.value.hint == "pass --overwrite to rebuild it, or use another --cache-dir"
 
 
 def test_draft_with_an_image_processor_or_an_unknown_decode_is_one_line(tmp_path, tiny_vit):
