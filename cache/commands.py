@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 import shlex
 
+# preprocessing.decode as recorded -> the extract --decode that makes it (pipeline/extract/decoding.py)
+DECODE_OPTIONS = {"pil-draft": "draft", "nvjpeg": "gpu", "torchvision-cpu": "gpu"}
+
 
 def extract_command(model: str, dataset: str, split: str | None = None, *, layers: str = "all",
                     limit: int | None = None, pooling: str | None = None, image_size: int | None = None,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 import featcache.cache.location as loc
-from featcache.cache.commands import extract_command
+from featcache.cache.commands import DECODE_OPTIONS, extract_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.naming import safe_component, split_dir, split_label
@@ -100,10 +100,6 @@ def open_store(cache_dir: Location, query: StoreQuery) -> FeatureStore:
     closest = min(candidates, key=lambda s: len(mismatches(s, query)))
     raise FeatcacheError(f"the cached features of {query.encoder} for {query.dataset}/{query.split} "
                          f"differ from what was asked ({'; '.join(mismatches(closest, query))})", hint)
-
-
-# preprocessing.decode as recorded -> the extract --decode that makes it (pipeline/extract/decoding.py)
-DECODE_OPTIONS = {"pil-draft": "draft", "nvjpeg": "gpu", "torchvision-cpu": "gpu"}
 
 
 def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:

@@ -43,7 +43,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 import featcache.cache.location as loc
-from featcache.cache.commands import stored_command
+from featcache.cache.commands import DECODE_OPTIONS, stored_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.seals import chunk_seal, identity_key, rows_seal
@@ -124,6 +124,19 @@ def _open_group(path: Location) -> zarr.Group:
                              "and --overwrite") from None
 
 
+def row_positions(rows, n: int) -> np.ndarray:
+    """``rows`` as int64 positions in ``[0, n)``: a negative or too large row is an IndexError
+    (a row past the last chunk otherwise read as a chunk that 'does not match its seal'), and a
+    boolean mask is refused (read as positions 0 and 1, it gave the wrong rows silently)."""
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        raise TypeError("read_rows takes row positions, not a boolean mask: pass np.flatnonzero(mask)")
+    rows = rows.astype(np.int64, copy=False)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"row {rows[(rows < 0) | (rows >= n)].flat[0]} of {n}")
+    return rows
+
+
 class FeatureStore:
     """Read and write access to one store. Open with :meth:`open` or :meth:`create_or_open`."""
 
@@ -195,11 +208,14 @@ class FeatureStore:
                 if attrs.get("chunk_rows") != chunk_rows:
                     diffs.append(f"chunk_rows: stored {attrs.get('chunk_rows')}, requested {chunk_rows}")
                 if diffs:
+                    hint = "pass --overwrite to rebuild it, or use another --cache-dir"
+                    if all(d.startswith("encoder.preprocessing.decode:") for d in diffs):  # a resume without its --decode
+                        stored = attrs.get("identity", {}).get("encoder", {}).get("preprocessing", {}).get("decode")
+                        hint = (f"pass --decode {DECODE_OPTIONS.get(stored, 'cpu')} to go on with it as it was "
+                                "extracted, --overwrite to rebuild it, or use another --cache-dir")
                     raise FeatcacheError(
                         f"the cache at {path} was built with a different identity "
-                        f"({'; '.join(diffs[:3])}); it was left untouched",
-                        "pass --overwrite to rebuild it, or use another --cache-dir",
-                    )
+                        f"({'; '.join(diffs[:3])}); it was left untouched", hint)
                 return store
         loc.make_parent(path)
         group = zarr.open_group(str(path), mode="w", storage_options=loc.storage_options(path))
@@ -578,7 +594,7 @@ class FeatureStore:
         600k x 1,024). Peak memory here is the rows asked for plus one chunk. A layer that is
         incomplete or has lost chunks is read by :meth:`read` itself, so its errors stay the same.
         """
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = row_positions(rows, self.rows)
         if layer not in self.layers:
             return self.read(layer, dtype)[rows]
         done = self.done_chunks(layer)

@@ -183,21 +183,23 @@ def _extract_for_runs(cfg, runs: list[Path]) -> None:
     """Stage one for a classification set, with each run's encoders and options, where the
     stores are missing (eval classify --extract; an existing store is a no-op)."""
     from featcache.pipeline.evaluate.classify import classify_spec
+    from featcache.pipeline.extract.decoding import run_decode
     from featcache.pipeline.extract.run import ExtractConfig, extract
     from featcache.pipeline.train.runs import read_json
 
     sides = []
     for run in runs:
         run_cfg = read_json(run / "config.json")
-        for side in ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size")),
-                     (run_cfg["text_model"], run_cfg.get("text_pooling"), None)):
+        for side in ((run_cfg["image_model"], run_cfg.get("image_pooling"), run_cfg.get("image_size"),
+                      run_decode(run_cfg)),  # a run of --decode draft stores is evaluated on draft stores
+                     (run_cfg["text_model"], run_cfg.get("text_pooling"), None, "cpu")):
             if side not in sides:
                 sides.append(side)
     with progress_bar() as progress:
-        for model, pooling, size in sides:
+        for model, pooling, size, decode in sides:
             extract(ExtractConfig(model=model, pooling=pooling, image_size=size, dataset=classify_spec(cfg),
-                                  splits=[cfg.split], limit=cfg.limit, layers="all", cache_dir=cfg.cache_dir),
-                    progress)
+                                  splits=[cfg.split], limit=cfg.limit, layers="all", cache_dir=cfg.cache_dir,
+                                  decode=decode), progress)
 
 
 @eval_app.command("suite")

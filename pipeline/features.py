@@ -11,7 +11,7 @@ import numpy as np
 from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.naming import encoder_key
-from featcache.cache.store import FeatureStore, cache_root, extract_command
+from featcache.cache.store import FeatureStore, cache_root, extract_command, row_positions
 from featcache.pipeline.common.names import canonical_name, combined_parts, hash_unit, is_combined
 
 
@@ -113,16 +113,15 @@ class ConcatStore:
 
     def read_rows(self, layer: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """``read(layer)[rows]``, each part read chunk by chunk (``FeatureStore.read_rows``)."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = row_positions(rows, self.rows)
+        shape, rows = rows.shape, rows.ravel()  # any shape, as a whole read's [rows] takes
         part = np.searchsorted(self.offsets, rows, side="right") - 1
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
-            raise IndexError(f"row {rows[(rows < 0) | (rows >= self.rows)][0]} of {self.rows}")
         out = np.empty((len(rows), self.width), dtype=dtype)
         for k, store in enumerate(self.parts):
             sel = np.flatnonzero(part == k)
             if len(sel):
                 out[sel] = store.read_rows(layer, rows[sel] - self.offsets[k], dtype)
-        return out
+        return out.reshape(*shape, self.width)
 
     def content_sha256(self) -> None:
         """Not recorded for ``a+b``: its identity names each part's data set digest, and a run's

@@ -30,6 +30,7 @@ from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieva
 from featcache.pipeline.evaluate.run_view import run_sides
 from featcache.pipeline.evaluate.suite_file import Benchmark, load_suite
 from featcache.pipeline.evaluate.suite_table import Outcome, averages, to_csv, to_markdown
+from featcache.pipeline.extract.decoding import run_decode
 from featcache.pipeline.extract.run import ExtractConfig, extract
 from featcache.pipeline.features import Side, open_store
 from featcache.pipeline.train.runs import read_json, write_json
@@ -69,6 +70,16 @@ def _sides(run_dirs: list[Path]) -> list[tuple[Side, str]]:
         out.setdefault(image, []).append(cfg["image_layer"])
         out.setdefault(text, []).append(cfg["text_layer"])
     return [(side, layer) for side, layers in out.items() for layer in dict.fromkeys(layers)]
+
+
+def _decodes(run_dirs: list[Path]) -> dict[Side, str]:
+    """The ``--decode`` of each image side's training stores (``draft``: the runs' stores were
+    drafted, and a whole-decoded benchmark store would be refused as another preprocessing)."""
+    out: dict[Side, str] = {}
+    for run in run_dirs:
+        cfg = read_json(run / "config.json")
+        out.setdefault(run_sides(cfg)[0], run_decode(cfg))
+    return out
 
 
 def _cached(cfg: SuiteConfig, spec: str, label: str, side: Side, layer: str) -> bool:
@@ -145,7 +156,8 @@ def run_suite(cfg: SuiteConfig, progress_factory: Callable | None = None,
             with progress_factory() if progress_factory else nullcontext() as progress:
                 extract(ExtractConfig(model=side.model, pooling=side.pooling, image_size=side.image_size,
                                       dataset=found.spec, splits=[bench.split], limit=cfg.limit, layers="all",
-                                      cache_dir=cfg.cache_dir, device=cfg.device), progress)
+                                      cache_dir=cfg.cache_dir, device=cfg.device,
+                                      decode=_decodes(run_dirs).get(side, "cpu")), progress)
             extracted.append({"benchmark": bench.name, "spec": found.spec, "model": side.model})
         results = [_score(bench, found.spec, cfg, reads, r) for r in run_dirs]
         for r in results:

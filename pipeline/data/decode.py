@@ -146,7 +146,7 @@ def decode_image(data: bytes, source: str):
             data = render_svg(data)
         img = Image.open(io.BytesIO(data))
         draft = _DRAFT_SIZE.get()
-        if draft is not None and img.format == "JPEG":
+        if draft is not None and img.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with more pictures after it
             img.draft(None, draft_request(*img.size, draft))  # only JPEGs scale while decoding
         img.load()
         img = ImageOps.exif_transpose(img)

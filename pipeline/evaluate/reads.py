@@ -9,9 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache import lookup
 from featcache.cache.errors import FeatcacheError
+from featcache.cache.lookup import StoreNotFound
+from featcache.cache.naming import encoder_key
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.evaluate.reference import fit_reference
+from featcache.pipeline.extract.decoding import run_decode
 from featcache.pipeline.features import Side, open_store
 
 # What the reference map depends on (evaluate/reference.py:training_pairs and fit_reference).
@@ -25,6 +29,24 @@ def _has_store(cache_dir: Path, dataset: str, split: str, side: Side) -> bool:
     except (FeatcacheError, OSError):
         return False
     return True
+
+
+def _has_query(cache_dir: Path, query) -> bool:
+    try:
+        lookup.open_store(cache_dir, query)
+    except (FeatcacheError, OSError):
+        return False
+    return True
+
+
+def _with_decode(err: FeatcacheError, cache_dir: Path, run_cfg: dict | None) -> FeatcacheError:
+    """A missing image store of a run trained on ``--decode draft`` (or gpu) stores: the extract
+    command of the hint asks for that decode, or it would make a store the run then refuses."""
+    decode = run_decode(run_cfg or {})
+    query = getattr(err, "query", None)
+    if decode == "cpu" or query is None or query.encoder != encoder_key(run_cfg.get("image_model", "")):
+        return err
+    return StoreNotFound(err.message, f"run: {query.extract_command(cache_dir)} --decode {decode}", query)
 
 
 class Reads:
@@ -46,7 +68,7 @@ class Reads:
             except FeatcacheError as err:
                 trained = Path(str((run_cfg or {}).get("cache_dir") or cache_dir))
                 if trained == Path(cache_dir) or not _has_store(trained, dataset, split, side):
-                    raise
+                    raise _with_decode(err, cache_dir, run_cfg) from None
                 raise FeatcacheError(err.message, f"the run was trained from the cache at {trained}, which "
                                                   f"holds it: pass --cache-dir {trained}") from None
         return self._stores[key]
@@ -68,5 +90,13 @@ class Reads:
             fields["seed"] = run_cfg.get("seed")
         key = json.dumps([str(cache_dir), fields], sort_keys=True, default=str)
         if key not in self._references:
-            self._references[key] = fit_reference(run_cfg, cache_dir)
+            try:
+                self._references[key] = fit_reference(run_cfg, cache_dir)
+            except StoreNotFound as err:  # the untrained baseline reads the run's training split
+                trained = Path(str(run_cfg.get("cache_dir") or cache_dir))
+                hint = _with_decode(err, cache_dir, run_cfg).hint
+                if trained != Path(cache_dir) and _has_query(trained, err.query):
+                    hint = f"the run was trained from the cache at {trained}, which holds it: pass --cache-dir {trained}"
+                raise FeatcacheError(err.message, f"{hint}; or pass --no-baseline (the untrained baseline is fit "
+                                                  "on the run's training split)") from None
         return self._references[key]

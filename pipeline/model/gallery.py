@@ -59,10 +59,13 @@ def search(gallery: Gallery, queries: np.ndarray, k: int) -> list[list[tuple[int
 
 
 def _extract(side, dataset: str, split: str, cache_dir, progress) -> None:
+    from featcache.pipeline.extract.decoding import decode_of
     from featcache.pipeline.extract.run import ExtractConfig, extract
 
+    # decoded as the model's stores were (--decode draft): a whole-decoded store would be refused below
     extract(ExtractConfig(model=side.model, pooling=side.pooling, image_size=side.image_size, dataset=dataset,
-                          splits=[split], layers="all", cache_dir=cache_dir, dtype=side.dtype), progress)
+                          splits=[split], layers="all", cache_dir=cache_dir, dtype=side.dtype,
+                          decode=decode_of(side.identity)), progress)
 
 
 def _paths(dataset: str, split: str, ids: list[str]) -> list[str | None]:

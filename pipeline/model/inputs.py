@@ -1,6 +1,7 @@
 """New images as stage one sees its rows: paths are read and decoded by ``decode_image``, decoded
 images (PIL, arrays, tensors) go through the same viewer steps (orientation, 16-bit, transparency
-on white, RGB). Equal inputs then give the features a cached row holds."""
+on white, RGB). Equal inputs then give the features a cached row holds, except that a run of
+``--decode draft`` stores drafts only files: an image handed over decoded was decoded whole."""
 
 from __future__ import annotations
 

@@ -64,6 +64,11 @@ def test_a_draft_keeps_the_shorter_side_at_least_the_input_size():
     with jpeg_draft(28):
         img = decode_image(jpeg_bytes(synth(2, 240, 120), exif=exif.tobytes()), "r.jpg")
     assert img.size == (30, 60)
+    mpo = io.BytesIO()  # a JPEG with a second picture after it (MPF), as cameras write: PIL calls it MPO
+    synth(3, 200, 150).save(mpo, "MPO", save_all=True, append_images=[synth(4, 200, 150)])
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    with jpeg_draft(28):
+        assert decode_image(mpo.getvalue(), "camera.jpg").size == (50, 38)
 
 
 def test_draft_stores_have_their_own_identity_and_keep_other_formats_bitwise(tiny_vit, tmp_path):
@@ -89,12 +94,17 @@ def test_draft_stores_have_their_own_identity_and_keep_other_formats_bitwise(tin
 def test_a_whole_decoded_store_is_not_reused_by_a_draft_extraction(tiny_vit, tmp_path):
     pairs = make_photo_pairs(tmp_path / "data")
     extract(_cfg(tiny_vit, pairs, tmp_path / "cache"))
-    with pytest.raises(FeatcacheError, match="preprocessing"):
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:
         extract(_cfg(tiny_vit, pairs, tmp_path / "cache", decode="draft"))
+    assert err.value.hint.startswith("pass --decode cpu to go on with it")  # a resume that forgot its --decode
     result = extract(_cfg(tiny_vit, pairs, tmp_path / "cache", decode="draft", overwrite=True))[0]
     assert FeatureStore.open(result.path).identity["encoder"]["preprocessing"]["decode"] == "pil-draft"
-    with pytest.raises(FeatcacheError, match="preprocessing"):  # and back
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:  # and back
         extract(_cfg(tiny_vit, pairs, tmp_path / "cache"))
+    assert err.value.hint.startswith("pass --decode draft to go on with it") and "--overwrite" in err.value.hint
+    with pytest.raises(FeatcacheError, match="preprocessing") as err:  # another difference too: no --decode hint
+        extract(_cfg(tiny_vit, pairs, tmp_path / "cache", dtype="float32"))
+    assert err.value.hint == "pass --overwrite to rebuild it, or use another --cache-dir"
 
 
 def test_draft_with_an_image_processor_or_an_unknown_decode_is_one_line(tmp_path, tiny_vit):
@@ -161,3 +171,71 @@ def test_a_run_of_draft_stores_names_the_decode_of_a_whole_decoded_test_store(tm
     flat = " ".join(out.output.split())
     assert "another preprocessing decode than the run's training features (pil-draft vs (none))" in flat, flat
     assert "--decode draft --overwrite" in flat
+
+
+def test_extract_for_a_draft_run_drafts_too(tmp_path, tiny_vit, tiny_bert):
+    """search, eval classify and eval suite --extract make a draft run's missing stores with its
+    decode: a whole-decoded one was extracted, then refused by the same command as another
+    preprocessing."""
+    from featcache.pipeline.extract.decoding import decode_of
+
+    assert [decode_of(i) for i in (None, {}, {"preprocessing": {"decode": "pil-draft"}},
+                                   {"preprocessing": {"decode": "nvjpeg"}})] == ["cpu", "cpu", "draft", "gpu"]
+    pairs = make_photo_pairs(tmp_path / "data", splits=True)
+    for model, decode in ((tiny_vit, "draft"), (tiny_bert, "cpu")):
+        extract(_cfg(model, pairs, tmp_path / "cache", splits=None, decode=decode))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(app, ["align", "--image-model", f"hf:{tiny_vit}", "--text-model", f"hf:{tiny_bert}",
+                                   "--dataset", str(pairs), "--cache-dir", str(tmp_path / "cache"), *runs,
+                                   "--epochs", "1", "--batch-size", "4", "--d-out", "8", "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    fresh = tmp_path / "fresh"
+    out = CliRunner().invoke(app, ["search", "--run", "latest", *runs, "--dataset", str(pairs), "--cache-dir",
+                                   str(fresh), "--extract", "--device", "cpu", "picture", "-k", "2"])
+    assert out.exit_code == 0, out.output
+    folder = tmp_path / "shapes"
+    for cls, (w, h) in (("wide", (200, 120)), ("tall", (120, 200))):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            (folder / cls / f"{i}.jpg").write_bytes(jpeg_bytes(synth(i, w + i, h)))
+    out = CliRunner().invoke(app, ["eval", "classify", "--dataset", str(folder), "--cache-dir", str(fresh), *runs,
+                                   "--extract", "--no-baseline"])  # the baseline reads the training split
+    assert out.exit_code == 0, out.output
+    suite = tmp_path / "mine.toml"
+    suite.write_text('name = "mine"\n[[benchmark]]\nname = "shapes"\ntask = "classify"\nsource = "shapes"\n')
+    out = CliRunner().invoke(app, ["eval", "suite", "--suite", str(suite), "--benchmark-root", str(tmp_path),
+                                   "--cache-dir", str(tmp_path / "suite-cache"), *runs, "--extract",
+                                   "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0 and "skipped" not in out.output, out.output
+    images = [FeatureStore.open(p) for p in [*fresh.rglob("*.zarr"), *(tmp_path / "suite-cache").rglob("*.zarr")]]
+    images = [s for s in images if s.identity["dataset"]["side"] == "image"]
+    assert len(images) == 3 and all(s.identity["encoder"]["preprocessing"]["decode"] == "pil-draft" for s in images)
+
+
+def test_a_draft_runs_missing_stores_are_named_with_their_decode(tmp_path, tiny_vit, tiny_bert):
+    """A missing store's hint is the extract command that makes it: for a draft run it asks for
+    --decode draft (the plain command made a store the run refuses). The untrained baseline's
+    training split missing from --cache-dir points at the run's own cache, or --no-baseline."""
+    import shutil
+
+    pairs = make_photo_pairs(tmp_path / "data", splits=True)
+    cache, fresh = tmp_path / "cache", tmp_path / "fresh"
+    for model, decode in ((tiny_vit, "draft"), (tiny_bert, "cpu")):
+        extract(_cfg(model, pairs, cache, splits=None, decode=decode))
+        extract(_cfg(model, pairs, fresh, splits=["test"], decode=decode))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(app, ["align", "--image-model", f"hf:{tiny_vit}", "--text-model", f"hf:{tiny_bert}",
+                                   "--dataset", str(pairs), "--cache-dir", str(cache), *runs,
+                                   "--epochs", "1", "--batch-size", "4", "--d-out", "8", "--layers", "last"])
+    assert out.exit_code == 0, out.output
+    evaluate = ["eval", "retrieval", *runs, "--dataset", str(pairs)]
+    out = CliRunner().invoke(app, [*evaluate, "--cache-dir", str(fresh)])
+    flat = " ".join(out.output.split())
+    assert out.exit_code == 2 and "Traceback" not in flat, flat
+    assert f"pass --cache-dir {cache}" in flat and "--no-baseline" in flat, flat
+    assert CliRunner().invoke(app, [*evaluate, "--cache-dir", str(fresh), "--no-baseline"]).exit_code == 0
+    test_images = next(p for p in cache.rglob("*.zarr") if "vit" in str(p) and "/test/" in str(p))
+    shutil.rmtree(test_images)
+    out = CliRunner().invoke(app, [*evaluate, "--cache-dir", str(cache)])
+    flat = " ".join(out.output.split())
+    assert out.exit_code == 2 and "--split test" in flat and flat.rstrip(")").endswith("--decode draft"), flat

@@ -109,6 +109,23 @@ def test_a_combined_source_reads_rows_part_by_part_as_its_whole_read_would(tmp_p
     assert both.parts == [a, b] and a.parts == [a] and both.content_sha256() is None
 
 
+def test_read_rows_refuses_rows_outside_the_store_and_masks(tmp_path):
+    """A negative row or one past the last chunk is an IndexError, not a chunk that 'does not
+    match its seal' (which sent users to verify --repair on a sound store); a boolean mask,
+    once read as rows 0 and 1, is refused; a 2-D array of rows reads as a whole read's [rows]."""
+    a, _ = _store(tmp_path / "a.zarr", rows=40)
+    b, _ = _store(tmp_path / "b.zarr", rows=25, seed=4)
+    both = ConcatStore([a, b], ["a", "b"])
+    for source in (a, both):
+        for bad in ([-1], [source.rows], [0, 200]):
+            with pytest.raises(IndexError, match=f"of {source.rows}"):
+                source.read_rows("a", np.array(bad))
+        with pytest.raises(TypeError, match="not a boolean mask"):
+            source.read_rows("a", np.ones(source.rows, dtype=bool))
+        grid = np.array([[39, 0], [source.rows - 1, 39]])
+        assert np.array_equal(source.read_rows("a", grid), source.read("a")[grid])
+
+
 # -- faiss device choice: GPU logic tested on CPU with a stand-in faiss GPU API ----------------
 class FakeGpu:
     def __init__(self):
