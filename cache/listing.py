@@ -19,7 +19,7 @@ class StoreEntry:
     dataset: str = ""  # its canonical (stored) name
     split: str = ""
     encoder: str = ""
-    variant: str = ""  # pooling and input size: the store folder's name
+    variant: str = ""  # pooling and input size: the store folder's name, plus the decode when not whole
     rows: int = 0
     width: int = 0
     layers: int = 0
@@ -45,8 +45,12 @@ def describe(path: Location) -> StoreEntry:
     except FeatcacheError as err:
         return StoreEntry(str(path), broken=str(err))
     parts = str(path).rstrip("/").split("/")
+    variant = parts[-1].removesuffix(".zarr")
+    decode = (ident["encoder"].get("preprocessing") or {}).get("decode")
+    if decode:  # a draft or GPU-decoded store has the folder name of a whole-decoded one
+        variant += f" {decode}"
     return StoreEntry(str(path), s.attrs.get("dataset_label", ""), ident["dataset"]["name"], parts[-3],
-                      ident["encoder"]["name"], parts[-1].removesuffix(".zarr"), s.rows, s.width, len(s.layers),
+                      ident["encoder"]["name"], variant, s.rows, s.width, len(s.layers),
                       done, lost, s.is_complete() and not lost, s.nbytes_on_disk(),
                       ident["encoder"]["weights_sha256"])
 

@@ -80,6 +80,9 @@ def test_draft_stores_have_their_own_identity_and_keep_other_formats_bitwise(tin
     prep = dict(store.identity["encoder"]["preprocessing"])
     assert prep.pop("decode") == "pil-draft" and prep == FeatureStore.open(cpu.path).identity["encoder"]["preprocessing"]
     assert store.attrs["command"].endswith("--decode draft")
+    from featcache.cache.listing import describe
+
+    assert describe(draft.path).variant == "cls-28px pil-draft" and describe(cpu.path).variant == "cls-28px"
     ids = store.ids
     want, got = _rows(cpu.path), _rows(draft.path)
     png = ids.index("drawing.png")
