@@ -58,3 +58,16 @@ def stored_command(attrs: dict, layers: str | None = None, overwrite: bool = Fal
     if cache_dir is not None:
         command = with_cache_dir(command, cache_dir)
     return command + (" --overwrite" if overwrite and "--overwrite" not in command else "")
+
+
+def decode_of(encoder_identity: dict | None) -> str:
+    """The ``--decode`` whose stores have this encoder identity (a run's recorded training
+    stores): ``draft`` for pil-draft, ``gpu`` for a GPU decoder's label, ``cpu`` when none is
+    recorded. What an ``--extract`` for a run must pass, or it makes a store the run refuses."""
+    label = ((encoder_identity or {}).get("preprocessing") or {}).get("decode")
+    return DECODE_OPTIONS.get(label, "gpu") if label else "cpu"
+
+
+def run_decode(run_cfg: dict) -> str:
+    """:func:`decode_of` the image stores a run was trained on (its ``config.json``)."""
+    return decode_of(run_cfg.get("cache", {}).get("train", {}).get("image", {}).get("encoder"))

@@ -182,8 +182,8 @@ def eval_classify_cmd(
 def _extract_for_runs(cfg, runs: list[Path]) -> None:
     """Stage one for a classification set, with each run's encoders and options, where the
     stores are missing (eval classify --extract; an existing store is a no-op)."""
+    from featcache.cache.commands import run_decode
     from featcache.pipeline.evaluate.classify import classify_spec
-    from featcache.pipeline.extract.decoding import run_decode
     from featcache.pipeline.extract.run import ExtractConfig, extract
     from featcache.pipeline.train.runs import read_json
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from featcache.cache.commands import run_decode
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.files import real_folder, write_text
 from featcache.cache.lookup import StoreNotFound
@@ -30,7 +31,6 @@ from featcache.pipeline.evaluate.retrieval import RetrievalConfig, eval_retrieva
 from featcache.pipeline.evaluate.run_view import run_sides
 from featcache.pipeline.evaluate.suite_file import Benchmark, load_suite
 from featcache.pipeline.evaluate.suite_table import Outcome, averages, to_csv, to_markdown
-from featcache.pipeline.extract.decoding import run_decode
 from featcache.pipeline.extract.run import ExtractConfig, extract
 from featcache.pipeline.features import Side, open_store
 from featcache.pipeline.train.runs import read_json, write_json

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache import lookup
+from featcache.cache.commands import run_decode
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.lookup import StoreNotFound
 from featcache.cache.naming import encoder_key
 from featcache.cache.store import FeatureStore
 from featcache.pipeline.evaluate.reference import fit_reference
-from featcache.pipeline.extract.decoding import run_decode
 from featcache.pipeline.features import Side, open_store
 
 # What the reference map depends on (evaluate/reference.py:training_pairs and fit_reference).

@@ -19,7 +19,6 @@ first) is refused with them.
 from __future__ import annotations
 
 from featcache.cache.errors import FeatcacheError
-from featcache.cache.lookup import DECODE_OPTIONS
 from featcache.pipeline.extract import gpu_decode
 from featcache.pipeline.extract.encoders import Encoder
 
@@ -56,15 +55,3 @@ def draft_size(encoder: Encoder) -> int | None:
         return encoder.preprocessing.get("image_size")
     return None
 
-
-def decode_of(encoder_identity: dict | None) -> str:
-    """The ``--decode`` whose stores have this encoder identity (a run's recorded training
-    stores): ``draft`` for pil-draft, ``gpu`` for a GPU decoder's label, ``cpu`` when none is
-    recorded. What an ``--extract`` for a run must pass, or it makes a store the run refuses."""
-    label = ((encoder_identity or {}).get("preprocessing") or {}).get("decode")
-    return DECODE_OPTIONS.get(label, "gpu") if label else "cpu"
-
-
-def run_decode(run_cfg: dict) -> str:
-    """:func:`decode_of` the image stores a run was trained on (its ``config.json``)."""
-    return decode_of(run_cfg.get("cache", {}).get("train", {}).get("image", {}).get("encoder"))

@@ -59,7 +59,7 @@ def search(gallery: Gallery, queries: np.ndarray, k: int) -> list[list[tuple[int
 
 
 def _extract(side, dataset: str, split: str, cache_dir, progress) -> None:
-    from featcache.pipeline.extract.decoding import decode_of
+    from featcache.cache.commands import decode_of
     from featcache.pipeline.extract.run import ExtractConfig, extract
 
     # decoded as the model's stores were (--decode draft): a whole-decoded store would be refused below

@@ -180,7 +180,7 @@ def test_extract_for_a_draft_run_drafts_too(tmp_path, tiny_vit, tiny_bert):
     """search, eval classify and eval suite --extract make a draft run's missing stores with its
     decode: a whole-decoded one was extracted, then refused by the same command as another
     preprocessing."""
-    from featcache.pipeline.extract.decoding import decode_of
+    from featcache.cache.commands import decode_of
 
     assert [decode_of(i) for i in (None, {}, {"preprocessing": {"decode": "pil-draft"}},
                                    {"preprocessing": {"decode": "nvjpeg"}})] == ["cpu", "cpu", "draft", "gpu"]
