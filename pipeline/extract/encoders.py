@@ -95,7 +95,8 @@ def dummy_inputs(model: nn.Module, small: bool = False) -> dict:
     if "pixel_values" in inspect.signature(model.forward).parameters and hasattr(config, "image_size"):
         patch = getattr(config, "patch_size", 16)
         size = 2 * int(patch[0] if isinstance(patch, (list, tuple)) else patch) if small else config.image_size
-        return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size)}
+        h, w = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)  # YOLOS, Hiera: [h, w]
+        return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), int(h), int(w))}
     ids = torch.ones(1, 4, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -319,6 +320,10 @@ class Encoder:
 
 
 def check_image_size(size: int, patch: int) -> None:
+    if isinstance(size, (list, tuple)):  # a detector's [h, w] (YOLOS): featcache's crops are square
+        raise FeatcacheError(f"the model's image size {list(size)} is not square, and featcache's preprocessing "
+                             "crops squares", f"pass --image-size N (a multiple of the patch size {patch}) if the "
+                             "model takes square inputs of other sizes")
     if size <= 0 or size % patch:
         raise FeatcacheError(f"image size {size} is not a positive multiple of the patch size {patch}",
                              f"try {max(patch, round(size / patch) * patch)}")

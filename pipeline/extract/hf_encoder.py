@@ -62,8 +62,11 @@ def load(entry: EncoderEntry, source: str, image_size: int | None):
     size = image_size or entry.default_image_size
     prep, processor = image_preprocessing(entry, source, config, size)
     # what no --image-size means; the processor is built and probed again only when it differs
-    default = entry.default_image_size or (image_preprocessing(entry, source, config, None)[0]["image_size"]
-                                           if size else prep["image_size"])
+    try:
+        default = entry.default_image_size or (image_preprocessing(entry, source, config, None)[0]["image_size"]
+                                               if size else prep["image_size"])
+    except FeatcacheError:  # no usable default (a non-square [h, w]): only an explicit --image-size works
+        default = None
     return Encoder(entry, model, taps, config.hidden_size, _prefix_tokens(model, config), prep, torch.device("cpu"),
                    native_image_size=getattr(config, "image_size", None), default_image_size=default,
                    uninitialised=sorted(missing), processor=processor,

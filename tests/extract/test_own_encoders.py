@@ -395,3 +395,24 @@ def test_the_loading_probe_runs_two_by_two_patches_where_the_model_takes_them(tm
     assert seen == sizes
     enc = load_encoder(f"hf:{path}", "cpu")
     assert enc.has_final == (family != "clip-vision")  # CLIP's post_layernorm norms the pooled token only
+
+
+def test_a_non_square_model_size_is_one_line_and_an_image_size_serves_it(tmp_path):
+    """YOLOS records image_size as [h, w]: the probe used to fail on it (so no final norm was
+    found) and loading raised a TypeError. Now: a one-line error naming --image-size, and with
+    it the model extracts, its 2 x 2-patch probe run and its final norm found."""
+    import transformers as tf
+
+    from featcache.pipeline.extract.encoders import dummy_inputs
+
+    model = tf.YolosModel(tf.YolosConfig(image_size=[32, 48], patch_size=8, num_detection_tokens=2, **SMALL))
+    assert dummy_inputs(model)["pixel_values"].shape == (1, 3, 32, 48)
+    model.save_pretrained(tmp_path / "yolos")
+    pairs = make_pairs(tmp_path / "data", n=12)
+    out = cli_extract(tmp_path / "yolos", pairs, tmp_path / "cache")
+    assert out.exit_code != 0 and "[32, 48] is not square" in out.output and "--image-size" in out.output
+    assert "Traceback" not in out.output and not list((tmp_path / "cache").rglob("*.zarr"))
+    out = cli_extract(tmp_path / "yolos", pairs, tmp_path / "cache", "--image-size", "32")
+    assert out.exit_code == 0, out.output
+    enc = load_encoder(f"hf:{tmp_path / 'yolos'}", "cpu", 32)
+    assert enc.has_final and enc.layer_names[-1] == "final"
