@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 import featcache.cache.location as loc
-from featcache.cache.commands import DECODE_OPTIONS, extract_command
+from featcache.cache.commands import decode_of, extract_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.naming import safe_component, split_dir, split_label
@@ -115,7 +115,7 @@ def check_same_encoder(reference: dict, store: FeatureStore, what: str) -> None:
             field, want, got = f"{field} {key}", want.get(key, "(none)"), got.get(key, "(none)")
         hint = "extract every split with the same encoder and options, or retrain on the current cache"
         if field == "preprocessing decode":  # the one setting a flag of extract gives: say which
-            hint = (f"extract it again with --decode {DECODE_OPTIONS.get(want, 'cpu')} --overwrite, as the "
+            hint = (f"extract it again with --decode {decode_of(reference)} --overwrite, as the "
                     "training stores were; or retrain on the current cache")
         raise FeatcacheError(
             f"{what}: the store {store.path} was made with another {field.replace('_', ' ')} "

@@ -43,7 +43,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 import featcache.cache.location as loc
-from featcache.cache.commands import DECODE_OPTIONS, stored_command
+from featcache.cache.commands import decode_of, stored_command
 from featcache.cache.errors import FeatcacheError
 from featcache.cache.location import Location
 from featcache.cache.seals import chunk_seal, identity_key, rows_seal
@@ -210,8 +210,8 @@ class FeatureStore:
                 if diffs:
                     hint = "pass --overwrite to rebuild it, or use another --cache-dir"
                     if all(d.startswith("encoder.preprocessing.decode:") for d in diffs):  # a resume without its --decode
-                        stored = attrs.get("identity", {}).get("encoder", {}).get("preprocessing", {}).get("decode")
-                        hint = (f"pass --decode {DECODE_OPTIONS.get(stored, 'cpu')} to go on with it as it was "
+                        stored = decode_of(attrs.get("identity", {}).get("encoder"))
+                        hint = (f"pass --decode {stored} to go on with it as it was "
                                 "extracted, --overwrite to rebuild it, or use another --cache-dir")
                     raise FeatcacheError(
                         f"the cache at {path} was built with a different identity "

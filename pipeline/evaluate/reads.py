@@ -23,20 +23,22 @@ REFERENCE_FIELDS = ("dataset", "train_split", "image_model", "image_pooling", "i
                     "text_pooling", "validation", "pairs", "image_layer", "text_layer", "cache")
 
 
-def _has_store(cache_dir: Path, dataset: str, split: str, side: Side) -> bool:
+def _trained_cache_holding(cache_dir: Path, run_cfg: dict | None, open_there) -> Path | None:
+    """The cache the run was trained from, where it is not ``cache_dir`` and ``open_there(it)``
+    finds the store there: a run trained with --cache-dir X, evaluated without it, is told to
+    pass X rather than to extract again. None otherwise."""
+    trained = Path(str((run_cfg or {}).get("cache_dir") or cache_dir))
+    if trained == Path(cache_dir):
+        return None
     try:
-        open_store(cache_dir, dataset, split, side)
+        open_there(trained)
     except (FeatcacheError, OSError):
-        return False
-    return True
+        return None
+    return trained
 
 
-def _has_query(cache_dir: Path, query) -> bool:
-    try:
-        lookup.open_store(cache_dir, query)
-    except (FeatcacheError, OSError):
-        return False
-    return True
+def _pass_cache(trained: Path) -> str:
+    return f"the run was trained from the cache at {trained}, which holds it: pass --cache-dir {trained}"
 
 
 def _with_decode(err: FeatcacheError, cache_dir: Path, run_cfg: dict | None) -> FeatcacheError:
@@ -66,11 +68,10 @@ class Reads:
             try:
                 self._stores[key] = open_store(cache_dir, dataset, split, side)
             except FeatcacheError as err:
-                trained = Path(str((run_cfg or {}).get("cache_dir") or cache_dir))
-                if trained == Path(cache_dir) or not _has_store(trained, dataset, split, side):
+                trained = _trained_cache_holding(cache_dir, run_cfg, lambda there: open_store(there, dataset, split, side))
+                if trained is None:
                     raise _with_decode(err, cache_dir, run_cfg) from None
-                raise FeatcacheError(err.message, f"the run was trained from the cache at {trained}, which "
-                                                  f"holds it: pass --cache-dir {trained}") from None
+                raise FeatcacheError(err.message, _pass_cache(trained)) from None
         return self._stores[key]
 
     def layer(self, store: FeatureStore, name: str) -> np.ndarray:
@@ -93,10 +94,9 @@ class Reads:
             try:
                 self._references[key] = fit_reference(run_cfg, cache_dir)
             except StoreNotFound as err:  # the untrained baseline reads the run's training split
-                trained = Path(str(run_cfg.get("cache_dir") or cache_dir))
-                hint = _with_decode(err, cache_dir, run_cfg).hint
-                if trained != Path(cache_dir) and _has_query(trained, err.query):
-                    hint = f"the run was trained from the cache at {trained}, which holds it: pass --cache-dir {trained}"
+                query = err.query
+                trained = _trained_cache_holding(cache_dir, run_cfg, lambda there: lookup.open_store(there, query))
+                hint = _pass_cache(trained) if trained else _with_decode(err, cache_dir, run_cfg).hint
                 raise FeatcacheError(err.message, f"{hint}; or pass --no-baseline (the untrained baseline is fit "
                                                   "on the run's training split)") from None
         return self._references[key]
