@@ -1351,37 +1351,53 @@ def sec_extract_gpu_decode(run: Run, res: dict) -> None:
         res["note"] = f"CPU: --decode gpu through featcache's test hook ({CPU_NVJPEG_HOOK}=1), not nvJPEG"
     data = ensure_data(run)
     for key, size, images, batch, workers in run.sizes.gpu_decode_extract:
-        spec = model_spec(run, size)
         chunk = 512 if size == "L" else 1408
-        samples = {}
-        for decode in ("cpu", "gpu"):
-            name = f"{key}_{decode}"
-            n = _fits(run, size, images, chunk) if not run.args.tiny else images
-            if not n:
-                res[name] = {"skipped": f"deadline ({run.left():.0f} s left)"}
-                continue
-            def measure(decode=decode, name=name, n=n):
-                entry, results = extract_once(run, spec, data["synth"], n if n < run.sizes.n_links else None, batch,
-                                              workers, {"decode": decode})
-                entry["spec"] = spec
-                samples[decode] = _store_sample(results[0].path, run.sizes.agreement_rows)
-                entry["preprocessing_decode"] = samples[decode]["preprocessing"].get("decode", "(none: PIL)")
-                if entry.get("overall_per_s"):
-                    run.rates[size] = max(run.rates.get(size, 0.0), entry["overall_per_s"])
-                res[name] = entry
-                _finish_extract(run, entry, spec, batch, "extract_gpu_decode", name)
+        fits = (lambda size=size, images=images, chunk=chunk:
+                _fits(run, size, images, chunk) if not run.args.tiny else images)
+        compare_decodes(run, res, "extract_gpu_decode", key, size, data["synth"], run.sizes.n_links, fits, batch,
+                        workers, ("gpu", "cpu", "(none: PIL)"), record_rate=True)
 
-            one_configuration(run, res, name, measure)
-            run.free()
-        if len(samples) == 2:
-            res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples["gpu"])
-            if "min_cosine" in agree:
-                run.note("extract_gpu_decode", f"{key} gpu vs cpu decode, min cosine", agree["min_cosine"],
-                         f"(mean {agree['mean_cosine']}, {agree['rows']} rows, every layer)")
-        cpu, gpu = res.get(f"{key}_cpu", {}), res.get(f"{key}_gpu", {})
-        if cpu.get("steady_per_s") and gpu.get("steady_per_s"):
-            res[f"{key}_speedup"] = round(gpu["steady_per_s"] / cpu["steady_per_s"], 3)
-            run.note("extract_gpu_decode", f"{key} gpu / cpu decode, steady", res[f"{key}_speedup"], "x")
+
+def compare_decodes(run: Run, res: dict, section: str, key: str, size: str, dataset: str, dataset_rows: int,
+                    images, batch: int | None, workers: int, names: tuple[str, str, str],
+                    record_rate: bool = False) -> None:
+    """``--decode cpu`` then another decode of one configuration in the same call: each extraction's
+    steady rate over the bare forward, the cosine between the two stores' features (the other decode
+    is a new preprocessing identity: close, not equal) and the steady speed-up. ``images()``: the
+    images to extract before each (0: skip for the deadline); ``names``: (the other decode, what the
+    whole decode is called in the notes, what a store without ``preprocessing.decode`` records)."""
+    other, whole, no_decode = names
+    spec = model_spec(run, size)
+    samples = {}
+    for decode in ("cpu", other):
+        name = f"{key}_{decode}"
+        n = images()
+        if not n:
+            res[name] = {"skipped": f"deadline ({run.left():.0f} s left)"}
+            continue
+
+        def measure(decode=decode, name=name, n=n):
+            entry, results = extract_once(run, spec, dataset, n if n < dataset_rows else None, batch, workers,
+                                          {"decode": decode})
+            entry["spec"] = spec
+            samples[decode] = _store_sample(results[0].path, run.sizes.agreement_rows)
+            entry["preprocessing_decode"] = samples[decode]["preprocessing"].get("decode", no_decode)
+            if record_rate and entry.get("overall_per_s"):
+                run.rates[size] = max(run.rates.get(size, 0.0), entry["overall_per_s"])
+            res[name] = entry
+            _finish_extract(run, entry, spec, batch, section, name)
+
+        one_configuration(run, res, name, measure)
+        run.free()
+    if len(samples) == 2:
+        res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples[other])
+        if "min_cosine" in agree:
+            run.note(section, f"{key} {other} vs {whole} decode, min cosine", agree["min_cosine"],
+                     f"(mean {agree['mean_cosine']}, {agree['rows']} rows, every layer)")
+    base, new = res.get(f"{key}_cpu", {}), res.get(f"{key}_{other}", {})
+    if base.get("steady_per_s") and new.get("steady_per_s"):
+        res[f"{key}_speedup"] = round(new["steady_per_s"] / base["steady_per_s"], 3)
+        run.note(section, f"{key} {other} / {whole} decode, steady", res[f"{key}_speedup"], "x")
 
 
 def sec_extract_draft(run: Run, res: dict) -> None:
@@ -1408,31 +1424,8 @@ def sec_extract_draft(run: Run, res: dict) -> None:
             os.link(sources[j % len(sources)], d / f"img_{j:05d}.jpg")
     res["data"] = {"files": run.sizes.draft_links, "sources": data["big"]}
     for key, size, images, batch, workers in run.sizes.draft_extract:
-        spec = model_spec(run, size)
-        samples = {}
-        for decode in ("cpu", "draft"):
-            name = f"{key}_{decode}"
-
-            def measure(decode=decode, name=name):
-                entry, results = extract_once(run, spec, str(links), images if images < run.sizes.draft_links else None,
-                                              batch, workers, {"decode": decode})
-                entry["spec"] = spec
-                samples[decode] = _store_sample(results[0].path, run.sizes.agreement_rows)
-                entry["preprocessing_decode"] = samples[decode]["preprocessing"].get("decode", "(none: PIL whole)")
-                res[name] = entry
-                _finish_extract(run, entry, spec, batch, "extract_draft", name)
-
-            one_configuration(run, res, name, measure)
-            run.free()
-        if len(samples) == 2:
-            res[f"{key}_agreement"] = agree = _agreement(samples["cpu"], samples["draft"])
-            if "min_cosine" in agree:
-                run.note("extract_draft", f"{key} draft vs whole decode, min cosine", agree["min_cosine"],
-                         f"(mean {agree['mean_cosine']}, {agree['rows']} rows, every layer)")
-        cpu, draft = res.get(f"{key}_cpu", {}), res.get(f"{key}_draft", {})
-        if cpu.get("steady_per_s") and draft.get("steady_per_s"):
-            res[f"{key}_speedup"] = round(draft["steady_per_s"] / cpu["steady_per_s"], 3)
-            run.note("extract_draft", f"{key} draft / whole decode, steady", res[f"{key}_speedup"], "x")
+        compare_decodes(run, res, "extract_draft", key, size, str(links), run.sizes.draft_links,
+                        lambda images=images: images, batch, workers, ("draft", "whole", "(none: PIL whole)"))
 
 
 @contextlib.contextmanager
