@@ -26,11 +26,12 @@ def image_features(encoder: Encoder, side: SideSpec, items: list, batch_size: in
     input stops the call, named."""
     out = np.full((len(items), encoder.pooled_width(side.pooling)), np.nan, dtype=side.dtype)
     bad: list[int] = []
+    draft = draft_size(encoder)  # a model trained on --decode draft stores drafts its files too
     for start in range(0, len(items), batch_size):
         rows, images = [], []
         for i in range(start, min(len(items), start + batch_size)):
             try:
-                with jpeg_draft(draft_size(encoder)):  # a model trained on --decode draft stores drafts too
+                with jpeg_draft(draft):
                     images.append(load_image(items[i]))
                 rows.append(i)
             except BadImage as err:
